@@ -1,0 +1,208 @@
+"""Pure-PyTorch token log-probs: the spec every kernel is tested against, and the CPU path.
+
+Notation (per flattened token n, vocabulary entry j):
+    a_nj = h_n . W_j + b_j                      raw logit
+    s_nj = c * tanh(a_nj / c)  (softcap c, if set; else s = a)
+    z_nj = s_nj / temperature
+    lse_n = log sum_j exp z_nj;  logp_n = z_{n, y_n} - lse_n;  p_nj = exp(z_nj - lse_n)
+    mu_n = sum_j p_nj z_nj;      H_n = lse_n - mu_n               (entropy)
+Backward, with upstream g_n (for logp) and e_n (for entropy):
+    dz_nj = g_n (1[j = y_n] - p_nj) - e_n p_nj (z_nj - mu_n)
+    da_nj = dz_nj / temperature * (1 - tanh^2(a_nj / c))          (the factor only with softcap)
+    dh_n = sum_j da_nj W_j;  dW_j = sum_n da_nj h_n;  db_j = sum_n da_nj
+
+Softcap is applied to the raw logits and temperature after it, as Gemma-style models and samplers do.
+The chunked functions hold one ``[chunk, V]`` fp32 block at a time, so memory is O(N + chunk * V).
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 1024
+
+
+def _transform(raw: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    if softcap is not None:
+        raw = softcap * torch.tanh(raw / softcap)
+    return raw / temperature
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (and entropy) of ``labels`` under ``logits``, in fp32, with autograd.
+
+    Equal to ``torch.log_softmax(logits.float() / temperature, -1).gather(-1, labels[..., None])[..., 0]``
+    with ignored positions set to 0.
+
+    Args:
+        logits: (..., V) any float dtype.
+        labels: (...) int; ``ignore_index`` marks positions to skip.
+    Returns:
+        logprobs: (...) fp32, 0 at ignored positions; entropy: (...) fp32 or None (0 at ignored positions).
+    """
+    z = logits.float() / temperature
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    entropy = None
+    if return_entropy:
+        p = logp_all.exp()
+        entropy = torch.logsumexp(z, -1) - (p * z).sum(-1)
+        entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logp, entropy
+
+
+def linear_logprobs_naive(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The textbook version: materializes every logit in the inputs' dtype promoted to fp32. Tests only."""
+    raw = hidden.to(torch.promote_types(hidden.dtype, torch.float32)) @ weight.to(
+        torch.promote_types(weight.dtype, torch.float32)
+    ).T
+    if bias is not None:
+        raw = raw + bias.to(raw.dtype)
+    z = _transform(raw, temperature, softcap)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    lse = torch.logsumexp(z, -1)
+    logp = torch.where(valid, z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse, torch.zeros_like(lse))
+    entropy = None
+    if return_entropy:
+        p = torch.softmax(z, -1)
+        entropy = torch.where(valid, lse - (p * z).sum(-1), torch.zeros_like(lse))
+    return logp, entropy
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    need_entropy: bool,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Chunked forward over token rows.
+
+    Args:
+        hidden: (N, D); weight: (V, D); labels: (N,) int; bias: (V,) or None.
+    Returns:
+        logp (N,), entropy (N,) or None, lse (N,), mu (N,) or None — fp32 (fp64 for fp64 inputs);
+        ignored rows hold 0 in every output.
+    """
+    n = hidden.shape[0]
+    acc = _acc_dtype(hidden)
+    w = weight.to(acc)
+    b = bias.to(acc) if bias is not None else None
+    valid = labels != ignore_index
+    logp = torch.zeros(n, dtype=acc, device=hidden.device)
+    lse = torch.zeros_like(logp)
+    mu = torch.zeros_like(logp) if need_entropy else None
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        raw = hidden[rows].to(acc) @ w.T
+        if b is not None:
+            raw += b
+        z = _transform(raw, temperature, softcap)
+        lse_c = torch.logsumexp(z, -1)
+        safe = torch.where(valid[rows], labels[rows], 0).long()
+        v = valid[rows]
+        logp[rows] = torch.where(v, z.gather(-1, safe[:, None])[:, 0] - lse_c, 0.0)
+        lse[rows] = torch.where(v, lse_c, 0.0)
+        if need_entropy:
+            mu_c = (torch.softmax(z, -1) * z).sum(-1)
+            mu[rows] = torch.where(v, mu_c, 0.0)
+    entropy = (lse - mu) if need_entropy else None
+    return logp, entropy, lse, mu
+
+
+def linear_logprobs_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    mu: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    *,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Chunked backward that recomputes each ``[chunk, V]`` block of logits.
+
+    Args:
+        lse, mu: (N,) saved by :func:`linear_logprobs_forward` (``mu`` needed when ``grad_entropy`` is given).
+        grad_logp, grad_entropy: (N,) upstream gradients or None.
+        needs: which of (d hidden, d weight, d bias) to compute.
+    Returns:
+        (dh (N, D), dW (V, D), db (V,)) in the inputs' dtypes, accumulated in fp32; None where not needed.
+    """
+    n = hidden.shape[0]
+    acc = _acc_dtype(hidden)
+    w = weight.to(acc)
+    b = bias.to(acc) if bias is not None else None
+    valid = labels != ignore_index
+    need_dh, need_dw, need_db = needs
+    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_db and bias is not None) else None
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        v = valid[rows]
+        h = hidden[rows].to(acc)
+        raw = h @ w.T
+        if b is not None:
+            raw += b
+        z = _transform(raw, temperature, softcap)
+        # ignored rows have lse = 0, where exp(z) may overflow: zero them before any product
+        p = torch.exp(z - lse[rows, None]).masked_fill_(~v[:, None], 0.0)
+        dz = torch.zeros_like(z)
+        if grad_logp is not None:
+            g = torch.where(v, grad_logp[rows].to(acc), 0.0)
+            dz -= g[:, None] * p
+            safe = torch.where(v, labels[rows], 0).long()
+            dz.scatter_add_(1, safe[:, None], g[:, None])
+        if grad_entropy is not None:
+            e = torch.where(v, grad_entropy[rows].to(acc), 0.0)
+            dz -= (e[:, None] * p) * (z - mu[rows, None])  # not p (log p + H): 0 * -inf where p underflows
+        da = dz / temperature
+        if softcap is not None:
+            da *= 1 - torch.tanh(raw / softcap) ** 2
+        if dh is not None:
+            dh[rows] = da @ w
+        if dw is not None:
+            dw += da.T @ h
+        if db is not None:
+            db += da.sum(0)
+    return (
+        dh.to(hidden.dtype) if dh is not None else None,
+        dw.to(weight.dtype) if dw is not None else None,
+        db.to(bias.dtype) if db is not None else None,
+    )

@@ -1,0 +1,21 @@
+"""The three-way accuracy rule (Cut Cross-Entropy, FlashAttention): a fast kernel must be at least about as close
+to a float64 truth as plain PyTorch computing the same thing in the test dtype."""
+import torch
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def assert_close_3way(fast, same_dtype, truth, dtype, *, name="", factor=2.0, atol=None):
+    """Element-wise |fast - truth| <= factor * |same_dtype - truth| + atol."""
+    atol = ATOL[dtype] if atol is None else atol
+    truth = truth.double()
+    err_fast = (fast.double() - truth).abs()
+    err_ref = (same_dtype.double() - truth).abs()
+    bound = factor * err_ref + atol
+    bad = err_fast > bound
+    assert torch.isfinite(fast).all(), f"{name}: non-finite values"
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())}/{bad.numel()} elements off; worst excess "
+        f"{(err_fast - bound).max().item():.3e} (max err fast {err_fast.max().item():.3e}, "
+        f"same-dtype torch {err_ref.max().item():.3e}, atol {atol})"
+    )
