@@ -1,0 +1,352 @@
+"""Models for the trainer: load local Hugging Face checkpoints, get last hidden states and the LM head, and
+compute per-token log-probs with the fused op (``fa.linear_logprobs``) so no step materializes [B, T, V] logits.
+
+Also builds the embedded tiny model: a Llama-style config and a byte-level BPE tokenizer trained on text shipped
+in ``fastalign/data/``, saved with ``save_pretrained`` so everything loads it like a real checkpoint.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import fastalign as fa
+from fastalign.ops.logprobs import LogprobsOutput
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+TINY_CORPUS = DATA_DIR / "tiny_corpus.txt"
+
+# The tiny tokenizer's specials and chat format. The template is prefix-stable: rendering messages[:-1] with
+# add_generation_prompt=True is a prefix of rendering all messages, which the data code relies on for masks.
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """``"auto"`` is bf16 on a CUDA device that supports it, fp32 otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_local_path(path: str | os.PathLike) -> Path:
+    """A local checkpoint directory with a config.json, or a clear error (no hub look-ups, ever)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        hint = (" It looks like a hub id; fastalign only loads local directories: download it first "
+                "(e.g. `huggingface-cli download NAME --local-dir DIR`) and pass DIR.") if "/" in str(path) else ""
+        raise FileNotFoundError(f"model path {str(path)!r} is not a local directory.{hint}")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {str(p)!r} has no config.json: not a transformers checkpoint")
+    return p
+
+
+def attn_implementation(requested: str = "auto") -> str:
+    """``"auto"``: flash-attn 2 when installed and a GPU is present, otherwise PyTorch SDPA."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(check_local_path(path)), local_files_only=True)
+    if tok.pad_token is None:  # many base checkpoints ship none; padding is masked out everywhere
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    kind: str = "causal",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    gradient_checkpointing: bool = False,
+    attn: str = "auto",
+    lora_r: int = 0,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    lora_target_modules: list[str] | None = None,
+) -> nn.Module:
+    """Load a local checkpoint directory (safetensors) as a causal LM (``kind="causal"``) or a scalar-head
+    model (``kind="score"``: AutoModelForSequenceClassification with one label, for reward and value models).
+
+    LoRA (``lora_r > 0``) wraps the model with peft; only adapter (and, for ``score``, head) weights train.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    p = check_local_path(path)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs = dict(dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation(attn))
+    if kind == "causal":
+        model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    elif kind == "score":
+        model = AutoModelForSequenceClassification.from_pretrained(str(p), num_labels=1, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+    else:
+        raise ValueError(f"kind must be 'causal' or 'score', got {kind!r}")
+    model.to(device)
+    if gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
+        modules_to_save = ["score"] if kind == "score" else None
+        lcfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                          modules_to_save=modules_to_save, task_type="SEQ_CLS" if kind == "score" else "CAUSAL_LM")
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lcfg)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- hidden states, head
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/FSDP/HeadForward/peft wrappers (peft's LoRA layers stay injected)."""
+    while True:
+        if isinstance(model, HeadForward):
+            model = model.model
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Last hidden states (B, T, D) of the base model (after its final norm), without running the LM head."""
+    base = unwrap(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def lm_head_weight(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (V, D), bias (V,) or None) of the LM head; for tied models the weight *is* the embedding."""
+    head = unwrap(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no output embeddings (LM head)")
+    if hasattr(head, "base_layer"):  # a peft-wrapped head: its merged weight is not a plain tensor
+        raise NotImplementedError("LoRA on the LM head is not supported by the fused path; leave lm_head out")
+    return head.weight, getattr(head, "bias", None)
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    return getattr(unwrap(model).config, "final_logit_softcapping", None) or None
+
+
+class HeadForward(nn.Module):
+    """``forward(input_ids, attention_mask, fn) = fn(model, hidden)`` with ``hidden`` the last hidden states.
+
+    DDP and FSDP2 hook a module's ``forward``; wrapping this (not the HF model) keeps the use of the LM-head
+    weight (or a value head) inside that forward, so a fused loss that takes (hidden, weight) sees gathered
+    weights and its gradients are reduced.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, fn: Callable):
+        return _run(self.model, input_ids, attention_mask, fn)
+
+
+def _run(model, input_ids, attention_mask, fn):
+    return fn(model, backbone_hidden(model, input_ids, attention_mask))
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """True for HeadForward and the DDP/FSDP wrappers around it, whose forward takes (ids, mask, fn)."""
+    return isinstance(model, HeadForward) or isinstance(getattr(model, "module", None), HeadForward)
+
+
+def forward_head(model: nn.Module, input_ids, attention_mask, fn: Callable):
+    """``fn(model, hidden)``, run through a distributed wrapper's forward when there is one."""
+    if is_wrapped(model):
+        return model(input_ids, attention_mask, fn)
+    return _run(model, input_ids, attention_mask, fn)
+
+
+def _shifted_logprobs(model, hidden, *, labels, fused, temperature, ignore_index, return_entropy,
+                      softcap, backend):
+    weight, bias = lm_head_weight(model)
+    # position t predicts labels[:, t] from tokens < t: drop the last hidden state and the first label
+    h, y = hidden[:, :-1], labels[:, 1:]
+    if fused:
+        out = fa.linear_logprobs(h, weight, y, bias=bias, temperature=temperature, softcap=softcap,
+                                 ignore_index=ignore_index, return_entropy=return_entropy, backend=backend)
+        logp, ent = out.logprobs, out.entropy
+    else:  # the unfused reference: full logits, as the model's own forward computes them
+        logits = torch.nn.functional.linear(h, weight, bias).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        logprobs_all = torch.log_softmax(logits / temperature, dim=-1)
+        valid = y != ignore_index
+        logp = logprobs_all.gather(-1, y.clamp(min=0)[..., None])[..., 0] * valid
+        ent = -(logprobs_all.exp() * logprobs_all).sum(-1) * valid if return_entropy else None
+    pad = hidden.new_zeros(hidden.shape[0], 1, dtype=torch.float32)
+    logp = torch.cat([pad, logp], dim=1)
+    ent = torch.cat([pad, ent], dim=1) if ent is not None else None
+    return LogprobsOutput(logp, ent)
+
+
+def token_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    fused: bool = True,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """Per-token log-probs aligned with ``labels``: out[:, t] = log p(labels[:, t] | input_ids[:, :t]).
+
+    Args:
+        input_ids, attention_mask: (B, T) int.
+        labels: (B, T) int; ``ignore_index`` where no log-prob is wanted (prompt, padding). Column 0 is
+            always ignored (nothing predicts the first token).
+        fused: True -> ``fa.linear_logprobs`` from hidden states (no [B, T, V] logits); False -> the plain
+            logits + log_softmax reference.
+    Returns:
+        LogprobsOutput(logprobs (B, T) fp32, entropy (B, T) fp32 or None); 0 at ignored positions.
+    """
+    fn = partial(_shifted_logprobs, labels=labels, fused=fused, temperature=temperature, ignore_index=ignore_index,
+                 return_entropy=return_entropy, softcap=logit_softcap(model), backend=backend)
+    return forward_head(model, input_ids, attention_mask, fn)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last attended position, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+def token_values(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """(B, T) fp32 scalar head output at every position of a ``kind="score"`` model (value model)."""
+    return forward_head(model, input_ids, attention_mask, _score_all)
+
+
+def _score_all(model, hidden):
+    return unwrap(model).score(hidden).squeeze(-1).float()
+
+
+def sequence_scores(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) fp32 score at each sequence's last attended token (a reward model's output)."""
+    values = token_values(model, input_ids, attention_mask)
+    return values.gather(1, last_token_index(attention_mask)[:, None])[:, 0]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+
+def build_tiny_tokenizer(corpus: str | os.PathLike = TINY_CORPUS, vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on ``corpus`` (digits kept one per token), with pad/bos/eos, role
+    tokens and a chat template. Offline and deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    text = Path(corpus).read_text(encoding="utf-8").splitlines()
+    tok.train_from_iterator(text, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   additional_special_tokens=list(ROLE_TOKENS))
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.padding_side = "right"
+    return fast
+
+
+def build_tiny_model_and_tokenizer(
+    out_dir: str | os.PathLike,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_positions: int = 512,
+    vocab_size: int = 384,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Build a tiny Llama-style model (random init, ``seed``) and the tiny tokenizer; save both to ``out_dir``
+    (safetensors). Returns the directory, loadable by :func:`load_model` / :func:`load_tokenizer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = build_tiny_tokenizer(vocab_size=vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, rms_norm_eps=1e-6,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def default_tiny_model_dir() -> Path:
+    """The embedded model, built once per user into a cache directory (``FASTALIGN_CACHE`` overrides)."""
+    root = Path(os.environ.get("FASTALIGN_CACHE", Path.home() / ".cache" / "fastalign"))
+    path = root / "tiny-llama"
+    if not (path / "config.json").is_file():
+        tmp = root / f".tiny-llama-tmp-{os.getpid()}"
+        build_tiny_model_and_tokenizer(tmp)
+        try:
+            os.rename(tmp, path)  # atomic: concurrent builders race harmlessly
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
