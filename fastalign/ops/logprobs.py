@@ -127,12 +127,19 @@ def _poison() -> bool:
     return os.environ.get("FASTALIGN_POISON", "0") not in ("", "0")
 
 
+_GPU_BLOCKS = {
+    "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    "bwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2, GROUP_N=8),
+}
+# the interpreter is bound by per-op overhead: fewer, wider tiles; one config (no autotune there)
+_INTERPRETER_BLOCKS = {
+    "fwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
+    "bwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1, GROUP_N=4),
+}
+
+
 def _blocks(kind: str) -> dict:
-    if _backend.interpreting():  # the interpreter is per-op bound: fewer, wider tiles; one config
-        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
-    if kind == "fwd":
-        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2, GROUP_N=8)
+    return dict((_INTERPRETER_BLOCKS if _backend.interpreting() else _GPU_BLOCKS)[kind])
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -217,7 +224,6 @@ def _triton_backward(head: Head, lse, mu, grad_logp, grad_entropy, needs):
     need_dh, need_dw, need_db = needs
     need_db = need_db and b is not None
     cfg = _blocks("bwd")
-    cfg.setdefault("GROUP_N", 4)
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     row_idx, count = _compact_rows(head.labels, head.ignore_index)
     dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_dh else None

@@ -1,0 +1,240 @@
+"""linear_logprobs: every backend against float64 truth, under the three-way accuracy rule; errors; edge cases.
+
+On CPU the Triton kernels run in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU);
+on a GPU the same tests compile them for real.
+"""
+import math
+
+import pytest
+import torch
+
+import fastalign as fa
+from fastalign.reference.logprobs import linear_logprobs_naive
+from helpers.accuracy import assert_close_3way
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(shape, d, v, dtype, device, *, seed, bias=False, logit_std=3.0, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, d, generator=g)
+    weight = torch.randn(v, d, generator=g) * logit_std / math.sqrt(d)
+    b = torch.randn(v, generator=g) if bias else None
+    labels = torch.randint(0, v, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
+    cast = lambda t: t.to(device=device, dtype=dtype) if t is not None else None  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), labels.to(device)
+
+
+def run(fn, hidden, weight, bias, labels, grads, **kw):
+    """Forward + backward of sum(logp * g) + sum(entropy * e) on private leaf copies."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = bias.detach().clone().requires_grad_() if bias is not None else None
+    logp, entropy = fn(h, w, labels, bias=b, **kw)
+    g, e = grads
+    loss = (logp.float() * g).sum()
+    if entropy is not None:
+        loss = loss + (entropy.float() * e).sum()
+    loss.backward()
+    return dict(logp=logp, entropy=entropy, dh=h.grad, dw=w.grad, db=b.grad if b is not None else None)
+
+
+def plain_torch(h, w, labels, *, bias=None, temperature=1.0, softcap=None, return_entropy=False):
+    """What a user would write, in the inputs' dtype: logits in that dtype, softmax in fp32."""
+    logits = h @ w.T
+    if bias is not None:
+        logits = logits + bias
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    out = fa.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    return out.logprobs, out.entropy
+
+
+def fast(backend):
+    def fn(h, w, labels, **kw):
+        out = fa.linear_logprobs(h, w, labels, backend=backend, **kw)
+        return out.logprobs, out.entropy
+
+    return fn
+
+
+CASES = [
+    # shape, d, v, bias, temperature, softcap, entropy
+    ((37,), 40, 1007, False, 1.0, None, False),
+    ((37,), 40, 1007, True, 1.0, None, True),
+    ((3, 13), 48, 523, False, 0.7, None, True),
+    ((29,), 33, 389, True, 1.3, 5.0, True),
+]
+
+
+# every case on the kernels; the torch path runs the same code for every dtype, so two cases cover its halves
+MATRIX = [("triton", dtype, case) for dtype in DTYPES for case in range(len(CASES))] + [
+    ("torch", dtype, case) for dtype in DTYPES for case in range(len(CASES)) if dtype == torch.float32 or case < 2
+]
+
+
+@pytest.mark.parametrize("backend,dtype,case", MATRIX, ids=[f"{b}-{str(d)[6:]}-{c}" for b, d, c in MATRIX])
+def test_matches_float64_truth(backend, dtype, case, device):
+    shape, d, v, bias, temperature, softcap, entropy = CASES[case]
+    hidden, weight, b, labels = make_inputs(shape, d, v, dtype, device, seed=100 + case, bias=bias)
+    gen = torch.Generator().manual_seed(7 + case)
+    grads = (torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device))
+    kw = dict(temperature=temperature, softcap=softcap, return_entropy=entropy)
+
+    def truth_fn(h, w, lab, **k):
+        return linear_logprobs_naive(h, w, lab, **k)
+
+    truth = run(truth_fn, hidden.double(), weight.double(), b.double() if b is not None else None, labels, grads, **kw)
+    same = run(plain_torch, hidden, weight, b, labels, grads, **kw)
+    mine = run(fast(backend), hidden, weight, b, labels, grads, **kw)
+
+    assert mine["logp"].dtype == torch.float32 and mine["logp"].shape == shape
+    assert mine["dh"].dtype == dtype and mine["dw"].dtype == dtype
+    for key in ("logp", "entropy", "dh", "dw", "db"):
+        if truth[key] is None:
+            assert mine[key] is None
+            continue
+        assert_close_3way(mine[key], same[key], truth[key], dtype, name=f"{backend}/{dtype}/{key}")
+    ignored = labels == -100
+    assert (mine["logp"][ignored] == 0).all()
+    assert (mine["dh"][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_only_equals_forward_with_grad(backend, device):
+    hidden, weight, _, labels = make_inputs((41,), 24, 700, torch.float32, device, seed=5)
+    with torch.no_grad():
+        a = fa.linear_logprobs(hidden, weight, labels, return_entropy=True, backend=backend)
+    b = fa.linear_logprobs(hidden.requires_grad_(), weight, labels, return_entropy=True, backend=backend)
+    torch.testing.assert_close(a.logprobs, b.logprobs.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(a.entropy, b.entropy.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_contiguous_inputs_and_grads(backend, device):
+    hidden, weight, bias, labels = make_inputs((2, 19), 32, 300, torch.float32, device, seed=9, bias=True)
+    # hidden as a transposed view, weight as a strided column slice, labels transposed too
+    hidden_nc = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    wide = torch.zeros(weight.shape[0], 2 * weight.shape[1], device=device)
+    wide[:, ::2] = weight
+    weight_nc = wide[:, ::2]
+    labels_nc = labels.t().contiguous().t()
+    assert not hidden_nc.is_contiguous() and not weight_nc.is_contiguous() and not labels_nc.is_contiguous()
+    g = torch.randn(19, 2, device=device).t()  # a non-contiguous upstream gradient
+    e = torch.randn(2, 19, device=device)
+    ref = run(fast("torch"), hidden, weight, bias, labels, (g.contiguous(), e), return_entropy=True)
+
+    def grads_via_view(h, w, lab, **kw):
+        out = fa.linear_logprobs(h, w, lab, backend=backend, **kw)
+        return out.logprobs, out.entropy
+
+    h = hidden_nc.detach().requires_grad_()
+    w = weight_nc.detach().requires_grad_()
+    b = bias.detach().clone().requires_grad_()
+    logp, ent = grads_via_view(h, w, labels_nc, bias=b, return_entropy=True)
+    ((logp * g).sum() + (ent * e).sum()).backward()
+    torch.testing.assert_close(logp, ref["logp"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, ref["dh"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, ref["dw"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.grad, ref["db"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_flat_labels_and_batched_labels_agree(backend, device):
+    hidden, weight, _, labels = make_inputs((3, 11), 24, 257, torch.float32, device, seed=11)
+    a = fa.linear_logprobs(hidden, weight, labels, backend=backend).logprobs
+    b = fa.linear_logprobs(hidden, weight, labels.reshape(-1), backend=backend).logprobs
+    assert a.shape == (3, 11) and b.shape == (3, 11)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_all_ignored_is_zero_not_nan(backend, device):
+    hidden, weight, bias, labels = make_inputs((13,), 24, 300, torch.float32, device, seed=3, bias=True)
+    labels[:] = -100
+    out = run(fast(backend), hidden, weight, bias, labels, (torch.randn(13), torch.randn(13)), return_entropy=True)
+    for key, t in out.items():
+        assert torch.isfinite(t).all() and (t == 0).all(), key
+
+
+def test_custom_ignore_index_and_all_negative_logits(device):
+    # every logit near -200: a running max initialised at 0 instead of -inf underflows every exp to 0 (a bug
+    # peers shipped); this case catches it, random logits around 0 do not
+    hidden, weight, _, labels = make_inputs((23,), 16, 333, torch.float32, device, seed=4, ignore_frac=0.0)
+    labels[::4] = 7777
+    bias = torch.full((333,), -200.0, device=device)
+    a = fa.linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=7777, backend="triton").logprobs
+    t = fa.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double(), ignore_index=7777,
+                           backend="torch").logprobs
+    torch.testing.assert_close(a.double(), t, rtol=1e-5, atol=1e-4)
+    assert (a[::4] == 0).all() and (a[1::4] < 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+
+def _valid(device="cpu"):
+    return make_inputs((5,), 8, 17, torch.float32, device, seed=1, bias=True)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(weight=a["weight"][:, :7]), ValueError, "weight"),
+        (lambda a: a.update(weight=a["weight"].double()), TypeError, "weight dtype"),
+        (lambda a: a.update(labels=a["labels"][:4]), ValueError, "labels"),
+        (lambda a: a.update(labels=a["labels"].float()), TypeError, "labels"),
+        (lambda a: a.update(hidden=a["hidden"].long()), TypeError, "hidden"),
+        (lambda a: a.update(bias=a["bias"][:3]), ValueError, "bias"),
+        (lambda a: a.update(bias=a["bias"].half()), TypeError, "bias"),
+        (lambda a: a["labels"].__setitem__(0, 17), ValueError, r"labels must lie in \[0, 17\)"),
+        (lambda a: a["labels"].__setitem__(1, -5), ValueError, "labels"),
+        (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
+        (lambda a: a.update(temperature=-1.0), ValueError, "temperature"),
+        (lambda a: a.update(softcap=0.0), ValueError, "softcap"),
+        (lambda a: a.update(backend="cudnn"), ValueError, "backend"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "device"),
+    ],
+)
+def test_bad_input_names_the_argument(mutate, exc, match):
+    hidden, weight, bias, labels = _valid()
+    args = dict(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        fa.linear_logprobs(**args)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    from fastalign import _backend
+
+    monkeypatch.setattr(_backend, "interpreting", lambda: False)
+    hidden, weight, bias, labels = _valid()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fa.linear_logprobs(hidden, weight, labels, backend="triton")
+
+
+def test_env_override_and_fp64_on_triton(monkeypatch):
+    hidden, weight, bias, labels = _valid()
+    monkeypatch.setenv("FASTALIGN_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTALIGN_BACKEND"):
+        fa.linear_logprobs(hidden, weight, labels)
+    monkeypatch.setenv("FASTALIGN_BACKEND", "triton")
+    with pytest.raises(TypeError, match="hidden"):
+        fa.linear_logprobs(hidden.double(), weight.double(), labels)
+
+
+# -------------------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_realistic_shape(dtype):
+    # odd N, a real hidden size, a vocabulary that is no multiple of any block
+    hidden, weight, b, labels = make_inputs((1937,), 1024, 50257, dtype, "cuda", seed=21)
+    gen = torch.Generator().manual_seed(22)
+    grads = (torch.randn(1937, generator=gen).cuda(), torch.randn(1937, generator=gen).cuda())
+    truth = run(lambda h, w, lab, **k: fa.linear_logprobs(h, w, lab, backend="torch", **k),
+                hidden.double(), weight.double(), None, labels, grads, return_entropy=True)
+    same = run(plain_torch, hidden, weight, None, labels, grads, return_entropy=True)
+    mine = run(fast("triton"), hidden, weight, None, labels, grads, return_entropy=True)
+    for key in ("logp", "entropy", "dh", "dw"):
+        assert_close_3way(mine[key], same[key], truth[key], dtype, name=f"gpu/{dtype}/{key}")

@@ -1,0 +1,59 @@
+"""Compile-only checks of the log-prob kernels for sm_90 (H100/H200), with the GPU configs the launchers use."""
+import pytest
+
+pytest.importorskip("triton")
+
+from helpers.compile import compile_in_subprocess  # noqa: E402
+
+from fastalign.ops.logprobs import _GPU_BLOCKS  # noqa: E402
+
+_FWD = "fastalign.kernels.logprobs:_linear_logprobs_fwd_kernel"
+_BWD = "fastalign.kernels.logprobs:_linear_logprobs_bwd_kernel"
+
+
+def _launch_opts(kind):
+    cfg = dict(_GPU_BLOCKS[kind])
+    return cfg.pop("num_warps"), cfg.pop("num_stages"), cfg
+
+
+def _fwd_job(dtype, flag):
+    warps, stages, blocks = _launch_opts("fwd")
+    return dict(
+        kernel=_FWD, num_warps=warps, num_stages=stages, floats=["inv_temperature", "softcap"],
+        pointers=dict(h_ptr=dtype, w_ptr=dtype, b_ptr=dtype, labels_ptr="i64", row_idx_ptr="i64", count_ptr="i32",
+                      m_ptr="fp32", s_ptr="fp32", t_ptr="fp32", zy_ptr="fp32"),
+        constexprs=dict(HAS_BIAS=flag, HAS_SOFTCAP=flag, RETURN_ENTROPY=flag, UPCAST=False,
+                        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **blocks),
+    )
+
+
+def _bwd_job(dtype, flag):
+    warps, stages, blocks = _launch_opts("bwd")
+    return dict(
+        kernel=_BWD, num_warps=warps, num_stages=stages, floats=["inv_temperature", "softcap"],
+        pointers=dict(h_ptr=dtype, w_ptr=dtype, b_ptr=dtype, labels_ptr="i64", row_idx_ptr="i64", count_ptr="i32",
+                      lse_ptr="fp32", mu_ptr="fp32", g_ptr="fp32", e_ptr="fp32",
+                      dh_ptr="fp32", dw_ptr="fp32", db_ptr="fp32"),
+        constexprs=dict(HAS_BIAS=flag, HAS_SOFTCAP=flag, HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=flag,
+                        COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=flag, UPCAST=False,
+                        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **blocks),
+    )
+
+
+# fp16 takes the bf16 code path; fp32 differs (IEEE dots); every optional feature on, and all off
+CASES = [(kind, dtype, flag) for kind in ("fwd", "bwd") for dtype, flag in (("bf16", True), ("bf16", False),
+                                                                           ("fp32", True))]
+
+
+@pytest.fixture(scope="module")
+def results():
+    jobs = [(_fwd_job if kind == "fwd" else _bwd_job)(dtype, flag) for kind, dtype, flag in CASES]
+    return dict(zip(CASES, compile_in_subprocess(jobs)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{k}-{d}-{'all' if f else 'plain'}" for k, d, f in CASES])
+def test_kernel_compiles_for_sm90(results, case):
+    res = results[case]
+    assert res["ok"], res["error"]
+    assert res["cubin_bytes"] > 0
+    assert res["shared"] <= 227 * 1024  # fits one H100/H200 SM's shared memory
