@@ -1,4 +1,12 @@
 """Public autograd-aware ops, one module per family."""
 from fastalign.ops.logprobs import LogprobsOutput, linear_logprobs, logprobs_from_logits  # noqa: F401
+from fastalign.ops.preference import dpo_loss, reward_loss, sequence_logprobs  # noqa: F401
+from fastalign.ops.linear_losses import (  # noqa: F401
+    linear_dpo_loss,
+    linear_policy_loss,
+    linear_sequence_logprobs,
+)
 
 __all__ = ["LogprobsOutput", "linear_logprobs", "logprobs_from_logits"]
+__all__ += ["dpo_loss", "reward_loss", "sequence_logprobs"]
+__all__ += ["linear_dpo_loss", "linear_policy_loss", "linear_sequence_logprobs"]

@@ -1,0 +1,389 @@
+"""Losses straight from hidden states: per-sequence log-probs, the DPO family, the PPO/GRPO policy loss.
+
+Each op runs the LM-head log-prob forward once (:func:`fastalign.ops.logprobs.head_forward`: the Triton kernel
+or the chunked reference, never [N, V] logits), computes its loss on the O(N) per-token log-probs (and
+entropies) with the same PyTorch reference code as the unfused ops, and in backward turns that small loss into
+per-token upstream gradients dL/dlogp_n, dL/dH_n, which go straight into one recompute pass
+(:func:`fastalign.ops.logprobs.head_backward`) for d hidden, d weight, d bias.
+
+For sum-reduced DPO the per-token gradient is constant over each sequence: dL/dlogp_n = dL/dS_b for every
+response token n of sequence b (divided by its length when length-normalised); for PPO it is
+w_n * dl_n/dlogp_n with w the aggregation weight. Autograd over the O(N) -> scalar graph of the reference loss
+gives exactly these values, so every loss formula exists in one place only (``fastalign.reference``).
+
+Memory above inputs: O(N) fp32 (log-probs, lse, mu, per-token gradients) plus the head's own workspace.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fastalign.ops.logprobs import head_backward, head_forward, prepare_head, resolve_head_backend
+from fastalign.ops.preference import _number, check_dpo_options
+from fastalign.reference import preference as ref_pref
+from fastalign.reference import rl as ref_rl
+
+
+class _HeadLossFunction(torch.autograd.Function):
+    """loss = loss_fn(logp (N,), entropy (N,) or None, *extras) where logp/entropy come from the LM head.
+
+    forward: head_forward once, loss_fn without a graph; saves hidden, weight, bias, lse, mu, logp, entropy.
+    backward: re-runs loss_fn (O(N) element-wise) under autograd on detached copies of logp/entropy/extras to get
+    the per-token upstream gradients for ``grad_output``, then head_backward once.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head, backend, need_entropy, loss_fn, box, *extras):
+        head = head._replace(hidden=hidden, weight=weight, bias=bias)
+        logp, entropy, lse, mu = head_forward(head, backend, need_entropy=need_entropy)
+        out, stats = loss_fn(logp, entropy, *extras)
+        box["stats"] = {k: v.detach() for k, v in stats.items()}
+        ctx.head = head._replace(hidden=None, weight=None, bias=None)
+        ctx.backend = backend
+        ctx.loss_fn = loss_fn
+        ctx.num_extras = len(extras)
+        ctx.save_for_backward(hidden, weight, bias, lse, mu, logp, entropy, *extras)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, lse, mu, logp, entropy, *extras = ctx.saved_tensors
+        need_head = ctx.needs_input_grad[:3]
+        extra_needs = ctx.needs_input_grad[8:]
+        with torch.enable_grad():
+            logp_l = logp.detach().requires_grad_(any(need_head))
+            ent_l = entropy.detach().requires_grad_(any(need_head)) if entropy is not None else None
+            extras_l = [
+                e.detach().requires_grad_(True) if (e is not None and need) else e
+                for e, need in zip(extras, extra_needs)
+            ]
+            out, _ = ctx.loss_fn(logp_l, ent_l, *extras_l)
+            wrt = [t for t in (logp_l, ent_l, *extras_l) if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True) if wrt else ())
+        g_logp = next(grads) if logp_l.requires_grad else None
+        g_ent = next(grads) if ent_l is not None and ent_l.requires_grad else None
+        g_extras = [next(grads) if (e is not None and e.requires_grad) else None for e in extras_l]
+        dh = dw = db = None
+        if any(need_head) and (g_logp is not None or g_ent is not None):
+            head = ctx.head._replace(hidden=hidden, weight=weight, bias=bias)
+            dh, dw, db = head_backward(head, ctx.backend, lse, mu, g_logp, g_ent, need_head)
+        elif any(need_head):  # the loss does not depend on the head (e.g. an empty batch): zero gradients
+            dh = torch.zeros_like(hidden) if need_head[0] else None
+            dw = torch.zeros_like(weight) if need_head[1] else None
+            db = torch.zeros_like(bias) if (need_head[2] and bias is not None) else None
+        return (dh, dw, db, None, None, None, None, None, *g_extras)
+
+
+def _head_loss(head, backend, need_entropy: bool, loss_fn: Callable, extras: tuple):
+    """Run ``loss_fn`` on the head's log-probs with the fused backward when any gradient is needed."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (head.hidden, head.weight, head.bias, *extras)
+    )
+    if not needs_grad:  # forward only: nothing is saved
+        logp, entropy, _, _ = head_forward(head, backend, need_entropy=need_entropy)
+        out, stats = loss_fn(logp, entropy, *extras)
+        return out, {k: v.detach() for k, v in stats.items()}
+    box: dict = {}
+    out = _HeadLossFunction.apply(
+        head.hidden, head.weight, head.bias, head, backend, need_entropy, loss_fn, box, *extras
+    )
+    return out, box["stats"]
+
+
+def _prepare_batched_head(op, hidden, weight, labels, *, bias, temperature, softcap, ignore_index):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"{op}: hidden must have shape (B, T, D), got {shape}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:2]:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"{op}: labels must have shape {tuple(hidden.shape[:2])} (hidden.shape[:2]), got {shape}")
+    return prepare_head(
+        hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index, op=op
+    )
+
+
+def linear_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    average: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence sum (or mean) of response-token log-probs, straight from hidden states.
+
+    Equal to::
+
+        logp = linear_logprobs(hidden, weight, labels, ...).logprobs             # (B, T), 0 where ignored
+        out = sequence_logprobs(logp, labels != ignore_index, average=average)   # (B,)
+
+    but the backward needs no per-token autograd graph: the upstream gradient of each sequence becomes the
+    per-token gradient of its tokens (divided by the length when ``average``) in one recompute pass.
+
+    Args:
+        hidden: (B, T, D) bf16/fp16/fp32 (fp64 on the torch backend). weight: (V, D) same dtype.
+        labels: (B, T) int target ids; ``ignore_index`` marks prompt and padding positions.
+        bias, temperature, softcap, ignore_index, backend: as in :func:`fastalign.linear_logprobs`.
+        average: mean over the response tokens instead of the sum (0 for a sequence with none).
+    Returns:
+        (B,) fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight, bias.
+    """
+    op = "linear_sequence_logprobs"
+    head = _prepare_batched_head(
+        op, hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index
+    )
+    backend = resolve_head_backend(backend, head, op=op)
+    valid = (head.labels != head.ignore_index).view(head.shape)
+    average = bool(average)
+
+    def loss_fn(logp, entropy):
+        return ref_pref.sequence_logprobs(logp.view(head.shape), valid, average=average), {}
+
+    out, _ = _head_loss(head, backend, False, loss_fn, ())
+    return out
+
+
+def linear_dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    length_normalize: bool | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO-family loss straight from the policy's last hidden states; chosen and rejected in one batch.
+
+    Equal to::
+
+        logp = linear_logprobs(hidden, weight, labels, ...).logprobs             # (2B, T)
+        valid = labels != ignore_index
+        seq = sequence_logprobs(logp, valid)                                     # (2B,) sums
+        lengths = valid.sum(-1) if length_normalize else None
+        loss, stats = dpo_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
+                               loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
+                               chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+
+    without [2B T, V] logits and without a per-token autograd graph: backward is one recompute pass fed with
+    dL/dlogp_n = dL/dS_b (/ L_b), constant over the response tokens of each sequence b.
+
+    Args:
+        hidden: (2B, T, D) bf16/fp16/fp32; rows [0, B) are the chosen responses, [B, 2B) the rejected ones of
+            the same prompts. weight: (V, D), bias: (V,) or None.
+        labels: (2B, T) int; ``ignore_index`` at prompt and padding positions. Every sequence needs at least
+            one response token.
+        ref_chosen_logps, ref_rejected_logps: (B,) float reference log-prob sums (None for ``simpo``).
+        beta, loss_type, label_smoothing, gamma: as in :func:`fastalign.dpo_loss`.
+        length_normalize: divide log-ratios by the response lengths. None (default): True for ``ipo`` (as TRL)
+            and ``simpo`` (as the SimPO paper), False otherwise; True with ``sigmoid`` is TRL's ``sigmoid_norm``.
+        temperature, softcap, ignore_index, backend: as in :func:`fastalign.linear_logprobs`.
+    Returns:
+        loss: () fp32; stats: detached () tensors as :func:`fastalign.dpo_loss` (``logps/*`` are sums).
+
+    Raises:
+        ValueError naming the argument: an odd batch, reference log-probs not of shape (B,), a sequence with no
+        response token, beta <= 0, unknown loss_type, an option the loss type does not use.
+    """
+    op = "linear_dpo_loss"
+    has_ref = ref_chosen_logps is not None or ref_rejected_logps is not None
+    beta, eps, gamma = check_dpo_options(
+        op, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, has_reference=has_ref
+    )
+    head = _prepare_batched_head(
+        op, hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index
+    )
+    backend = resolve_head_backend(backend, head, op=op)
+    rows = head.shape[0]
+    if rows % 2:
+        raise ValueError(
+            f"{op}: hidden and labels must hold 2B sequences (B chosen, then B rejected); got an odd batch of {rows}"
+        )
+    pairs = rows // 2
+    extras = ()
+    if loss_type != "simpo":
+        for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+                raise TypeError(f"{op}: {name} must be a floating-point tensor of shape ({pairs},)")
+            if t.shape != (pairs,):
+                raise ValueError(
+                    f"{op}: {name} must have shape ({pairs},), one value per pair (hidden holds {rows} = 2 x "
+                    f"{pairs} sequences), got {tuple(t.shape)}"
+                )
+            if t.device != head.hidden.device:
+                raise ValueError(f"{op}: {name} is on {t.device}, expected {head.hidden.device}")
+        extras = (ref_chosen_logps, ref_rejected_logps)
+    valid = (head.labels != head.ignore_index).view(head.shape)
+    lengths = valid.sum(-1)
+    empty = lengths == 0
+    if bool(empty.any()):
+        first = int(empty.nonzero()[0, 0])
+        which = f"chosen response of pair {first}" if first < pairs else f"rejected response of pair {first - pairs}"
+        raise ValueError(
+            f"{op}: labels row {first} (the {which}) has no response token (every label equals "
+            f"ignore_index={head.ignore_index}); DPO needs at least one per sequence"
+        )
+    if length_normalize is None:
+        length_normalize = loss_type in ("ipo", "simpo")
+    chosen_len = lengths[:pairs] if length_normalize else None
+    rejected_len = lengths[pairs:] if length_normalize else None
+
+    def loss_fn(logp, entropy, *refs):
+        seq = ref_pref.sequence_logprobs(logp.view(head.shape), valid)
+        ref_c, ref_r = refs if refs else (None, None)
+        return ref_pref.dpo_loss(
+            seq[:pairs], seq[pairs:], ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=eps,
+            gamma=gamma, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+        )
+
+    return _head_loss(head, backend, False, loss_fn, extras)
+
+
+def linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    norm_len: int | None = None,
+    return_entropy: bool = False,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO / GRPO actor loss straight from hidden states: log-probs, entropy, clipped surrogate, KL, aggregation.
+
+    Equal to::
+
+        out = linear_logprobs(hidden, weight, labels, return_entropy=..., ...)   # (B, T)
+        pg, stats = ppo_policy_loss(out.logprobs, old_logprobs, advantages, mask, clip_low=..., clip_high=...,
+                                    dual_clip=..., agg=agg)
+        loss = pg + kl_coef * aggregate(kl_penalty(out.logprobs, ref_logprobs, kind=kl_kind), mask, agg)
+                  - entropy_coef * aggregate(out.entropy, mask, agg)
+
+    (verl's actor loss; TRL GRPOTrainer adds beta * per-token k3 KL before aggregating, the same by linearity),
+    without [B T, V] logits and without a per-token autograd graph: backward feeds dL/dlogp_n and dL/dH_n into
+    one recompute pass.
+
+    Args:
+        hidden: (B, T, D) bf16/fp16/fp32. weight: (V, D), bias: (V,) or None.
+        labels: (B, T) int sampled token ids; ``ignore_index`` at positions without a target.
+        old_logprobs: (B, T) float behaviour-policy log-probs. advantages: (B, T), or (B,) broadcast over T.
+        mask: (B, T) bool or 0/1 response mask; None means ``labels != ignore_index``. A masked-in position must
+            have a label; masked-out positions are skipped by the kernels.
+        ref_logprobs: (B, T) float reference log-probs; required when ``kl_coef != 0``, otherwise only logged.
+        kl_coef, kl_kind: KL penalty weight and estimator (k1 | k2 | k3).
+        entropy_coef: entropy bonus weight (the loss subtracts entropy_coef * aggregated entropy).
+        clip_low, clip_high, dual_clip, agg, norm_len: as in :func:`fastalign.ppo_policy_loss`.
+        return_entropy: compute the entropy (and its stat) even when ``entropy_coef == 0``.
+        temperature, softcap, ignore_index, backend: as in :func:`fastalign.linear_logprobs`.
+    Returns:
+        loss: () fp32; stats: detached () tensors: those of ``ppo_policy_loss`` plus ``pg_loss``, ``kl`` (mean
+        per-token KL, when ``ref_logprobs`` is given) and ``entropy`` (mean, when computed).
+    """
+    op = "linear_policy_loss"
+    head = _prepare_batched_head(
+        op, hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index
+    )
+    backend = resolve_head_backend(backend, head, op=op)
+    shape, device = head.shape, head.hidden.device
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is None and name == "ref_logprobs":
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor of shape {tuple(shape)}")
+        if t.shape != shape:
+            raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (labels' shape), got {tuple(t.shape)}")
+    if not isinstance(advantages, torch.Tensor) or not advantages.dtype.is_floating_point:
+        raise TypeError(f"{op}: advantages must be a floating-point tensor of shape {tuple(shape)} or ({shape[0]},)")
+    if advantages.shape not in (shape, shape[:1]):
+        raise ValueError(
+            f"{op}: advantages must have shape {tuple(shape)} or ({shape[0]},), got {tuple(advantages.shape)}"
+        )
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs),
+                    ("mask", mask)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
+    kl_coef = _number(op, "kl_coef", kl_coef)
+    entropy_coef = _number(op, "entropy_coef", entropy_coef)
+    clip_low = _number(op, "clip_low", clip_low)
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"{op}: clip_low must lie in [0, 1), got {clip_low}")
+    if clip_high is not None:
+        clip_high = _number(op, "clip_high", clip_high)
+        if clip_high < 0:
+            raise ValueError(f"{op}: clip_high must be >= 0, got {clip_high}")
+    if dual_clip is not None:
+        dual_clip = _number(op, "dual_clip", dual_clip)
+        if dual_clip <= 1:
+            raise ValueError(f"{op}: dual_clip must be > 1, got {dual_clip}")
+    if agg not in ref_rl.AGG_MODES:
+        raise ValueError(f"{op}: agg must be one of {ref_rl.AGG_MODES}, got {agg!r}")
+    if norm_len is not None and (isinstance(norm_len, bool) or not isinstance(norm_len, int) or norm_len <= 0):
+        raise ValueError(f"{op}: norm_len must be a positive int or None, got {norm_len!r}")
+    if kl_kind not in ref_rl.KL_KINDS:
+        raise ValueError(f"{op}: kl_kind must be one of {ref_rl.KL_KINDS}, got {kl_kind!r}")
+    if kl_coef != 0 and ref_logprobs is None:
+        raise ValueError(f"{op}: kl_coef={kl_coef} needs ref_logprobs")
+
+    has_label = (head.labels != head.ignore_index).view(shape)
+    if mask is None:
+        valid = has_label
+    else:
+        if not isinstance(mask, torch.Tensor) or mask.shape != shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"{op}: mask must have shape {tuple(shape)}, got {got}")
+        valid = mask != 0
+        if bool((valid & ~has_label).any()):
+            raise ValueError(f"{op}: mask marks positions whose labels equal ignore_index={head.ignore_index}")
+        # positions outside the mask do not enter the loss: let the kernels skip them
+        head = head._replace(labels=torch.where(valid.reshape(-1), head.labels, head.ignore_index))
+    need_entropy = entropy_coef != 0 or bool(return_entropy)
+    extras = (old_logprobs, advantages) + ((ref_logprobs,) if ref_logprobs is not None else ())
+
+    def loss_fn(logp, entropy, old, adv, *ref):
+        logp = logp.view(shape)
+        loss, stats = ref_rl.ppo_policy_loss(
+            logp, old, adv, valid, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+            norm_len=norm_len,
+        )
+        stats["pg_loss"] = loss.detach()
+        if ref:
+            # zero both sides at masked positions: garbage there would give exp(inf) * 0 = NaN gradients
+            kl = ref_rl.kl_penalty(torch.where(valid, logp, 0), torch.where(valid, ref[0], 0), kind=kl_kind)
+            stats["kl"] = ref_rl.masked_mean(kl.detach(), valid)
+            if kl_coef != 0:
+                loss = loss + kl_coef * ref_rl.aggregate(kl, valid, agg, norm_len)
+        if entropy is not None:
+            entropy = entropy.view(shape)
+            stats["entropy"] = ref_rl.masked_mean(entropy.detach(), valid)
+            if entropy_coef != 0:
+                loss = loss - entropy_coef * ref_rl.aggregate(entropy, valid, agg, norm_len)
+        return loss, stats
+
+    return _head_loss(head, backend, need_entropy, loss_fn, extras)
