@@ -1,0 +1,335 @@
+"""RL kernels over (B, T) token grids: GAE, PPO policy / value losses, KL penalties. All math in fp32.
+
+_gae_fwd_kernel            grid (cdiv(B, BLOCK_B),)
+    Two reverse affine scans per [BLOCK_B, BLOCK_T] tile, walking T from the last tile to the first and carrying
+    the state of the tile to the right into the next one (any T, no power-of-two requirement):
+      x_t = nv_{t+1} = (1 - m_{t+1}) x_{t+1} + m_{t+1} V_{t+1}     the next valid value (0 past the end)
+      A_t = a_t A_{t+1} + b_t, a_t = m_t ? gamma lam : 1, b_t = m_t ? r_t + gamma x_t - V_t : 0
+    reads r, V, m (V and m twice, the second time shifted by one: cache hits); writes A and returns = A + V.
+    Bytes: (4 + 4 + 1) in + 8 out per token.
+_rl_loss_fwd_kernel        grid (B,)
+    One row per program, T in tiles. Per valid token: the PPO clipped surrogate (or the clipped value loss) l_t
+    and its derivative g_t = dl_t/dx_t (x = logprobs, or values), written unscaled in fp32; per row: sum l,
+    n_b and the stat partials (clip counts, sum of old - new, ratio sum / min / max). Bytes: 3 * 4 + 1 in,
+    4 out per token (the loss needs no second read of the inputs in the backward).
+_rl_loss_finalize_kernel   grid (1,)
+    Reduces the (B, 9) row partials to the loss and the stats with the aggregation mode, and writes the per-row
+    gradient scale w_b (every agg mode is sum_bt m_bt w_b l_bt). No host synchronisation anywhere.
+_rl_loss_bwd_kernel        grid (B, cdiv(T, BLOCK_T))
+    grad_x[b, t] = g[b, t] * w_b * upstream: 4 bytes in, 2-4 bytes out per token.
+_kl_fwd_kernel / _kl_bwd_kernel   grid (cdiv(N, BLOCK),)
+    k1 / k2 / k3 of d = ref - logp and their derivatives; k3 and its derivative use a Taylor series for small
+    |d| (exp(d) - 1 - d cancels catastrophically in fp32; libdevice expm1 is unavailable in the interpreter).
+"""
+import triton
+import triton.language as tl
+
+# column order of the (B, NUM_ROW_STATS) row partials written by _rl_loss_fwd_kernel
+NUM_ROW_STATS = 9  # loss sum, n, clip low (value: clipped), clip high, dual, kl sum (value: V sum), ratio sum/min/max
+# aggregation modes, in the order of fastalign.reference.rl.AGG_MODES
+AGG_TOKEN_MEAN, AGG_SEQ_SUM, AGG_SEQ_MEAN, AGG_SEQ_SUM_NORM = 0, 1, 2, 3
+
+
+@triton.jit
+def _affine_combine(a_right, b_right, a_left, b_left):
+    # reverse scan of x_t = a_t x_{t+1} + b_t: the first pair is the composed map of the positions to the right
+    return a_right * a_left, b_right * a_left + b_left
+
+
+@triton.jit
+def _gae_fwd_kernel(
+    # data ptrs
+    rewards_ptr, values_ptr, mask_ptr, adv_ptr, returns_ptr,
+    # shapes
+    B, T,
+    # strides
+    stride_r_b, stride_r_t, stride_v_b, stride_v_t, stride_m_b, stride_m_t, stride_out_b,
+    # constants
+    gamma, lam,
+    HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = offs_b < B
+    rows = offs_b.to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+    first_col = (offs_t == 0)[None, :]
+    next_value = tl.zeros([BLOCK_B], dtype=tl.float32)  # x at the first column of the tile to the right
+    next_adv = tl.zeros([BLOCK_B], dtype=tl.float32)  # A at the first column of the tile to the right
+    num_tiles = tl.cdiv(T, BLOCK_T)
+    for i in range(num_tiles):
+        t = (num_tiles - 1 - i) * BLOCK_T + offs_t
+        io = bmask[:, None] & (t < T)[None, :]
+        io_next = bmask[:, None] & (t + 1 < T)[None, :]
+        r = tl.load(rewards_ptr + rows[:, None] * stride_r_b + t[None, :] * stride_r_t, mask=io, other=0.0)
+        v_ptrs = values_ptr + rows[:, None] * stride_v_b + t[None, :] * stride_v_t
+        v = tl.load(v_ptrs, mask=io, other=0.0).to(tl.float32)
+        v_next = tl.load(v_ptrs + stride_v_t, mask=io_next, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            m_ptrs = mask_ptr + rows[:, None] * stride_m_b + t[None, :] * stride_m_t
+            valid = tl.load(m_ptrs, mask=io, other=0) != 0
+            # past the end counts as a valid position of value 0: nv starts at 0, as in the verl loop
+            valid_next = tl.load(m_ptrs + stride_m_t, mask=io_next, other=1) != 0
+        else:
+            valid = io
+            valid_next = io_next | ~io_next
+        a_x = tl.where(valid_next, 0.0, 1.0)
+        b_x = tl.where(valid_next, v_next, 0.0)
+        prod_x, sum_x = tl.associative_scan((a_x, b_x), axis=1, combine_fn=_affine_combine, reverse=True)
+        x = prod_x * next_value[:, None] + sum_x
+        a_adv = tl.where(valid, gamma * lam, 1.0)
+        b_adv = tl.where(valid, r.to(tl.float32) + gamma * x - v, 0.0)
+        prod_a, sum_a = tl.associative_scan((a_adv, b_adv), axis=1, combine_fn=_affine_combine, reverse=True)
+        adv = prod_a * next_adv[:, None] + sum_a
+        next_value = tl.sum(tl.where(first_col, x, 0.0), axis=1)
+        next_adv = tl.sum(tl.where(first_col, adv, 0.0), axis=1)
+        out = rows[:, None] * stride_out_b + t[None, :]
+        tl.store(adv_ptr + out, adv, mask=io)
+        tl.store(returns_ptr + out, adv + v, mask=io)
+
+
+@triton.jit
+def _rl_loss_fwd_kernel(
+    # data ptrs
+    x_ptr, y_ptr, z_ptr, mask_ptr, grad_ptr, row_stats_ptr,
+    # shapes
+    T,
+    # strides
+    stride_x_b, stride_x_t, stride_y_b, stride_y_t, stride_z_b, stride_z_t, stride_m_b, stride_m_t,
+    # constants
+    clip_low, clip_high, dual_clip,
+    IS_VALUE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+    NEED_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Policy: x = logprobs, y = old_logprobs, z = advantages (stride_z_t = 0 for per-sequence advantages).
+    Value: x = values, y = old_values, z = returns; clip_low is the value clip."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    acc_loss = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_n = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_low = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_high = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_dual = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_kl = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
+    min_ratio = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
+    max_ratio = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs
+        tmask = t < T
+        x = tl.load(x_ptr + row * stride_x_b + t * stride_x_t, mask=tmask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + row * stride_y_b + t * stride_y_t, mask=tmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * stride_z_b + t * stride_z_t, mask=tmask, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            valid = tmask & (tl.load(mask_ptr + row * stride_m_b + t * stride_m_t, mask=tmask, other=0) != 0)
+        else:
+            valid = tmask
+        if IS_VALUE:
+            v = tl.where(valid, x, 0.0)
+            err = v - tl.where(valid, z, 0.0)
+            loss = 0.5 * err * err
+            grad = err
+            if HAS_CLIP:
+                old = tl.where(valid, y, 0.0)
+                v_clipped = old + tl.minimum(tl.maximum(v - old, -clip_low), clip_low)
+                err_clipped = v_clipped - tl.where(valid, z, 0.0)
+                loss_clipped = 0.5 * err_clipped * err_clipped
+                clipped = loss_clipped > loss
+                loss = tl.maximum(loss, loss_clipped)
+                grad = tl.where(clipped, 0.0, grad)  # the clipped branch is flat in V
+                acc_low += tl.where(valid & clipped, 1.0, 0.0)
+            acc_kl += v
+        else:
+            log_ratio = tl.where(valid, x - y, 0.0)
+            adv = tl.where(valid, z, 0.0)
+            ratio = tl.exp(log_ratio)
+            loss_unclipped = -adv * ratio
+            loss_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+            loss = tl.maximum(loss_unclipped, loss_clipped)
+            grad = tl.where(loss_clipped > loss_unclipped, 0.0, loss_unclipped)  # d(-A rho)/d logp = -A rho
+            if HAS_DUAL_CLIP:
+                loss_dual = -adv * dual_clip
+                dual = (adv < 0) & (loss > loss_dual)
+                loss = tl.where(dual, loss_dual, loss)
+                grad = tl.where(dual, 0.0, grad)
+                acc_dual += tl.where(valid & dual, 1.0, 0.0)
+            acc_low += tl.where(valid & (adv < 0) & (ratio < 1.0 - clip_low), 1.0, 0.0)
+            acc_high += tl.where(valid & (adv > 0) & (ratio > 1.0 + clip_high), 1.0, 0.0)
+            acc_kl -= log_ratio
+            acc_ratio += tl.where(valid, ratio, 0.0)
+            min_ratio = tl.minimum(min_ratio, tl.where(valid, ratio, float("inf")))
+            max_ratio = tl.maximum(max_ratio, tl.where(valid, ratio, float("-inf")))
+        acc_loss += tl.where(valid, loss, 0.0)
+        acc_n += tl.where(valid, 1.0, 0.0)
+        if NEED_GRAD:
+            tl.store(grad_ptr + row * T + t, tl.where(valid, grad, 0.0), mask=tmask)
+    out = row_stats_ptr + row * 9
+    tl.store(out + 0, tl.sum(acc_loss, axis=0))
+    tl.store(out + 1, tl.sum(acc_n, axis=0))
+    tl.store(out + 2, tl.sum(acc_low, axis=0))
+    tl.store(out + 3, tl.sum(acc_high, axis=0))
+    tl.store(out + 4, tl.sum(acc_dual, axis=0))
+    tl.store(out + 5, tl.sum(acc_kl, axis=0))
+    tl.store(out + 6, tl.sum(acc_ratio, axis=0))
+    tl.store(out + 7, tl.min(min_ratio, axis=0))
+    tl.store(out + 8, tl.max(max_ratio, axis=0))
+
+
+@triton.jit
+def _rl_loss_finalize_kernel(
+    # data ptrs
+    row_stats_ptr, scale_ptr, out_ptr,
+    # shapes
+    B,
+    # constants
+    norm_len,
+    AGG: tl.constexpr, IS_VALUE: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """out (policy): loss, clip_frac, clip_frac_low, clip_frac_high, dual_clip_frac, approx_kl, ratio mean / min /
+    max. out (value): loss, clip_frac, values_mean. scale: (B,) fp32 per-row gradient weights w_b."""
+    offs = tl.arange(0, BLOCK_B)
+    tot_loss = tl.zeros([BLOCK_B], dtype=tl.float32)
+    tot_seq = tl.zeros([BLOCK_B], dtype=tl.float32)  # sum_b loss_b / max(n_b, 1)
+    tot_n = tl.zeros([BLOCK_B], dtype=tl.float32)
+    tot_low = tl.zeros([BLOCK_B], dtype=tl.float32)
+    tot_high = tl.zeros([BLOCK_B], dtype=tl.float32)
+    tot_dual = tl.zeros([BLOCK_B], dtype=tl.float32)
+    tot_kl = tl.zeros([BLOCK_B], dtype=tl.float32)
+    tot_ratio = tl.zeros([BLOCK_B], dtype=tl.float32)
+    min_ratio = tl.full([BLOCK_B], float("inf"), dtype=tl.float32)
+    max_ratio = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + offs
+        bmask = rows < B
+        ptrs = row_stats_ptr + rows.to(tl.int64) * 9
+        loss_b = tl.load(ptrs + 0, mask=bmask, other=0.0)
+        n_b = tl.load(ptrs + 1, mask=bmask, other=0.0)
+        tot_loss += loss_b
+        tot_seq += loss_b / tl.maximum(n_b, 1.0)
+        tot_n += n_b
+        tot_low += tl.load(ptrs + 2, mask=bmask, other=0.0)
+        tot_high += tl.load(ptrs + 3, mask=bmask, other=0.0)
+        tot_dual += tl.load(ptrs + 4, mask=bmask, other=0.0)
+        tot_kl += tl.load(ptrs + 5, mask=bmask, other=0.0)
+        tot_ratio += tl.load(ptrs + 6, mask=bmask, other=0.0)
+        min_ratio = tl.minimum(min_ratio, tl.load(ptrs + 7, mask=bmask, other=float("inf")))
+        max_ratio = tl.maximum(max_ratio, tl.load(ptrs + 8, mask=bmask, other=float("-inf")))
+    n = tl.sum(tot_n, axis=0)
+    inv_n = 1.0 / tl.maximum(n, 1.0)
+    if AGG == 0:
+        loss = tl.sum(tot_loss, axis=0) * inv_n
+    elif AGG == 1:
+        loss = tl.sum(tot_loss, axis=0) / B
+    elif AGG == 2:
+        loss = tl.sum(tot_seq, axis=0) / B
+    else:
+        loss = tl.sum(tot_loss, axis=0) / (B * norm_len)
+    tl.store(out_ptr + 0, loss)
+    if IS_VALUE:
+        tl.store(out_ptr + 1, tl.sum(tot_low, axis=0) * inv_n)
+        tl.store(out_ptr + 2, tl.sum(tot_kl, axis=0) * inv_n)
+    else:
+        low = tl.sum(tot_low, axis=0)
+        high = tl.sum(tot_high, axis=0)
+        tl.store(out_ptr + 1, (low + high) * inv_n)
+        tl.store(out_ptr + 2, low * inv_n)
+        tl.store(out_ptr + 3, high * inv_n)
+        tl.store(out_ptr + 4, tl.sum(tot_dual, axis=0) * inv_n)
+        tl.store(out_ptr + 5, tl.sum(tot_kl, axis=0) * inv_n)
+        tl.store(out_ptr + 6, tl.sum(tot_ratio, axis=0) * inv_n)
+        tl.store(out_ptr + 7, tl.where(n > 0, tl.min(min_ratio, axis=0), 0.0))
+        tl.store(out_ptr + 8, tl.where(n > 0, tl.max(max_ratio, axis=0), 0.0))
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + offs
+        bmask = rows < B
+        if AGG == 0:
+            scale = tl.zeros([BLOCK_B], dtype=tl.float32) + inv_n
+        elif AGG == 1:
+            scale = tl.zeros([BLOCK_B], dtype=tl.float32) + 1.0 / B
+        elif AGG == 2:
+            n_b = tl.load(row_stats_ptr + rows.to(tl.int64) * 9 + 1, mask=bmask, other=0.0)
+            scale = 1.0 / (B * tl.maximum(n_b, 1.0))
+        else:
+            scale = tl.zeros([BLOCK_B], dtype=tl.float32) + 1.0 / (B * norm_len)
+        tl.store(scale_ptr + rows, scale, mask=bmask)
+
+
+@triton.jit
+def _rl_loss_bwd_kernel(
+    # data ptrs
+    grad_ptr, scale_ptr, upstream_ptr, out_ptr,
+    # shapes
+    T,
+    # constants
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    w = tl.load(scale_ptr + row) * tl.load(upstream_ptr)
+    g = tl.load(grad_ptr + row * T + t, mask=tmask, other=0.0)
+    tl.store(out_ptr + row * T + t, g * w, mask=tmask)
+
+
+@triton.jit
+def _expm1(d):
+    # exp(d) - 1 loses all relative precision for small |d| in fp32; the series is exact to ~1e-9 below 0.1
+    series = d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0 + d * (1.0 / 720.0))))))
+    return tl.where(tl.abs(d) < 0.1, series, tl.exp(d) - 1.0)
+
+
+@triton.jit
+def _k3(d):
+    # exp(d) - 1 - d = d^2/2 + d^3/6 + ...: direct evaluation cancels for small |d|
+    series = d * d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0 + d * (1.0 / 720.0)))))
+    return tl.where(tl.abs(d) < 0.1, series, tl.exp(d) - 1.0 - d)
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    # data ptrs
+    logp_ptr, ref_ptr, out_ptr,
+    # shapes
+    N,
+    # constants
+    KIND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    nmask = offs < N
+    d = (tl.load(ref_ptr + offs, mask=nmask, other=0.0).to(tl.float32)
+         - tl.load(logp_ptr + offs, mask=nmask, other=0.0).to(tl.float32))
+    if KIND == 1:
+        kl = -d
+    elif KIND == 2:
+        kl = 0.5 * d * d
+    else:
+        kl = _k3(d)
+    tl.store(out_ptr + offs, kl, mask=nmask)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    # data ptrs
+    logp_ptr, ref_ptr, upstream_ptr, grad_logp_ptr, grad_ref_ptr,
+    # shapes
+    N,
+    # constants
+    KIND: tl.constexpr, NEED_LOGP: tl.constexpr, NEED_REF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """d kl / d logp = 1 (k1), -d (k2), -expm1(d) (k3); d kl / d ref is its negative."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    nmask = offs < N
+    up = tl.load(upstream_ptr + offs, mask=nmask, other=0.0).to(tl.float32)
+    if KIND == 1:
+        g = up
+    else:
+        d = (tl.load(ref_ptr + offs, mask=nmask, other=0.0).to(tl.float32)
+             - tl.load(logp_ptr + offs, mask=nmask, other=0.0).to(tl.float32))
+        if KIND == 2:
+            g = -d * up
+        else:
+            g = -_expm1(d) * up
+    if NEED_LOGP:
+        tl.store(grad_logp_ptr + offs, g, mask=nmask)
+    if NEED_REF:
+        tl.store(grad_ref_ptr + offs, -g, mask=nmask)
