@@ -1,0 +1,176 @@
+"""Reward functions for GRPO/PPO: rule-based checks, a registry, and reward-model scoring.
+
+A reward function is any callable ``fn(prompts, completions, **fields) -> list[float]``, one float per completion
+(the TRL convention). ``fields`` carries every extra column of the RL dataset row (e.g. ``answer``), repeated
+so that ``fields[k][i]`` belongs to ``completions[i]``, plus ``truncated`` (list[bool]: the completion hit
+``max_new_tokens`` without EOS). Functions take what they need by name and swallow the rest with ``**_``.
+
+Names resolve through :data:`REWARD_FUNCTIONS` (add yours with :func:`register_reward`) or as an import path
+``"package.module:function"``. :class:`RewardModelScorer` turns a reward-model checkpoint directory written by
+``fastalign train rm`` into such a callable, so rule-based and learned rewards mix freely with weights.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+RewardFn = Callable[..., list[float]]
+REWARD_FUNCTIONS: dict[str, RewardFn] = {}
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make ``fn`` available as ``--reward_funcs name``. Re-registering a name raises."""
+
+    def add(fn: RewardFn) -> RewardFn:
+        if name in REWARD_FUNCTIONS and REWARD_FUNCTIONS[name] is not fn:
+            raise ValueError(f"reward function {name!r} is already registered")
+        REWARD_FUNCTIONS[name] = fn
+        return fn
+
+    return add
+
+
+def get_reward(name: str) -> RewardFn:
+    """A registered reward function by name, or ``"module:attr"`` imported; a clear error otherwise."""
+    if name in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import reward function {name!r}: {err}") from err
+        if not callable(fn):
+            raise TypeError(f"reward function {name!r} is not callable")
+        return fn
+    known = ", ".join(sorted(REWARD_FUNCTIONS))
+    raise ValueError(f"unknown reward function {name!r}; registered: {known}; or pass 'package.module:function'")
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace-free text: char-level tokenizers may decode ``"19"`` as ``"1 9"``."""
+    return re.sub(r"\s+", "", str(text))
+
+
+def _field(fields: dict[str, Any], key: str, n: int, fn: str) -> list:
+    if key not in fields:
+        raise KeyError(f"reward function {fn!r} needs the dataset field {key!r}; the rows have {sorted(fields)}")
+    values = list(fields[key])
+    if len(values) != n:
+        raise ValueError(f"reward field {key!r} has {len(values)} values for {n} completions")
+    return values
+
+
+@register_reward("exact_match")
+def exact_match(prompts: Sequence[str], completions: Sequence[str], **fields) -> list[float]:
+    """1.0 where the completion equals the row's ``answer`` (whitespace ignored), else 0.0."""
+    answers = _field(fields, "answer", len(completions), "exact_match")
+    return [float(normalize_answer(c) == normalize_answer(a)) for c, a in zip(completions, answers)]
+
+
+@register_reward("format")
+def integer_format(prompts: Sequence[str], completions: Sequence[str], **fields) -> list[float]:
+    """1.0 where the completion is one bare integer that ended with EOS (not truncated), else 0.0."""
+    truncated = fields.get("truncated") or [False] * len(completions)
+    return [
+        float(bool(_INTEGER.fullmatch(normalize_answer(c))) and not t) for c, t in zip(completions, truncated)
+    ]
+
+
+@register_reward("numeric_closeness")
+def numeric_closeness(prompts: Sequence[str], completions: Sequence[str], **fields) -> list[float]:
+    """Dense shaping: ``1 / (1 + |pred - answer|)`` for integer completions, 0.0 when no integer parses."""
+    answers = _field(fields, "answer", len(completions), "numeric_closeness")
+    out = []
+    for c, a in zip(completions, answers):
+        text = normalize_answer(c)
+        out.append(1.0 / (1.0 + abs(int(text) - int(a))) if _INTEGER.fullmatch(text) else 0.0)
+    return out
+
+
+class RewardModelScorer:
+    """Score ``prompt + completion`` with a reward-model checkpoint (the output directory of ``fastalign train rm``).
+
+    The scalar head's output on the last non-pad token is the reward. The model is frozen and run without grad.
+
+    Args:
+        path: checkpoint directory (safetensors, ``save_pretrained`` layout) with a tokenizer.
+        device: where to run it; batch_size: completions scored per forward; max_length: tokens kept (left-truncated).
+    """
+
+    def __init__(self, path: str, *, device: str | torch.device = "cpu", batch_size: int = 32, max_length: int = 1024):
+        from fastalign.train import rm
+
+        self.model, self.tokenizer = rm.load_reward_model(path, device=device)
+        self.model.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.__name__ = f"reward_model:{path}"
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
+        from fastalign.train import rm
+
+        scores: list[float] = []
+        for start in range(0, len(completions), self.batch_size):
+            texts = [p + c for p, c in zip(prompts[start:start + self.batch_size],
+                                           completions[start:start + self.batch_size])]
+            scores += rm.score_texts(self.model, self.tokenizer, texts, max_length=self.max_length).tolist()
+        return scores
+
+
+class Rewards:
+    """A weighted sum of reward functions, returning the total and each part (for logging).
+
+    Args:
+        fns: (name, callable, weight) triples.
+    """
+
+    def __init__(self, fns: Sequence[tuple[str, RewardFn, float]]):
+        if not fns:
+            raise ValueError("at least one reward function (or a reward model) is needed")
+        self.fns = list(fns)
+
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], fields: dict[str, list] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns total: (B,) fp32 and {name: (B,) fp32}. A function returning the wrong count raises."""
+        fields = dict(fields or {})
+        parts: dict[str, torch.Tensor] = {}
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        for name, fn, weight in self.fns:
+            values = fn(list(prompts), list(completions), **fields)
+            if len(values) != len(completions):
+                raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
+            part = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
+            if not torch.isfinite(part).all():
+                raise ValueError(f"reward function {name!r} returned a non-finite value: {values}")
+            parts[name] = part
+            total += weight * part
+        return total, parts
+
+
+def build_rewards(
+    names: Sequence[str] = ("exact_match",),
+    weights: Sequence[float] | None = None,
+    *,
+    reward_model: str | None = None,
+    reward_model_weight: float = 1.0,
+    device: str | torch.device = "cpu",
+) -> Rewards:
+    """Resolve reward-function names (and an optional reward-model directory) into one :class:`Rewards`."""
+    names = list(names)
+    weights = [1.0] * len(names) if weights is None or len(weights) == 0 else [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ValueError(f"got {len(weights)} reward weights for {len(names)} reward functions {names}")
+    fns = [(name, get_reward(name), w) for name, w in zip(names, weights)]
+    if reward_model:
+        fns.append(("reward_model", RewardModelScorer(reward_model, device=device), float(reward_model_weight)))
+    return Rewards(fns)

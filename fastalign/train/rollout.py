@@ -1,0 +1,198 @@
+"""Rollouts for GRPO/PPO: a pluggable generation backend, the batch layout, and log-prob scoring.
+
+    prompts (token ids) --backend.generate--> completion ids --build_rollout--> RolloutBatch
+    RolloutBatch --score_logprobs(policy / reference)--> old / ref log-probs (B, T), via the fused op
+
+The backend only produces token ids. Log-probs used by the losses are always recomputed by the trainer's own
+forward (``fa.linear_logprobs`` on the last hidden states), never taken from the sampler's scores: a sampler
+(HF ``generate`` with a KV cache, or vLLM) computes them with different kernels and numerics, which would bias
+the importance ratio. A vLLM engine plugs in by implementing :class:`GenerationBackend`.
+
+Layout: sequences are stored right-padded, ``[prompt | completion | pad]``. The sampler sees the prompts left-
+padded, with position ids counted from each row's first real token, so each real token sits at the same position
+in both layouts and the recomputed log-probs are those of the sampled distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+from fastalign.train import models
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample completions. ``greedy=True`` ignores temperature/top-p/top-k (evaluation)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off; HF's default of 50 would silently sample from a different distribution
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completions:
+    """What a backend returns: per prompt, the generated ids (ending with EOS unless truncated)."""
+
+    token_ids: list[list[int]]
+    truncated: list[bool]  # hit max_new_tokens without EOS
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """A sampler. ``generate`` maps prompt token ids to completion token ids; ``sync_weights`` is called after
+    each optimizer step so an engine holding its own copy of the weights (vLLM) can refresh them."""
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> Completions: ...
+
+    def sync_weights(self, model: nn.Module) -> None: ...
+
+
+class HFGenerationBackend:
+    """``transformers`` ``model.generate`` with a KV cache; shares the policy's weights (``sync_weights`` is a no-op).
+
+    Args:
+        model: the policy (HF model, or wrapped by HeadForward/DDP/peft).
+        pad_token_id, eos_token_id: from the tokenizer.
+        batch_size: prompts per ``generate`` call (bounds the KV cache); None = all at once.
+    """
+
+    def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_id: int | Sequence[int],
+                 batch_size: int | None = None):
+        self.model = model
+        self.pad_token_id = int(pad_token_id)
+        self.eos_ids = {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+        self.batch_size = batch_size
+
+    def sync_weights(self, model: nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> Completions:
+        step = self.batch_size or max(len(prompt_ids), 1)
+        out = Completions([], [])
+        for start in range(0, len(prompt_ids), step):
+            part = self._generate(prompt_ids[start:start + step], sampling)
+            out.token_ids += part.token_ids
+            out.truncated += part.truncated
+        return out
+
+    def _generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> Completions:
+        base = models.unwrap(self.model)
+        device = next(base.parameters()).device
+        width = max(len(p) for p in prompt_ids)
+        if min(len(p) for p in prompt_ids) == 0:
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):  # left padding: generation continues from the last column
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_token_id,
+                      eos_token_id=sorted(self.eos_ids), do_sample=not sampling.greedy)
+        if sampling.greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        was_training = base.training
+        base.eval()  # no dropout while sampling
+        try:
+            seqs = base.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        finally:
+            base.train(was_training)
+        out = Completions([], [])
+        for row in seqs[:, width:].tolist():
+            cut = next((t + 1 for t, tok in enumerate(row) if tok in self.eos_ids), None)
+            out.token_ids.append(row[:cut] if cut is not None else row)
+            out.truncated.append(cut is None)
+        return out
+
+
+@dataclass
+class RolloutBatch:
+    """Prompt + completion sequences, right-padded. All tensors (B, T) unless noted.
+
+    ``response_mask`` is 1 on completion tokens (EOS included, padding and prompt excluded); ``labels`` equal
+    ``input_ids`` there and -100 elsewhere, so ``models.token_logprobs(..., labels)`` scores exactly the
+    completion tokens.
+    """
+
+    input_ids: torch.Tensor  # int64
+    attention_mask: torch.Tensor  # int64
+    response_mask: torch.Tensor  # bool
+    labels: torch.Tensor  # int64, -100 outside the response
+    prompt_lengths: torch.Tensor  # (B,) int64
+    completion_lengths: torch.Tensor  # (B,) int64
+    truncated: torch.Tensor  # (B,) bool
+
+    def to(self, device) -> "RolloutBatch":
+        return RolloutBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    def select(self, index: torch.Tensor | slice) -> "RolloutBatch":
+        """Rows ``index`` (a micro-batch), trimmed to the longest kept sequence."""
+        rows = RolloutBatch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+        width = int(rows.attention_mask.sum(1).max()) if rows.attention_mask.numel() else 0
+        for name in ("input_ids", "attention_mask", "response_mask", "labels"):
+            setattr(rows, name, getattr(rows, name)[:, :width])
+        return rows
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def build_rollout(prompt_ids: Sequence[Sequence[int]], completions: Completions, *, pad_token_id: int,
+                  ignore_index: int = -100) -> RolloutBatch:
+    """Lay prompts and their completions out as one right-padded batch with response masks."""
+    if len(prompt_ids) != len(completions.token_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completions.token_ids)} completions")
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completions.token_ids)]
+    b, t = len(lengths), max(lengths)
+    input_ids = torch.full((b, t), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((b, t), dtype=torch.long)
+    response_mask = torch.zeros((b, t), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompt_ids, completions.token_ids)):
+        input_ids[i, :lengths[i]] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        attention_mask[i, :lengths[i]] = 1
+        response_mask[i, len(p):lengths[i]] = True
+    labels = torch.where(response_mask, input_ids, torch.full_like(input_ids, ignore_index))
+    return RolloutBatch(
+        input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask, labels=labels,
+        prompt_lengths=torch.tensor([len(p) for p in prompt_ids], dtype=torch.long),
+        completion_lengths=torch.tensor([len(c) for c in completions.token_ids], dtype=torch.long),
+        truncated=torch.tensor(completions.truncated, dtype=torch.bool),
+    )
+
+
+@torch.no_grad()
+def score_logprobs(model: nn.Module, batch: RolloutBatch, *, temperature: float = 1.0, fused: bool = True,
+                   micro_batch_size: int | None = None) -> torch.Tensor:
+    """(B, T) fp32 log-probs (on the model's device) of the response tokens under ``model``, 0 elsewhere; no grad.
+
+    ``temperature`` must be the sampling temperature: the ratio compares the policy that sampled the tokens.
+    """
+    device = next(models.unwrap(model).parameters()).device
+    step = micro_batch_size or len(batch)
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=device)
+    for start in range(0, len(batch), step):
+        rows = slice(start, start + step)
+        ids, mask, labels = (getattr(batch, k)[rows].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        logp = models.token_logprobs(model, ids, mask, labels, fused=fused, temperature=temperature).logprobs
+        out[rows] = logp.float()
+    return out
+
+
+def decode_completions(tokenizer, completions: Completions) -> list[str]:
+    """Completion text without EOS/pad/special tokens."""
+    return tokenizer.batch_decode(completions.token_ids, skip_special_tokens=True)

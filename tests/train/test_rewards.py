@@ -1,0 +1,80 @@
+"""Reward functions: rule-based checks, the registry, dataset fields, weighted sums."""
+import pytest
+import torch
+
+from fastalign.train import rewards
+
+
+def test_exact_match_uses_the_answer_field_and_ignores_whitespace():
+    out = rewards.exact_match(["1+2=", "3+4=", "5+5=", "9+9="], ["3", "8", " 1 0", "18x"], answer=["3", "7", "10", "18"])
+    assert out == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_exact_match_names_a_missing_field():
+    with pytest.raises(KeyError, match="answer"):
+        rewards.exact_match(["1+2="], ["3"], solution=["3"])
+
+
+def test_format_reward_wants_a_bare_integer_that_ended():
+    out = rewards.integer_format(["p"] * 5, ["12", "-3", "12 apples", "", "7"], truncated=[False, False, False, False, True])
+    assert out == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert rewards.integer_format(["p"], ["4"]) == [1.0]  # no truncation info: judged on text alone
+
+
+def test_numeric_closeness_is_dense():
+    out = rewards.numeric_closeness(["p"] * 3, ["10", "12", "ten"], answer=["10", "10", "10"])
+    assert out == [1.0, pytest.approx(1 / 3), 0.0]
+
+
+def test_registry_and_import_paths():
+    assert rewards.get_reward("exact_match") is rewards.exact_match
+    assert rewards.get_reward("fastalign.train.rewards:numeric_closeness") is rewards.numeric_closeness
+    with pytest.raises(ValueError, match="unknown reward function 'nope'.*exact_match"):
+        rewards.get_reward("nope")
+    with pytest.raises(ValueError, match="cannot import"):
+        rewards.get_reward("fastalign.train.rewards:nope")
+
+    @rewards.register_reward("test_len")
+    def length(prompts, completions, **_):
+        return [float(len(c)) for c in completions]
+
+    try:
+        assert rewards.get_reward("test_len") is length
+        with pytest.raises(ValueError, match="already registered"):
+            rewards.register_reward("test_len")(lambda p, c, **_: [])
+    finally:
+        del rewards.REWARD_FUNCTIONS["test_len"]
+
+
+def test_weighted_sum_passes_extra_fields_and_returns_parts():
+    seen = {}
+
+    def spy(prompts, completions, *, difficulty, answer, **rest):
+        seen.update(difficulty=difficulty, rest=sorted(rest))
+        return [0.5 * d for d in difficulty]
+
+    combined = rewards.Rewards([("exact_match", rewards.exact_match, 1.0), ("spy", spy, 2.0)])
+    total, parts = combined(["1+1=", "2+2="], ["2", "5"],
+                            {"answer": ["2", "4"], "difficulty": [1, 3], "truncated": [False, False]})
+    assert seen == {"difficulty": [1, 3], "rest": ["truncated"]}
+    torch.testing.assert_close(parts["exact_match"], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(parts["spy"], torch.tensor([0.5, 1.5]))
+    torch.testing.assert_close(total, torch.tensor([1.0 + 1.0, 0.0 + 3.0]))
+
+
+def test_bad_reward_outputs_raise():
+    short = rewards.Rewards([("short", lambda p, c, **_: [1.0], 1.0)])
+    with pytest.raises(ValueError, match="returned 1 values for 2"):
+        short(["a", "b"], ["x", "y"])
+    nan = rewards.Rewards([("nan", lambda p, c, **_: [float("nan")] * len(c), 1.0)])
+    with pytest.raises(ValueError, match="non-finite"):
+        nan(["a"], ["x"])
+
+
+def test_build_rewards_checks_weights():
+    built = rewards.build_rewards(["exact_match", "format"], [1.0, 0.1])
+    assert [(n, w) for n, _, w in built.fns] == [("exact_match", 1.0), ("format", 0.1)]
+    with pytest.raises(ValueError, match="2 reward weights for 1"):
+        rewards.build_rewards(["exact_match"], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one"):
+        rewards.build_rewards([])
