@@ -9,10 +9,13 @@ _linear_logprobs_fwd_kernel  grid (cdiv(N, BLOCK_N), SPLIT_V)
     writes per (split, row) online-softmax partials m, s (= sum e^(z-m)), t (= sum e^(z-m) z) and, from the
            split that holds the label, the target logit: O(SPLIT_V * N) floats, never [N, V].
     FLOPs  2 N D V.
-_linear_logprobs_bwd_kernel  grid (cdiv(N, BLOCK_N) * cdiv(V_chunk, BLOCK_V),), grouped for L2 reuse
-    recomputes a [BLOCK_N, BLOCK_V] logit tile (2 BLOCK_N BLOCK_V D FLOPs), forms dz in fp32 from the saved
-    lse / mu and the per-token upstream gradients, then atomically adds dz @ W into an fp32 dh and
-    dz^T @ h into an fp32 dW chunk (4 BLOCK_N BLOCK_V D FLOPs). Total 6 N D V FLOPs.
+_linear_logprobs_dz_kernel   grid (cdiv(N, BLOCK_N) * cdiv(V_chunk, BLOCK_V),), grouped for L2 reuse
+    the backward as a GEMM epilogue: recomputes a [BLOCK_N, BLOCK_V] logit tile (2 BLOCK_N BLOCK_V D FLOPs),
+    forms dz in fp32 from the saved lse / mu and the per-token upstream gradients, and writes it in the inputs'
+    dtype into an [N, V_chunk] buffer (2 N V_chunk bytes); the launcher hands that buffer to two cuBLAS GEMMs
+    (dW_chunk = dz^T h, dh += dz W_chunk). Total 6 N D V FLOPs, 3 of them at cuBLAS speed.
+_linear_logprobs_bwd_kernel  same grid; the fully fused variant: no buffer, but fp32 atomics of dz @ W into dh
+    and dz^T @ h into a dW chunk — every dh element takes V / BLOCK_V atomic adds. See logprobs_notes.md.
 Dots run on the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE precision (no silent tf32); under
 the interpreter bf16 operands are upcast to fp32 (its bf16 dot is wrong).
 """
@@ -114,42 +117,20 @@ def _linear_logprobs_fwd_kernel(
 
 
 @triton.jit
-def _linear_logprobs_bwd_kernel(
-    # data ptrs
-    h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, count_ptr,
-    lse_ptr, mu_ptr, g_ptr, e_ptr,
-    dh_ptr, dw_ptr, db_ptr,
-    # shapes
-    N, D, V_START, V_CHUNK,
-    # strides
-    stride_h_n, stride_h_d, stride_w_v, stride_w_d, stride_dh_n, stride_dw_v,
-    # constants
+def _grad_logit_tile(
+    h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, lse_ptr, mu_ptr, g_ptr, e_ptr,
+    pid_n, offs_v, vmask, count,
+    D, stride_h_n, stride_h_d, stride_w_v, stride_w_d,
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
-    HAS_GRAD_ENTROPY: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # grouped ordering: GROUP_N row blocks sweep the vocab tiles together, so W and h tiles hit L2
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(V_CHUNK, BLOCK_V)
-    per_group = GROUP_N * num_v
-    first_n = (pid // per_group) * GROUP_N
-    group_n = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_n
-    pid_v = (pid % per_group) // group_n
-
-    count = tl.load(count_ptr)
-    if pid_n * BLOCK_N >= count:
-        return
+    """Recompute one logit tile and return (rows, rmask, da) with da = dLoss/d(raw logit) in fp32, 0 off-range."""
     offs_r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = offs_r < count
     rows = tl.load(row_idx_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
     label = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-    offs_v = V_START + pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    vmask = offs_v < V_START + V_CHUNK
-
     a = _logit_tile(
         h_ptr, w_ptr, b_ptr, rows, rmask, offs_v, vmask,
         D, stride_h_n, stride_h_d, stride_w_v, stride_w_d,
@@ -171,11 +152,96 @@ def _linear_logprobs_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         e = tl.load(e_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         mu = tl.load(mu_ptr + rows, mask=rmask, other=0.0)
+        # -e p (z - mu), not -e p (log p + H): the latter is 0 * -inf = NaN where p underflows
         dz -= e[:, None] * p * (z - mu[:, None])
     da = dz * inv_temperature
     if HAS_SOFTCAP:
         da = da * (1.0 - tanh_a * tanh_a)
-    da = tl.where(tile_mask, da, 0.0)
+    return rows, rmask, tl.where(tile_mask, da, 0.0)
+
+
+@triton.jit
+def _grouped_tile(pid, num_n, num_v, GROUP_N: tl.constexpr):
+    # GROUP_N row blocks sweep the vocab tiles together, so their h and W tiles are reused from L2
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group_n = tl.minimum(num_n - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_n, (pid % per_group) // group_n
+
+
+@triton.jit
+def _linear_logprobs_dz_kernel(
+    # data ptrs
+    h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, count_ptr,
+    lse_ptr, mu_ptr, g_ptr, e_ptr,
+    dz_ptr, db_ptr,
+    # shapes
+    N, D, V_START, V_CHUNK,
+    # strides
+    stride_h_n, stride_h_d, stride_w_v, stride_w_d, stride_dz_n,
+    # constants
+    inv_temperature, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """GEMM-epilogue backward: write da for one vocab chunk ([N, V_CHUNK], the inputs' dtype, rows in their
+    original order; ignored rows are never written) so that cuBLAS forms dW_chunk = da^T h and dh += da W_chunk."""
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_CHUNK, BLOCK_V), GROUP_N)
+    count = tl.load(count_ptr)
+    if pid_n * BLOCK_N >= count:
+        return
+    offs_v = V_START + pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    vmask = offs_v < V_START + V_CHUNK
+    rows, rmask, da = _grad_logit_tile(
+        h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, lse_ptr, mu_ptr, g_ptr, e_ptr,
+        pid_n, offs_v, vmask, count,
+        D, stride_h_n, stride_h_d, stride_w_v, stride_w_d,
+        inv_temperature, softcap,
+        HAS_BIAS, HAS_SOFTCAP, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, UPCAST, DOT_PRECISION,
+        BLOCK_N, BLOCK_V, BLOCK_D,
+    )
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + (offs_v - V_START), tl.sum(da, axis=0), mask=vmask)
+    tl.store(
+        dz_ptr + rows[:, None] * stride_dz_n + (offs_v - V_START)[None, :],
+        da.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & vmask[None, :],
+    )
+
+
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    # data ptrs
+    h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, count_ptr,
+    lse_ptr, mu_ptr, g_ptr, e_ptr,
+    dh_ptr, dw_ptr, db_ptr,
+    # shapes
+    N, D, V_START, V_CHUNK,
+    # strides
+    stride_h_n, stride_h_d, stride_w_v, stride_w_d, stride_dh_n, stride_dw_v,
+    # constants
+    inv_temperature, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """Fully fused backward: no [N, V_CHUNK] buffer, fp32 atomics into dh and a dW chunk."""
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_CHUNK, BLOCK_V), GROUP_N)
+    count = tl.load(count_ptr)
+    if pid_n * BLOCK_N >= count:
+        return
+    offs_v = V_START + pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    vmask = offs_v < V_START + V_CHUNK
+    rows, rmask, da = _grad_logit_tile(
+        h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, lse_ptr, mu_ptr, g_ptr, e_ptr,
+        pid_n, offs_v, vmask, count,
+        D, stride_h_n, stride_h_d, stride_w_v, stride_w_d,
+        inv_temperature, softcap,
+        HAS_BIAS, HAS_SOFTCAP, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, UPCAST, DOT_PRECISION,
+        BLOCK_N, BLOCK_V, BLOCK_D,
+    )
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + (offs_v - V_START), tl.sum(da, axis=0), mask=vmask)
 

@@ -211,59 +211,115 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# dW is accumulated in fp32 one vocab chunk at a time so the fp32 workspace stays bounded
-_DW_CHUNK_BYTES = 256 * 2**20
+# Backward workspace budget: the [N, V_chunk] dz buffer (gemm mode) or the fp32 dW chunk (atomic mode).
+_CHUNK_BYTES = 256 * 2**20
+BWD_MODES = ("gemm", "atomic")
+
+
+def _bwd_mode() -> str:
+    mode = os.environ.get("FASTALIGN_LOGPROBS_BWD", "gemm").strip().lower()
+    if mode not in BWD_MODES:
+        raise ValueError(f"FASTALIGN_LOGPROBS_BWD must be one of {BWD_MODES}, got {mode!r}")
+    return mode
+
+
+_ADDMM_OUT_DTYPE_OK: dict = {}
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows_per_step: int = 8192) -> None:
+    """acc (fp32) += a @ b for half-precision a, b, accumulating in fp32 without an [M, N] half-precision copy.
+
+    Uses cuBLAS with an fp32 output when this torch has ``addmm(..., out_dtype=)`` (CUDA), else row blocks."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    key = (acc.device.type, a.dtype)
+    if _ADDMM_OUT_DTYPE_OK.get(key, acc.device.type == "cuda"):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE_OK[key] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE_OK[key] = False
+    # CPU (tests, the interpreter): upcast, exact. CUDA without out_dtype: cuBLAS still accumulates each chunk
+    # in fp32 and rounds its partial product once before the fp32 sum.
+    upcast = acc.device.type != "cuda"
+    b = b.float() if upcast else b
+    for r in range(0, a.shape[0], rows_per_step):
+        part = a[r:r + rows_per_step]
+        acc[r:r + rows_per_step] += torch.mm(part.float() if upcast else part, b)
 
 
 def _triton_backward(head: Head, lse, mu, grad_logp, grad_entropy, needs):
-    from fastalign.kernels.logprobs import _linear_logprobs_bwd_kernel
+    from fastalign.kernels import logprobs as k
 
     h, w, b = head.hidden, head.weight, head.bias
     n, d = h.shape
     v = w.shape[0]
     need_dh, need_dw, need_db = needs
     need_db = need_db and b is not None
+    mode = _bwd_mode()
     cfg = _blocks("bwd")
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     row_idx, count = _compact_rows(head.labels, head.ignore_index)
-    dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_dh else None
-    dw_out = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
+    dw_out = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
     db = torch.zeros(v, dtype=torch.float32, device=h.device) if need_db else None
-    if need_dw and w.dtype == torch.float32:
-        chunk = v  # accumulate straight into the fp32 output
-    else:
-        chunk = max(block_v, (_DW_CHUNK_BYTES // (4 * d)) // block_v * block_v)
+    dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_dh else None
+    if n == 0:
+        if dw_out is not None:
+            dw_out.zero_()
+        return dh.to(h.dtype) if dh is not None else None, dw_out, db.to(b.dtype) if db is not None else None
     dummy = lse
-    for v_start in range(0, v, chunk):
-        v_chunk = min(chunk, v - v_start)
-        if need_dw:
-            dw = dw_out[v_start:v_start + v_chunk] if w.dtype == torch.float32 else None
-            if dw is None:
-                dw = torch.zeros((v_chunk, d), dtype=torch.float32, device=h.device)
-            else:
-                dw.zero_()
-        else:
+    common = dict(
+        HAS_BIAS=b is not None, HAS_SOFTCAP=head.softcap is not None,
+        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, COMPUTE_DB=need_db,
+        **_dot_flags(h.dtype), **cfg,
+    )
+    inputs = (
+        h, w, b if b is not None else w, head.labels, row_idx, count, lse, mu if mu is not None else dummy,
+        grad_logp if grad_logp is not None else dummy, grad_entropy if grad_entropy is not None else dummy,
+    )
+    if mode == "gemm":
+        # one [N, chunk] buffer reused for every vocab chunk; ignored rows are never written, so they stay 0
+        chunk = max(block_v, min(v, _CHUNK_BYTES // (n * h.element_size())) // block_v * block_v)
+        dz = torch.zeros((n, min(chunk, v)), dtype=h.dtype, device=h.device)
+        for v_start in range(0, v, chunk):
+            v_chunk = min(chunk, v - v_start)
+            dz_c = dz[:, :v_chunk]
+            grid = (triton_cdiv(n, block_n) * triton_cdiv(v_chunk, block_v),)
+            k._linear_logprobs_dz_kernel[grid](
+                *inputs, dz_c, db[v_start:] if db is not None else dummy,
+                n, d, v_start, v_chunk,
+                h.stride(0), h.stride(1), w.stride(0), w.stride(1), dz.stride(0),
+                1.0 / head.temperature, head.softcap or 1.0, **common,
+            )
+            if need_dw:  # complete for this chunk: one fp32-accumulated GEMM, one rounding
+                torch.mm(dz_c.T, h, out=dw_out[v_start:v_start + v_chunk])
+            if need_dh:
+                _addmm_fp32_(dh, dz_c, w[v_start:v_start + v_chunk])
+    else:
+        # fp32 weights accumulate straight into the output; others through a bounded fp32 chunk
+        chunk = v if w.dtype == torch.float32 else max(block_v, (_CHUNK_BYTES // (4 * d)) // block_v * block_v)
+        for v_start in range(0, v, chunk):
+            v_chunk = min(chunk, v - v_start)
             dw = None
-        grid = (triton_cdiv(n, block_n) * triton_cdiv(v_chunk, block_v),)
-        if n > 0:
-            _linear_logprobs_bwd_kernel[grid](
-                h, w, b if b is not None else w, head.labels, row_idx, count,
-                lse, mu if mu is not None else dummy,
-                grad_logp if grad_logp is not None else dummy,
-                grad_entropy if grad_entropy is not None else dummy,
-                dh if dh is not None else dummy, dw if dw is not None else dummy,
+            if need_dw:
+                if w.dtype == torch.float32:
+                    dw = dw_out[v_start:v_start + v_chunk].zero_()
+                else:
+                    dw = torch.zeros((v_chunk, d), dtype=torch.float32, device=h.device)
+            grid = (triton_cdiv(n, block_n) * triton_cdiv(v_chunk, block_v),)
+            k._linear_logprobs_bwd_kernel[grid](
+                *inputs, dh if dh is not None else dummy, dw if dw is not None else dummy,
                 db[v_start:] if db is not None else dummy,
                 n, d, v_start, v_chunk,
                 h.stride(0), h.stride(1), w.stride(0), w.stride(1),
                 dh.stride(0) if dh is not None else 0, dw.stride(0) if dw is not None else 0,
                 1.0 / head.temperature, head.softcap or 1.0,
-                HAS_BIAS=b is not None, HAS_SOFTCAP=head.softcap is not None,
-                HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-                COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-                **_dot_flags(h.dtype), **cfg,
+                COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, **common,
             )
-        if need_dw and dw.data_ptr() != dw_out[v_start:].data_ptr():
-            dw_out[v_start:v_start + v_chunk].copy_(dw)
+            if need_dw and w.dtype != torch.float32:
+                dw_out[v_start:v_start + v_chunk].copy_(dw)
     return (
         dh.to(h.dtype) if dh is not None else None,
         dw_out,

@@ -68,15 +68,21 @@ CASES = [
 ]
 
 
-# every case on the kernels; the torch path runs the same code for every dtype, so two cases cover its halves
-MATRIX = [("triton", dtype, case) for dtype in DTYPES for case in range(len(CASES))] + [
-    ("torch", dtype, case) for dtype in DTYPES for case in range(len(CASES)) if dtype == torch.float32 or case < 2
-]
+# Every case on the kernels (default GEMM-epilogue backward); the fully fused atomic backward on fp32/fp16; the
+# torch path runs the same code for every dtype, so two cases cover its halves.
+MATRIX = (
+    [("triton", dtype, case) for dtype in DTYPES for case in range(len(CASES))]
+    + [("triton-atomic", dtype, case) for dtype in DTYPES[:2] for case in range(len(CASES))]
+    + [("torch", dtype, case) for dtype in DTYPES for case in range(len(CASES)) if dtype == torch.float32 or case < 2]
+)
 
 
 @pytest.mark.parametrize("backend,dtype,case", MATRIX, ids=[f"{b}-{str(d)[6:]}-{c}" for b, d, c in MATRIX])
-def test_matches_float64_truth(backend, dtype, case, device):
+def test_matches_float64_truth(backend, dtype, case, device, monkeypatch):
     shape, d, v, bias, temperature, softcap, entropy = CASES[case]
+    if backend == "triton-atomic":
+        monkeypatch.setenv("FASTALIGN_LOGPROBS_BWD", "atomic")
+        backend = "triton"
     hidden, weight, b, labels = make_inputs(shape, d, v, dtype, device, seed=100 + case, bias=bias)
     gen = torch.Generator().manual_seed(7 + case)
     grads = (torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device))
@@ -213,6 +219,14 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         fa.linear_logprobs(hidden, weight, labels, backend="triton")
 
 
+def test_unknown_backward_mode_is_a_clear_error(monkeypatch):
+    hidden, weight, bias, labels = _valid()
+    monkeypatch.setenv("FASTALIGN_LOGPROBS_BWD", "magic")
+    out = fa.linear_logprobs(hidden.requires_grad_(), weight, labels, backend="triton")
+    with pytest.raises(ValueError, match="FASTALIGN_LOGPROBS_BWD"):
+        out.logprobs.sum().backward()
+
+
 def test_env_override_and_fp64_on_triton(monkeypatch):
     hidden, weight, bias, labels = _valid()
     monkeypatch.setenv("FASTALIGN_BACKEND", "nope")
@@ -227,7 +241,9 @@ def test_env_override_and_fp64_on_triton(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_gpu_realistic_shape(dtype):
+@pytest.mark.parametrize("mode", ["gemm", "atomic"])
+def test_gpu_realistic_shape(dtype, mode, monkeypatch):
+    monkeypatch.setenv("FASTALIGN_LOGPROBS_BWD", mode)
     # odd N, a real hidden size, a vocabulary that is no multiple of any block
     hidden, weight, b, labels = make_inputs((1937,), 1024, 50257, dtype, "cuda", seed=21)
     gen = torch.Generator().manual_seed(22)

@@ -9,6 +9,7 @@ from fastalign.ops.logprobs import _GPU_BLOCKS  # noqa: E402
 
 _FWD = "fastalign.kernels.logprobs:_linear_logprobs_fwd_kernel"
 _BWD = "fastalign.kernels.logprobs:_linear_logprobs_bwd_kernel"
+_DZ = "fastalign.kernels.logprobs:_linear_logprobs_dz_kernel"
 
 
 def _launch_opts(kind):
@@ -41,13 +42,24 @@ def _bwd_job(dtype, flag):
 
 
 # fp16 takes the bf16 code path; fp32 differs (IEEE dots); every optional feature on, and all off
-CASES = [(kind, dtype, flag) for kind in ("fwd", "bwd") for dtype, flag in (("bf16", True), ("bf16", False),
-                                                                           ("fp32", True))]
+def _dz_job(dtype, flag):
+    warps, stages, blocks = _launch_opts("bwd")
+    return dict(
+        kernel=_DZ, num_warps=warps, num_stages=stages, floats=["inv_temperature", "softcap"],
+        pointers=dict(h_ptr=dtype, w_ptr=dtype, b_ptr=dtype, labels_ptr="i64", row_idx_ptr="i64", count_ptr="i32",
+                      lse_ptr="fp32", mu_ptr="fp32", g_ptr="fp32", e_ptr="fp32", dz_ptr=dtype, db_ptr="fp32"),
+        constexprs=dict(HAS_BIAS=flag, HAS_SOFTCAP=flag, HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=flag,
+                        COMPUTE_DB=flag, UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **blocks),
+    )
+
+
+JOBS = {"fwd": _fwd_job, "bwd": _bwd_job, "dz": _dz_job}
+CASES = [(kind, dtype, flag) for kind in JOBS for dtype, flag in (("bf16", True), ("bf16", False), ("fp32", True))]
 
 
 @pytest.fixture(scope="module")
 def results():
-    jobs = [(_fwd_job if kind == "fwd" else _bwd_job)(dtype, flag) for kind, dtype, flag in CASES]
+    jobs = [JOBS[kind](dtype, flag) for kind, dtype, flag in CASES]
     return dict(zip(CASES, compile_in_subprocess(jobs)))
 
 
