@@ -1,0 +1,284 @@
+"""The training loop every algorithm shares, by composition: setup, optimizer and schedule, gradient
+accumulation with globally normalized losses, clipping, the NaN guard, metrics, monitors, checkpoints, resume.
+
+An algorithm reads top to bottom::
+
+    run = prepare(cfg)                                   # logging, torchrun, seed, model path, tokenizer
+    model = models.load_model(run.model_path, ...)
+    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=..., world_size=...)
+    loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
+    while not loop.done:
+        micro = [collate(sampler.next()) for _ in range(cfg.grad_accum)]
+        loop.step(micro, loss_fn, weight_fn=lambda mb: number_of_tokens(mb))
+    return loop.finish()
+
+``loss_fn(micro_batch) -> (loss, stats)`` returns the micro-batch's *mean* loss over its units (tokens, pairs,
+sequences) and ``weight_fn`` counts those units; the step minimizes the mean over every unit of the global batch
+(all micro-batches, all processes), so gradient accumulation and N processes equal one big batch exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastalign.train import checkpoint, config as config_mod, distributed, metrics as metrics_mod, models
+
+log = logging.getLogger("fastalign.train")
+
+
+class TooManyBadSteps(RuntimeError):
+    """Raised when more than ``max_bad_steps`` steps had a NaN/inf loss or gradient norm."""
+
+
+@dataclass
+class Run:
+    """What :func:`prepare` resolved: the process layout, the model directory, the tokenizer."""
+
+    info: distributed.DistInfo
+    model_path: Path
+    tokenizer: object
+    run_dir: Path
+
+
+def setup_logging(is_main: bool) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[fastalign] %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(cfg) -> Run:
+    """Logging, torchrun process group, seeds, the model directory (the embedded tiny model when none is
+    given), the tokenizer, and ``config.yaml`` in the run directory."""
+    info = distributed.setup(cfg.device)
+    setup_logging(info.is_main)
+    seed_everything(cfg.seed)
+    model_path = Path(cfg.model) if cfg.model else _tiny_model(info)
+    run_dir = Path(cfg.output_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save_yaml(cfg, run_dir / "config.yaml")
+        if not cfg.model:
+            log.info("no model given: using the embedded tiny model at %s", model_path)
+    return Run(info=info, model_path=model_path, tokenizer=models.load_tokenizer(model_path), run_dir=run_dir)
+
+
+def _tiny_model(info) -> Path:
+    path = models.default_tiny_model_dir() if info.is_main else None
+    distributed.barrier()  # rank 0 builds it; the others then find it
+    return Path(distributed.broadcast_object(str(path) if path else None)) if info.enabled else path
+
+
+def build_optimizer(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def build_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup_steps``, then cosine / linear decay to 0 at ``max_steps``, or constant."""
+    warmup, total = cfg.warmup_steps, cfg.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_scheduler == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _tokens(micro_batch) -> int:
+    if isinstance(micro_batch, dict) and isinstance(micro_batch.get("attention_mask"), torch.Tensor):
+        return int(micro_batch["attention_mask"].sum())
+    return 0
+
+
+class TrainLoop:
+    """Owns the wrapped model(s), optimizer, scheduler, counters, metrics and checkpoints of one run.
+
+    Args:
+        cfg: a :class:`~fastalign.train.config.TrainConfig` (any algorithm's).
+        model: the trainable transformers/peft model, unwrapped; ``self.model`` is what to call afterwards
+            (wrapped for DDP/FSDP2 under torchrun; see :func:`models.forward_head`).
+        run: from :func:`prepare`.
+        extra_models: more trainable models (a PPO value model): wrapped, optimized and checkpointed alongside,
+            available as ``self.models[name]``.
+        extra_state: objects with ``state_dict``/``load_state_dict`` (the data sampler, an adaptive KL
+            controller) saved in checkpoints and restored on resume.
+    """
+
+    def __init__(self, cfg, model: nn.Module, run: Run, *, extra_models: dict[str, nn.Module] | None = None,
+                 extra_state: dict | None = None, desc: str | None = None):
+        self.cfg, self.run, self.info = cfg, run, run.info
+        self.extra_state = dict(extra_state or {})
+        raw = {"model": model, **(extra_models or {})}
+        self.step_count, self.bad_steps, self.last_saved = 0, 0, -1
+        self.history: list[dict] = []
+        resume_from = checkpoint.latest_checkpoint(run.run_dir) if cfg.resume else None
+        if cfg.resume and resume_from is None:
+            log.info("resume: no complete checkpoint in %s/checkpoints, starting from scratch", run.run_dir)
+        if resume_from is not None:  # weights go into the unsharded models, before wrapping
+            for name, m in raw.items():
+                checkpoint.load_weights(m, resume_from / name)
+        for m in raw.values():
+            m.to(self.info.device)
+            m.train()
+        self.models = {name: distributed.wrap(m, self.info) for name, m in raw.items()}
+        self.model = self.models["model"]
+        self.params = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.monitors = metrics_mod.Monitors(cfg)
+        self.metrics = metrics_mod.MetricsLogger(run.run_dir, total_steps=cfg.max_steps, start_step=self.step_count,
+                                                 enabled=self.info.is_main, progress=cfg.progress,
+                                                 desc=desc or type(cfg).__name__.removesuffix("Config").lower())
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _restore(self, path: Path) -> None:
+        state, rng = checkpoint.load_trainer_state(path, self.info)
+        checkpoint.load_optimizer_state(self.models, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for name, obj in self.extra_state.items():
+            if name in state["extra"]:
+                obj.load_state_dict(state["extra"][name])
+        self.step_count = self.last_saved = int(state["step"])
+        self.bad_steps = int(state["counters"].get("bad_steps", 0))
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+        else:
+            log.warning("resume: world size changed (%d -> %d); RNG streams restart, data position is kept",
+                        state["world_size"], self.info.world_size)
+        log.info("resumed from %s at step %d", path, self.step_count)
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (collective)."""
+        path = checkpoint.save_checkpoint(
+            self.run.run_dir, self.step_count, models=self.models, optimizer=self.optimizer,
+            scheduler=self.scheduler, info=self.info, tokenizer=self.run.tokenizer, extra=self.extra_state,
+            counters={"bad_steps": self.bad_steps}, keep=self.cfg.save_total_limit,
+        )
+        self.last_saved = self.step_count
+        return path
+
+    @property
+    def done(self) -> bool:
+        return self.step_count >= self.cfg.max_steps
+
+    # ------------------------------------------------------------------------------------------------- step
+    def _no_sync(self, last: bool):
+        if last or not self.info.enabled:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for m in self.models.values():
+            if hasattr(m, "no_sync"):  # DDP: reduce gradients on the last micro-batch only
+                stack.enter_context(m.no_sync())
+        return stack
+
+    def step(self, micro_batches: list, loss_fn: Callable, weight_fn: Callable | None = None,
+             extra_metrics: dict | None = None) -> dict:
+        """One optimizer step over ``micro_batches`` (this process's share of the global batch).
+
+        Returns the step's metrics (global means): loss, the stats ``loss_fn`` returned, lr, grad_norm,
+        tokens_per_s, skipped (1 when the NaN guard skipped the step), plus ``extra_metrics``.
+        """
+        weights = [float(weight_fn(mb)) if weight_fn is not None else 1.0 for mb in micro_batches]
+        total = float(distributed.all_reduce_sum(torch.tensor(sum(weights), dtype=torch.float64)))
+        scale = self.info.world_size / max(total, 1e-12)  # DDP/FSDP average gradients over processes
+        loss_sum, stat_sums, tokens = 0.0, {}, 0
+        for i, (mb, w) in enumerate(zip(micro_batches, weights)):
+            last = i == len(micro_batches) - 1
+            for m in self.models.values():
+                if hasattr(m, "set_requires_gradient_sync"):  # FSDP2
+                    m.set_requires_gradient_sync(last)
+            with self._no_sync(last):
+                loss, stats = loss_fn(mb)
+                if w > 0:
+                    (loss * (w * scale)).backward()
+            loss_sum += float(loss.detach()) * w
+            for k, v in (stats or {}).items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + metrics_mod.to_float(v) * w
+            tokens += _tokens(mb)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        names = sorted(stat_sums)
+        packed = torch.tensor([loss_sum, tokens, *[stat_sums[k] for k in names]], dtype=torch.float64)
+        packed = distributed.all_reduce_sum(packed)
+        loss_value = float(packed[0]) / max(total, 1e-12)
+        out = {"loss": loss_value, **{k: float(v) / max(total, 1e-12) for k, v in zip(names, packed[2:].tolist())}}
+        grad_norm = float(grad_norm)
+        bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm)) or total <= 0
+        self.step_count += 1
+        if bad:
+            self.bad_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d: loss %s, grad norm %s: step skipped (%d skipped so far, limit %d)",
+                        self.step_count, loss_value, grad_norm, self.bad_steps, self.cfg.max_bad_steps)
+            if self.bad_steps > self.cfg.max_bad_steps:
+                self.metrics.close()
+                raise TooManyBadSteps(f"{self.bad_steps} steps had a NaN/inf loss or gradient (max_bad_steps="
+                                      f"{self.cfg.max_bad_steps}); stopping. Lower the learning rate or check the data.")
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        elapsed = self.metrics.timer()
+        out.update(lr=lr, grad_norm=grad_norm, skipped=int(bad), bad_steps=self.bad_steps,
+                   tokens_per_s=float(packed[1]) / max(elapsed, 1e-9), **(extra_metrics or {}))
+        out = {k: metrics_mod.to_float(v) for k, v in out.items()}
+        for message in self.monitors.check(self.step_count, out):
+            self.metrics.write(f"warning: {message}")
+        self.history.append({"step": self.step_count, **out})
+        self.metrics.log(self.step_count, out)
+        if self.cfg.save_steps and self.step_count % self.cfg.save_steps == 0:
+            self.save()
+        return out
+
+    def finish(self) -> dict:
+        """Final checkpoint (when saving is on), the trained model in ``RUN_DIR/final`` (save_pretrained, with
+        the tokenizer), a summary line. Returns ``{"run_dir", "final_dir", "history", "bad_steps"}``."""
+        if self.cfg.save_steps and self.last_saved != self.step_count:
+            self.save()
+        final = self.run.run_dir / "final"
+        for name, m in self.models.items():
+            checkpoint.save_model(m, final if name == "model" else final / name, self.run.tokenizer,
+                                  is_main=self.info.is_main)
+        distributed.barrier()
+        self.metrics.close()
+        if self.bad_steps:
+            log.warning("%d of %d steps were skipped for a NaN/inf loss or gradient", self.bad_steps,
+                        self.step_count)
+        counts = {k: v for k, v in self.monitors.counts.items() if v}
+        if counts:
+            log.warning("monitor threshold crossings (steps): %s", counts)
+        log.info("done: %d steps; model saved to %s", self.step_count, final)
+        return {"run_dir": self.run.run_dir, "final_dir": final, "history": self.history,
+                "bad_steps": self.bad_steps}

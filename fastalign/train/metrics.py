@@ -1,0 +1,132 @@
+"""Observability: metrics JSONL per step, a progress bar, and reward-hacking / collapse monitors.
+
+Each optimizer step appends one JSON object to ``RUN_DIR/metrics.jsonl`` (``step``, ``loss``, ``lr``,
+``grad_norm``, ``tokens_per_s``, and whatever the algorithm reports: ``reward``, ``kl``, ``entropy``,
+``clip_frac``, ``reward_length_corr``, ...). ``fastalign plot RUN_DIR`` draws them (plot.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fastalign.train")
+
+# name in the metrics -> (config threshold field, direction): "above" warns when value > threshold
+MONITORS = {
+    "kl": ("warn_kl", "above"),
+    "entropy": ("warn_entropy", "below"),
+    "clip_frac": ("warn_clip_frac", "above"),
+    "reward_length_corr": ("warn_reward_length_corr", "abs_above"),
+}
+BAR_KEYS = ("loss", "reward", "kl", "accuracy", "tokens_per_s")
+
+
+def to_float(value) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean().item())
+    return float(value)
+
+
+def reward_length_correlation(rewards: torch.Tensor, lengths: torch.Tensor) -> float:
+    """Pearson correlation of rewards (B,) with response lengths (B,); 0 when either is constant. A value near
+    +-1 suggests the policy is being rewarded for length, not content."""
+    r, n = rewards.detach().double().flatten(), lengths.detach().double().flatten()
+    r, n = r - r.mean(), n - n.mean()
+    denom = r.norm() * n.norm()
+    return 0.0 if denom.item() == 0 else float((r @ n / denom).item())
+
+
+class Monitors:
+    """Check each step's metrics against the config's ``warn_*`` thresholds; log a warning when a monitor
+    crosses its threshold (once per crossing, not every step) and count the steps spent beyond it."""
+
+    def __init__(self, cfg):
+        self.thresholds = {name: (getattr(cfg, field, None), how) for name, (field, how) in MONITORS.items()}
+        self.active: set[str] = set()
+        self.counts: dict[str, int] = {name: 0 for name in MONITORS}
+
+    def check(self, step: int, metrics: dict) -> list[str]:
+        fired = []
+        for name, (limit, how) in self.thresholds.items():
+            if limit is None or name not in metrics or not math.isfinite(metrics[name]):
+                continue
+            value = metrics[name]
+            bad = value > limit if how == "above" else value < limit if how == "below" else abs(value) > limit
+            if bad:
+                self.counts[name] += 1
+                if name not in self.active:
+                    word = "below" if how == "below" else "above"
+                    msg = f"step {step}: {name} = {value:.4g} is {word} the warning threshold {limit:g}"
+                    log.warning(msg)
+                    fired.append(msg)
+                self.active.add(name)
+            else:
+                self.active.discard(name)
+        return fired
+
+
+class MetricsLogger:
+    """JSONL writer + progress bar (tqdm) on the main process; a no-op elsewhere."""
+
+    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 progress: bool = True, desc: str = "train"):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.bar = None
+        self._last = time.perf_counter()
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step == 0 and self.path.exists():
+            self.path.unlink()
+        elif start_step > 0 and self.path.exists():  # resumed: drop lines past the checkpoint
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, leave=True)
+
+    def timer(self) -> float:
+        """Seconds since the previous call (the step time)."""
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return elapsed
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (to_float(v) if not isinstance(v, (str, bool)) else v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in BAR_KEYS if isinstance(row.get(k), float)},
+                                 refresh=False)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a fastalign run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,72 @@
+"""Supervised fine-tuning: token-level NLL of completions (or whole rows), from hidden states.
+
+Notation: for row b and position t with label y_bt (IGNORE on prompt and padding),
+    loss = -(1 / N) * sum_{b,t: y_bt != IGNORE} log p(y_bt | x_b,<t),   N = the number of trained tokens
+in the global batch (all micro-batches and processes). log p comes from ``fa.linear_logprobs`` on the last
+hidden states and the LM-head weight (``fused=True``), or from full logits (``fused=False``, the reference).
+
+Python: ``fastalign.train.sft.train(SFTConfig(...))``; CLI: ``fastalign train sft [--config c.yaml] [--flags]``.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fastalign.train import data, models
+from fastalign.train.config import SFTConfig
+from fastalign.train.loop import TrainLoop, prepare
+
+log = logging.getLogger("fastalign.train")
+
+
+def trained_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions whose label is trained (column 0 has no prediction, so it never is)."""
+    valid = labels != data.IGNORE
+    valid[:, 0] = False
+    return valid
+
+
+def sft_loss(model, batch: dict, cfg: SFTConfig) -> tuple[torch.Tensor, dict]:
+    """Mean NLL over the micro-batch's trained tokens, and its stats. batch: (B, T) input_ids,
+    attention_mask, labels."""
+    labels = batch["labels"]
+    valid = trained_tokens(labels)
+    out = models.token_logprobs(model, batch["input_ids"], batch["attention_mask"], labels.masked_fill(~valid,
+                                data.IGNORE), fused=cfg.fused, backend=cfg.backend)
+    count = valid.sum().clamp(min=1)
+    nll = -(out.logprobs * valid).sum() / count  # (B, T) fp32 -> scalar
+    return nll, {"nll": nll.detach()}
+
+
+def build_examples(cfg: SFTConfig, tokenizer) -> list[dict]:
+    rows = data.load_rows(cfg.train_file, "sft", max_samples=cfg.max_samples)
+    examples = data.tokenize_sft(rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                 chat_template=cfg.chat_template, completion_only_loss=cfg.completion_only_loss)
+    if cfg.packing:
+        packed = data.pack_sft(examples, cfg.max_length)
+        log.info("packing: %d examples into %d rows of up to %d tokens", len(examples), len(packed), cfg.max_length)
+        examples = packed
+    return examples
+
+
+def train(cfg: SFTConfig) -> dict:
+    """Train with ``cfg``; returns ``{"run_dir", "final_dir", "history", "bad_steps"}`` (see TrainLoop.finish)."""
+    run = prepare(cfg)
+    tokenizer, info = run.tokenizer, run.info
+    model = models.load_model(run.model_path, dtype=cfg.dtype, device=info.device, attn=cfg.attn_implementation,
+                              gradient_checkpointing=cfg.gradient_checkpointing, lora_r=cfg.lora_r,
+                              lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              lora_target_modules=cfg.lora_target_modules)
+    examples = build_examples(cfg, tokenizer)
+    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
+
+    def micro_batch() -> dict:
+        batch = data.collate_sft([examples[i] for i in sampler.next()], tokenizer.pad_token_id)
+        return {k: v.to(info.device) for k, v in batch.items()}
+
+    while not loop.done:
+        micro = [micro_batch() for _ in range(cfg.grad_accum)]
+        loop.step(micro, lambda mb: sft_loss(loop.model, mb, cfg), weight_fn=lambda mb: trained_tokens(mb["labels"]).sum())
+    return loop.finish()
