@@ -4,7 +4,7 @@ Both kernels walk only the *valid* rows: the launcher compacts the row indices o
 ``row_idx`` (on device, no host sync) and passes their count; row blocks past the count exit at once, so
 ignored tokens cost no tile work.
 
-_linear_logprobs_fwd_kernel  grid (cdiv(N, BLOCK_N), SPLIT_V)
+_linear_logprobs_fwd_kernel  grid (cdiv(N, BLOCK_N) * SPLIT_V,), grouped: GROUP_N row blocks x SPLIT_V splits
     reads  hidden rows [BLOCK_N, D] once per vocab tile, weight [V/SPLIT_V, D] once per program
     writes per (split, row) online-softmax partials m, s (= sum e^(z-m)), t (= sum e^(z-m) z) and, from the
            split that holds the label, the target logit: O(SPLIT_V * N) floats, never [N, V].
@@ -57,6 +57,15 @@ def _logit_tile(
 
 
 @triton.jit
+def _grouped_tile(pid, num_n, num_v, GROUP_N: tl.constexpr):
+    # GROUP_N row blocks sweep the vocab tiles together, so their h and W tiles are reused from L2
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group_n = tl.minimum(num_n - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_n, (pid % per_group) // group_n
+
+
+@triton.jit
 def _linear_logprobs_fwd_kernel(
     # data ptrs
     h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, count_ptr,
@@ -69,10 +78,12 @@ def _linear_logprobs_fwd_kernel(
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # GROUP_N row blocks x all splits run together: each keeps its h block hot in L2 while the splits'
+    # weight tiles stream through once per group, not once per row block
+    pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0) // tl.cdiv(N, BLOCK_N),
+                                 GROUP_N)
     count = tl.load(count_ptr)
     if pid_n * BLOCK_N >= count:
         return
@@ -158,15 +169,6 @@ def _grad_logit_tile(
     if HAS_SOFTCAP:
         da = da * (1.0 - tanh_a * tanh_a)
     return rows, rmask, tl.where(tile_mask, da, 0.0)
-
-
-@triton.jit
-def _grouped_tile(pid, num_n, num_v, GROUP_N: tl.constexpr):
-    # GROUP_N row blocks sweep the vocab tiles together, so their h and W tiles are reused from L2
-    per_group = GROUP_N * num_v
-    first_n = (pid // per_group) * GROUP_N
-    group_n = tl.minimum(num_n - first_n, GROUP_N)
-    return first_n + (pid % per_group) % group_n, (pid % per_group) // group_n
 
 
 @triton.jit

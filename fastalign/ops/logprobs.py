@@ -128,12 +128,12 @@ def _poison() -> bool:
 
 
 _GPU_BLOCKS = {
-    "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3, GROUP_N=16),
     "bwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2, GROUP_N=8),
 }
 # the interpreter is bound by per-op overhead: fewer, wider tiles; one config (no autotune there)
 _INTERPRETER_BLOCKS = {
-    "fwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
+    "fwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1, GROUP_N=2),
     "bwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1, GROUP_N=4),
 }
 
@@ -160,6 +160,9 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+_MIN_SPLITS = 8
+
+
 def _triton_forward(head: Head, need_entropy: bool):
     from fastalign.kernels.logprobs import _linear_logprobs_fwd_kernel
 
@@ -169,8 +172,9 @@ def _triton_forward(head: Head, need_entropy: bool):
     cfg = _blocks("fwd")
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     num_n = triton_cdiv(n, block_n)
-    # enough programs to fill the card twice; each split must own at least one vocab tile
-    splits = max(1, min(triton_cdiv(v, block_v), triton_cdiv(2 * _num_sms(h.device), num_n)))
+    # at least _MIN_SPLITS splits (a group of row blocks x the splits fills the card with h blocks that fit in
+    # L2), more when there are few row blocks; each split must own at least one vocab tile
+    splits = max(1, min(triton_cdiv(v, block_v), max(_MIN_SPLITS, triton_cdiv(2 * _num_sms(h.device), num_n))))
     v_per_split = triton_cdiv(triton_cdiv(v, splits), block_v) * block_v
     splits = triton_cdiv(v, v_per_split)
     row_idx, count = _compact_rows(head.labels, head.ignore_index)
@@ -180,7 +184,7 @@ def _triton_forward(head: Head, need_entropy: bool):
     t = torch.full_like(m, fill) if need_entropy else m
     zy = torch.full((n,), fill, dtype=torch.float32, device=h.device)
     if n > 0:
-        _linear_logprobs_fwd_kernel[(num_n, splits)](
+        _linear_logprobs_fwd_kernel[(num_n * splits,)](
             h, w, b if b is not None else w, head.labels, row_idx, count,
             m, s, t, zy,
             n, d, v, v_per_split,
