@@ -115,8 +115,11 @@ class DPOConfig(TrainConfig):
     output_dir: str = option("runs/dpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     learning_rate: float = option(1e-6, "peak learning rate (AdamW)")
     beta: float = option(0.1, "DPO temperature beta (strength of the KL constraint)")
-    loss_type: str = option("sigmoid", "preference loss", choices=("sigmoid", "ipo", "hinge"))
-    label_smoothing: float = option(0.0, "conservative-DPO label smoothing eps (sigmoid loss)")
+    loss_type: str = option("sigmoid", "preference loss (fa.dpo_loss): sigmoid = DPO, robust = rDPO, hinge = SLiC, "
+                                       "ipo = IPO, simpo = SimPO (reference-free)",
+                            choices=("sigmoid", "robust", "hinge", "ipo", "simpo"))
+    label_smoothing: float = option(0.0, "label smoothing eps (sigmoid: cDPO, robust, simpo)")
+    simpo_gamma: float = option(0.0, "SimPO target reward margin gamma (simpo only)")
     ref_model: str | None = option(None, "reference checkpoint; none: the initial policy (with LoRA: adapters "
                                          "disabled)")
     precompute_ref: bool = option(True, "score the reference once in a no-grad pass before training (the "

@@ -23,7 +23,7 @@ MONITORS = {
     "clip_frac": ("warn_clip_frac", "above"),
     "reward_length_corr": ("warn_reward_length_corr", "abs_above"),
 }
-BAR_KEYS = ("loss", "reward", "kl", "accuracy", "tokens_per_s")
+BAR_KEYS = ("loss", "reward", "kl", "accuracy", "rewards/accuracies", "tokens_per_s")
 
 
 def to_float(value) -> float:

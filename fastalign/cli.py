@@ -1,0 +1,197 @@
+"""The ``fastalign`` command: ``train <algo>``, ``demo``, ``plot``, ``env``, ``bench``.
+
+    fastalign train sft                                   # embedded tiny model + shipped tiny data
+    fastalign train dpo --config c.yaml --beta 0.05       # YAML, then flags override it
+    torchrun --nproc_per_node 2 -m fastalign.cli train sft --model DIR --train-file data.jsonl
+    fastalign plot runs/sft                               # PNG curves from metrics.jsonl
+
+Algorithms register in :data:`ALGORITHMS` (name -> (module, config class, train function)) and are imported
+only when used, so ``fastalign --help`` stays fast and a missing optional module only disables its command.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+
+# name -> (module, config class name, train function name); the train function takes the config
+ALGORITHMS: dict[str, tuple[str, str, str]] = {
+    "sft": ("fastalign.train.sft", "SFTConfig", "train"),
+    "rm": ("fastalign.train.rm", "RMConfig", "train"),
+    "dpo": ("fastalign.train.dpo", "DPOConfig", "train"),
+    "grpo": ("fastalign.train.grpo", "GRPOConfig", "train"),
+    "ppo": ("fastalign.train.ppo", "PPOConfig", "train"),
+}
+
+
+def register_algorithm(name: str, module: str, config: str, train: str = "train") -> None:
+    """Make ``fastalign train NAME`` run ``module.train(module.config(...))``."""
+    ALGORITHMS[name] = (module, config, train)
+
+
+def load_algorithm(name: str):
+    """(config class, train function) of a registered algorithm; a clear error if it cannot be imported."""
+    if name not in ALGORITHMS:
+        raise SystemExit(f"fastalign train: unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}")
+    module_name, config_name, train_name = ALGORITHMS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"fastalign train {name}: {module_name} is not available ({exc})") from None
+    return getattr(module, config_name), getattr(module, train_name)
+
+
+def _available() -> dict[str, tuple]:
+    found = {}
+    for name in ALGORITHMS:
+        try:
+            found[name] = load_algorithm(name)
+        except SystemExit:
+            continue
+    return found
+
+
+def _fields_help(available: dict) -> str:
+    """Every config field of every algorithm, for ``fastalign train --help``."""
+    from fastalign.train.config import TrainConfig
+
+    base = {f.name for f in dataclasses.fields(TrainConfig)}
+    lines = ["shared fields (every algorithm; flag --name or --name-with-dashes, or a YAML key):"]
+    lines += [_field_line(f) for f in dataclasses.fields(TrainConfig)]
+    for name, (cls, _) in available.items():
+        own = [f for f in dataclasses.fields(cls)
+               if f.name not in base or _default(cls, f.name) != _default(TrainConfig, f.name)]
+        if own:
+            lines.append(f"\n{name} ({cls.__name__}; `fastalign train {name} --help` for its full list):")
+            lines += [_field_line(f) for f in own]
+    return "\n".join(lines)
+
+
+def _default(cls, name):
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _field_line(f) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    choices = f.metadata.get("choices")
+    extra = f" {{{','.join(choices)}}}" if choices else ""
+    return f"  {f.name}{extra} = {default!r}: {f.metadata.get('help', '')}"
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv`` (without the program name): algorithm modules are imported only when ``argv``
+    names one (or asks for ``train --help``)."""
+    from fastalign import __version__
+    from fastalign.train.config import add_arguments
+
+    parser = argparse.ArgumentParser(prog="fastalign", description="Fused ops and a minimal alignment trainer.")
+    parser.add_argument("--version", action="version", version=f"fastalign {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    available = _available() if argv[:1] == ["train"] and argv[1:2] in (["-h"], ["--help"]) else {}
+    train = sub.add_parser(
+        "train", help="train a model: " + ", ".join(ALGORITHMS), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train with one algorithm. With no --model, the embedded tiny model is built and used; with no "
+                    "--train-file, the shipped tiny data set.",
+        epilog=_fields_help(available) if available else None,
+    )
+    algos = train.add_subparsers(dest="algorithm", metavar="ALGORITHM")
+    for name in ALGORITHMS:
+        cls = available.get(name, (None,))[0] if available else None
+        if cls is None and argv[:2] == ["train", name]:
+            try:
+                cls = load_algorithm(name)[0]
+            except SystemExit as exc:
+                print(exc, file=sys.stderr)
+        p = algos.add_parser(name, help=f"{name} (see --help)", description=(cls.__doc__ or "").strip() if cls else None)
+        if cls is not None:
+            add_arguments(p, cls)
+        else:  # parsed lazily after import, so unrelated commands stay fast
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+    demo = sub.add_parser("demo", help="SFT -> DPO -> GRPO on the embedded tiny model and task", add_help=False)
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    plot = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
+    sub.add_parser("env", help="print the backends present, and why the others are not")
+    bench = sub.add_parser("bench", help="run the benchmarks (fastalign.benchmarks)", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def env_report() -> str:
+    import platform
+
+    import torch
+
+    from fastalign import __version__, _backend
+
+    lines = [f"fastalign {__version__} on Python {platform.python_version()}, torch {torch.__version__}"]
+    cuda = torch.cuda.is_available()
+    lines.append(f"cuda: {torch.cuda.get_device_name(0) if cuda else 'no CUDA device'}")
+    ok, why = _backend.triton_status()
+    lines.append(f"triton: {'yes' if ok else 'no'} ({why})"
+                 + ("; kernels run in the CPU interpreter (TRITON_INTERPRET=1)" if ok and _backend.interpreting() else ""))
+    try:
+        ok, why = _backend.extension_status()
+    except Exception as exc:  # a broken extension must not break `env`
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    lines.append(f"extension fastalign._C: {'yes' if ok else 'no'} ({why})")
+    lines.append("torch reference: yes (always)")
+    for pkg in ("transformers", "peft", "trl", "datasets", "flash_attn"):
+        try:
+            mod = importlib.import_module(pkg)
+            lines.append(f"{pkg}: {getattr(mod, '__version__', 'present')}")
+        except ImportError:
+            lines.append(f"{pkg}: not installed")
+    lines.append(f"default backend on this machine: {'triton' if cuda and _backend.triton_status()[0] else 'torch'}"
+                 " (FASTALIGN_BACKEND overrides)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        if not args.algorithm:
+            parser.parse_args(["train", "--help"])
+            return 2
+        from fastalign.train.config import add_arguments, config_from_namespace
+
+        cls, train_fn = load_algorithm(args.algorithm)
+        if hasattr(args, "rest"):  # the algorithm was imported lazily: parse its flags now
+            p = argparse.ArgumentParser(prog=f"fastalign train {args.algorithm}")
+            add_arguments(p, cls)
+            args = p.parse_args(args.rest)
+        cfg = config_from_namespace(cls, args)
+        train_fn(cfg)
+        return 0
+    if args.command == "demo":
+        try:
+            demo = importlib.import_module("fastalign.train.demo")
+        except ImportError as exc:
+            raise SystemExit(f"fastalign demo is not available ({exc})") from None
+        return demo.main(args.rest) or 0
+    if args.command == "plot":
+        from fastalign.train.plot import plot_run
+
+        for path in plot_run(args.run_dir, args.out):
+            print(path)
+        return 0
+    if args.command == "env":
+        print(env_report())
+        return 0
+    if args.command == "bench":
+        try:
+            bench = importlib.import_module("fastalign.benchmarks.__main__")
+        except ImportError as exc:
+            raise SystemExit(f"fastalign bench: fastalign.benchmarks is not available ({exc})") from None
+        return bench.main(args.rest) or 0
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

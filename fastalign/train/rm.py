@@ -1,0 +1,72 @@
+"""Reward model: Bradley-Terry on a scalar head (AutoModelForSequenceClassification, one label).
+
+Notation: r(x, y) = the head's output at the last token of prompt x + response y; for pairs b with chosen y+
+and rejected y-, and an optional margin m_b,
+    loss = -(1 / B) * sum_b log sigmoid(r(x_b, y+_b) - r(x_b, y-_b) - m_b)  [+ c * mean((r+ + r-)^2)]
+over the B pairs of the global batch (``fa.reward_loss``; ``--no-fused`` computes the same in plain PyTorch).
+
+The trained model in ``RUN_DIR/final`` loads with ``models.load_model(path, kind="score")`` and scores
+sequences with ``models.sequence_scores``: that is what GRPO/PPO use as a learned reward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fastalign as fa
+from fastalign.train import data, models
+from fastalign.train.config import RMConfig
+from fastalign.train.loop import TrainLoop, prepare
+
+
+def reward_loss_reference(chosen, rejected, margin=None, center_rewards_coef=0.0):
+    """The plain-PyTorch Bradley-Terry loss, the reference for ``fa.reward_loss``."""
+    diff = chosen - rejected - (margin if margin is not None else 0.0)
+    loss = -F.logsigmoid(diff).mean()
+    if center_rewards_coef:
+        loss = loss + center_rewards_coef * ((chosen + rejected) ** 2).mean()
+    stats = {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean(),
+             "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean()}
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def rm_loss(model, batch: dict, cfg: RMConfig) -> tuple[torch.Tensor, dict]:
+    """batch: (2B, T) chosen rows then rejected rows; returns the mean pair loss and its stats."""
+    scores = models.sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,) fp32
+    pairs = scores.shape[0] // 2
+    chosen, rejected = scores[:pairs], scores[pairs:]
+    margin = batch.get("margin")
+    if cfg.fused:
+        return fa.reward_loss(chosen, rejected, margin=margin, center_rewards_coef=cfg.center_rewards_coef or None)
+    return reward_loss_reference(chosen, rejected, margin, cfg.center_rewards_coef)
+
+
+def train(cfg: RMConfig) -> dict:
+    """Train with ``cfg``; returns ``{"run_dir", "final_dir", "history", "bad_steps"}``."""
+    run = prepare(cfg)
+    tokenizer, info = run.tokenizer, run.info
+    model = models.load_model(run.model_path, kind="score", dtype=cfg.dtype, device=info.device,
+                              attn=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing,
+                              lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              lora_target_modules=cfg.lora_target_modules)
+    rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples)
+    extra = (cfg.margin_column,) if cfg.margin_column else ()
+    if cfg.margin_column and cfg.margin_column not in rows.column_names:
+        raise data.DataError(f"margin_column {cfg.margin_column!r} is not a column of the data ({rows.column_names})")
+    examples = data.tokenize_preference(rows, tokenizer, max_length=cfg.max_length,
+                                        max_prompt_length=cfg.max_prompt_length, chat_template=cfg.chat_template,
+                                        extra_columns=extra)
+    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
+
+    def micro_batch() -> dict:
+        chunk = [examples[i] for i in sampler.next()]
+        batch = data.collate_preference(chunk, tokenizer.pad_token_id)
+        if cfg.margin_column:
+            batch["margin"] = torch.tensor([float(e[cfg.margin_column]) for e in chunk])
+        return {k: v.to(info.device) for k, v in batch.items()}
+
+    while not loop.done:
+        micro = [micro_batch() for _ in range(cfg.grad_accum)]
+        loop.step(micro, lambda mb: rm_loss(loop.model, mb, cfg), weight_fn=lambda mb: mb["input_ids"].shape[0] // 2)
+    return loop.finish()
