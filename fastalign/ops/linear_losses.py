@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from fastalign.ops import rl as rl_checks
 from fastalign.ops.logprobs import head_backward, head_forward, prepare_head, resolve_head_backend
 from fastalign.ops.preference import _number, check_dpo_options
 from fastalign.reference import preference as ref_pref
@@ -331,21 +332,11 @@ def linear_policy_loss(
             raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
     kl_coef = _number(op, "kl_coef", kl_coef)
     entropy_coef = _number(op, "entropy_coef", entropy_coef)
-    clip_low = _number(op, "clip_low", clip_low)
-    if not 0 <= clip_low < 1:
-        raise ValueError(f"{op}: clip_low must lie in [0, 1), got {clip_low}")
-    if clip_high is not None:
-        clip_high = _number(op, "clip_high", clip_high)
-        if clip_high < 0:
-            raise ValueError(f"{op}: clip_high must be >= 0, got {clip_high}")
-    if dual_clip is not None:
-        dual_clip = _number(op, "dual_clip", dual_clip)
-        if dual_clip <= 1:
-            raise ValueError(f"{op}: dual_clip must be > 1, got {dual_clip}")
-    if agg not in ref_rl.AGG_MODES:
-        raise ValueError(f"{op}: agg must be one of {ref_rl.AGG_MODES}, got {agg!r}")
-    if norm_len is not None and (isinstance(norm_len, bool) or not isinstance(norm_len, int) or norm_len <= 0):
-        raise ValueError(f"{op}: norm_len must be a positive int or None, got {norm_len!r}")
+    # the same option rules as fa.ppo_policy_loss
+    clip_low = rl_checks._positive(op, "clip_low", clip_low)
+    clip_high = rl_checks._positive(op, "clip_high", clip_high, allow_none=True)
+    dual_clip = rl_checks._positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0)
+    rl_checks._check_agg(op, agg, norm_len, shape[1])
     if kl_kind not in ref_rl.KL_KINDS:
         raise ValueError(f"{op}: kl_kind must be one of {ref_rl.KL_KINDS}, got {kl_kind!r}")
     if kl_coef != 0 and ref_logprobs is None:
