@@ -1,0 +1,372 @@
+"""End to end: one DPO and one GRPO loss forward+backward through a whole causal LM, fastalign vs TRL.
+
+The same model weights (random init from a config: a tiny Llama on CPU, a Qwen2.5-0.5B-shaped model on GPU,
+vocab 151936), the same batch and the same hyperparameters for every row:
+
+- ``fastalign, fused ops on``: the trainer's path — backbone hidden states (``fastalign.train.models``) then
+  ``fa.linear_dpo_loss`` / ``fa.linear_policy_loss`` on the LM-head weight; no [tokens, V] logits.
+- ``fastalign, fused ops off``: the trainer's unfused reference path — ``token_logprobs(..., fused=False)``
+  (full logits + log_softmax) then ``fa.dpo_loss`` / ``fa.ppo_policy_loss`` + ``fa.kl_penalty``.
+- ``plain PyTorch``: ``model(...).logits`` -> log_softmax -> the loss formula (what a hand-written loop does).
+- ``TRL DPOTrainer.compute_loss`` / ``TRL GRPOTrainer.compute_loss``: TRL's own trainer on the same saved model,
+  called on the same batch (its default path: its chunked fused LM head).
+
+DPO: reference log-probs precomputed (as TRL's ``precompute_ref_log_probs``), sigmoid loss, beta 0.1.
+GRPO: old and reference log-probs given (current + noise), clip 0.2, k3 KL beta 0.04, TRL ``loss_type="bnpo"``
+(= fastalign ``agg="token-mean"``). Timed unit: loss forward + backward into every parameter (no optimizer
+step, which is the same for all). Agreement: the step-0 loss against the plain PyTorch path.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from . import peers
+from .preference import DPO_BETA, EPS, GRPO_BETA, _dpo_formula, _grpo_formula
+from .runner import Case, Impl, Prepared
+
+IGNORE = -100
+
+# Qwen2.5-0.5B's shape (config values, no download); random init
+QWEN05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+               num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+               rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def build_model(spec: dict, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if spec["model"] == "qwen2.5-0.5b":
+        cfg = Qwen2Config(**QWEN05B)
+        cls = Qwen2ForCausalLM
+    else:
+        cfg = LlamaConfig(vocab_size=spec["v"], hidden_size=spec["d"], intermediate_size=2 * spec["d"],
+                          num_hidden_layers=spec.get("layers", 2), num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=max(512, 2 * spec["t"]), tie_word_embeddings=False)
+        cls = LlamaForCausalLM
+    cfg._attn_implementation = "sdpa"
+    model = cls(cfg).to(device=device, dtype=dtype)
+    model.train()
+    return model
+
+
+def _tokenizer(vocab: int):
+    """A word-level tokenizer over ids < min(vocab, 512): TRL's trainers need one to start, the batch is ours."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    n = min(vocab, 512)
+    words = {f"w{i}": i for i in range(n - 3)}
+    words.update({"<pad>": n - 3, "<eos>": n - 2, "<unk>": n - 1})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """TRL/transformers/datasets print progress bars and deprecation notes while a trainer starts."""
+    import warnings
+
+    levels = {n: logging.getLogger(n).level for n in ("transformers", "trl", "datasets", "accelerate")}
+    for n in levels:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    old = os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS")
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    for mod in ("datasets.utils.logging", "transformers.utils.logging"):
+        try:
+            __import__(mod, fromlist=["disable_progress_bar"]).disable_progress_bar()
+        except Exception:  # noqa: BLE001 - cosmetic only
+            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, lvl in levels.items():
+            logging.getLogger(n).setLevel(lvl)
+        if old is None:
+            os.environ.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+
+
+class Shared:
+    """The model, its saved copy for TRL, and the tokenizer: built once per e2e case (lazily)."""
+
+    def __init__(self, spec: dict, device, dtype):
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self._model = None
+        self._dir = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = build_model(self.spec, self.device, self.dtype)
+        return self._model
+
+    def saved_dir(self) -> str:
+        if self._dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fa-bench-e2e-")
+            with _quiet():
+                self.model.save_pretrained(self._tmp.name)
+                _tokenizer(self.model.config.vocab_size).save_pretrained(self._tmp.name)
+            self._dir = self._tmp.name
+        return self._dir
+
+    def trl_kwargs(self) -> dict:
+        cpu = self.device.type != "cuda"
+        return dict(use_cpu=cpu, bf16=False, fp16=False, report_to=[], save_strategy="no", logging_strategy="no",
+                    model_init_kwargs={"dtype": self.dtype})
+
+
+def _params_prepared(model, step_fn) -> Prepared:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss = step_fn()
+        loss.backward()
+        return {"loss": loss.detach().float().reshape(())}
+
+    return Prepared(step, grad_to_none=params)
+
+
+# -------------------------------------------------------------------------------------------------------- DPO
+
+def dpo_batch(spec: dict, vocab: int, device) -> dict:
+    pairs, t = spec["pairs"], spec["t"]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, min(vocab, 512) - 3, (2 * pairs, t), generator=g)
+    prompt = max(1, t // 4)
+    ids[pairs:, :prompt] = ids[:pairs, :prompt]  # chosen and rejected share the prompt
+    completion_mask = torch.zeros(2 * pairs, t, dtype=torch.long)
+    completion_mask[:, prompt:] = 1
+    labels = ids.masked_fill(completion_mask == 0, IGNORE)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "completion_mask": completion_mask.to(device), "labels": labels.to(device)}
+
+
+def _plain_seq_logps(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    y = batch["labels"][:, 1:]
+    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != IGNORE)
+    return logp.sum(-1)
+
+
+def dpo_case(spec: dict, device, dtype) -> Case:
+    shared = Shared(spec, device, dtype)
+    fa, why_fa = peers.load("fastalign")
+    try:
+        from fastalign.train import models as fam
+        why_train = ""
+    except Exception as exc:  # noqa: BLE001
+        fam, why_train = None, f"fastalign.train.models: {exc}"
+
+    def make_inputs():
+        model = shared.model
+        batch = dpo_batch(spec, model.config.vocab_size, device)
+        with torch.no_grad():  # the reference is the same initial model: precomputed, + noise so margins vary
+            ref = _plain_seq_logps(model, batch)
+            ref = ref + torch.randn(ref.shape, generator=torch.Generator().manual_seed(4)).to(ref) * 0.5
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref.chunk(2)
+        return batch
+
+    def truth(b):
+        with torch.no_grad():
+            return {"loss": _dpo_formula(_plain_seq_logps(shared.model, b),
+                                         torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]))}
+
+    def fused(b):
+        model = shared.model
+        weight, bias = fam.lm_head_weight(model)
+
+        def step():
+            hidden = fam.backbone_hidden(model, b["input_ids"], b["attention_mask"])
+            return fa.linear_dpo_loss(hidden[:, :-1], weight, b["labels"][:, 1:], b["ref_chosen_logps"],
+                                      b["ref_rejected_logps"], bias=bias, beta=DPO_BETA)[0]
+
+        return _params_prepared(model, step)
+
+    def unfused(b):
+        model = shared.model
+
+        def step():
+            logp = fam.token_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"], fused=False).logprobs
+            pc, pr = logp.sum(-1).chunk(2)
+            return fa.dpo_loss(pc, pr, b["ref_chosen_logps"], b["ref_rejected_logps"], beta=DPO_BETA)[0]
+
+        return _params_prepared(model, step)
+
+    def plain(b):
+        model = shared.model
+        ref = torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]])
+        return _params_prepared(model, lambda: _dpo_formula(_plain_seq_logps(model, b), ref))
+
+    trainers, why_trl = peers.load("trl.trainers")
+
+    def trl(b):
+        from datasets import Dataset
+
+        DPOConfig, DPOTrainer, _, _ = trainers
+        with _quiet():
+            args = DPOConfig(output_dir=os.path.join(shared.saved_dir(), "trl-dpo"), beta=DPO_BETA,
+                             loss_type="sigmoid", per_device_train_batch_size=spec["pairs"], **shared.trl_kwargs())
+            ds = Dataset.from_dict({"prompt": ["w1 w2"] * 2, "chosen": [" w3"] * 2, "rejected": [" w4"] * 2})
+            trainer = DPOTrainer(model=shared.saved_dir(), args=args, train_dataset=ds,
+                                 processing_class=_tokenizer(shared.model.config.vocab_size))
+        trainer.precompute_ref_logps = True  # the batch carries ref_chosen_logps / ref_rejected_logps
+        trainer.ref_model = None
+        model = trainer.model
+        model.train()
+        inputs = {k: b[k] for k in ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps",
+                                    "ref_rejected_logps")}
+        prepared = _params_prepared(model, lambda: trainer.compute_loss(model, inputs))
+        prepared.extra["trainer_model_dtype"] = str(next(model.parameters()).dtype)
+        return prepared
+
+    impls = [
+        Impl("fastalign, fused ops on (linear_dpo_loss)", "fastalign", fused,
+             missing=why_fa or why_train or ("" if hasattr(fa, "linear_dpo_loss") else "fa.linear_dpo_loss absent")),
+        Impl("fastalign, fused ops off (logits + dpo_loss)", "fastalign", unfused,
+             missing=why_fa or why_train or ("" if hasattr(fa, "dpo_loss") else "fa.dpo_loss absent")),
+        Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
+        Impl("TRL DPOTrainer.compute_loss", "trl", trl if trainers else None, missing=why_trl),
+    ]
+    tokens = 2 * spec["pairs"] * spec["t"]
+    return Case(suite="e2e", name="dpo_step", params={"model": spec["model"], "pairs": spec["pairs"], "T": spec["t"],
+                                                    "dtype": str(dtype).replace("torch.", "")},
+                device=device, dtype=dtype, tokens=tokens, make_inputs=make_inputs, truth=truth, impls=impls,
+                notes=["loss forward+backward through the whole model; reference log-probs precomputed"])
+
+
+# ------------------------------------------------------------------------------------------------------- GRPO
+
+def grpo_case(spec: dict, device, dtype) -> Case:
+    shared = Shared(spec, device, dtype)
+    fa, why_fa = peers.load("fastalign")
+    try:
+        from fastalign.train import models as fam
+        why_train = ""
+    except Exception as exc:  # noqa: BLE001
+        fam, why_train = None, f"fastalign.train.models: {exc}"
+    b_size, t, prompt = spec["b"], spec["t"], spec.get("prompt", max(1, spec["t"] // 8))
+
+    def plain_logp(model, x):
+        ids = torch.cat([x["prompt_ids"], x["completion_ids"]], 1)
+        mask = torch.cat([x["prompt_mask"], x["completion_mask"]], 1)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, prompt - 1:-1]
+        return logits.float().log_softmax(-1).gather(-1, x["completion_ids"][..., None])[..., 0]
+
+    def make_inputs():
+        model = shared.model
+        g = torch.Generator().manual_seed(5)
+        hi = min(model.config.vocab_size, 512) - 3
+        lengths = torch.randint(max(1, t // 2), t + 1, (b_size,), generator=g)
+        cmask = (torch.arange(t)[None] < lengths[:, None]).long()
+        x = {"prompt_ids": torch.randint(0, hi, (b_size, prompt), generator=g),
+             "prompt_mask": torch.ones(b_size, prompt, dtype=torch.long),
+             "completion_ids": torch.randint(0, hi, (b_size, t), generator=g), "completion_mask": cmask}
+        r = torch.randn(b_size, generator=g).view(-1, min(8, b_size))
+        x["advantages"] = ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-4)).reshape(-1)
+        x = {k: v.to(device) for k, v in x.items()}
+        with torch.no_grad():
+            cur = plain_logp(model, x)
+        m = x["completion_mask"].float()
+        x["old_per_token_logps"] = (cur + 0.05 * torch.randn(cur.shape, generator=g).to(cur)) * m
+        x["ref_per_token_logps"] = (cur + 0.05 * torch.randn(cur.shape, generator=g).to(cur)) * m
+        return x
+
+    def formula(logp, x):
+        return _grpo_formula(logp, x["old_per_token_logps"], x["ref_per_token_logps"], x["advantages"],
+                             x["completion_mask"].float())
+
+    def truth(x):
+        with torch.no_grad():
+            return {"loss": formula(plain_logp(shared.model, x), x)}
+
+    def ids_mask(x):
+        return (torch.cat([x["prompt_ids"], x["completion_ids"]], 1),
+                torch.cat([x["prompt_mask"], x["completion_mask"]], 1))
+
+    def fused(x):
+        model = shared.model
+        weight, bias = fam.lm_head_weight(model)
+        ids, mask = ids_mask(x)
+        adv = x["advantages"][:, None].expand(-1, t).contiguous()
+
+        def step():
+            hidden = fam.backbone_hidden(model, ids, mask)[:, prompt - 1:-1]
+            return fa.linear_policy_loss(hidden, weight, x["completion_ids"], x["old_per_token_logps"], adv,
+                                         x["completion_mask"], ref_logprobs=x["ref_per_token_logps"],
+                                         kl_coef=GRPO_BETA, kl_kind="k3", clip_low=EPS, clip_high=EPS,
+                                         agg="token-mean", bias=bias)[0]
+
+        return _params_prepared(model, step)
+
+    def unfused(x):
+        model = shared.model
+        ids, mask = ids_mask(x)
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, prompt:] = x["completion_ids"]
+        adv = x["advantages"][:, None].expand(-1, t).contiguous()
+        m = x["completion_mask"].float()
+
+        def step():
+            logp = fam.token_logprobs(model, ids, mask, labels, fused=False).logprobs[:, prompt:]
+            pg = fa.ppo_policy_loss(logp, x["old_per_token_logps"], adv, m, clip_low=EPS, clip_high=EPS,
+                                    agg="token-mean")[0]
+            kl = fa.kl_penalty(logp, x["ref_per_token_logps"], kind="k3")
+            return pg + GRPO_BETA * (kl * m).sum() / m.sum().clamp(min=1.0)
+
+        return _params_prepared(model, step)
+
+    def plain(x):
+        model = shared.model
+        return _params_prepared(model, lambda: formula(plain_logp(model, x), x))
+
+    trainers, why_trl = peers.load("trl.trainers")
+
+    def trl(x):
+        from datasets import Dataset
+
+        _, _, GRPOConfig, GRPOTrainer = trainers
+        with _quiet():
+            args = GRPOConfig(output_dir=os.path.join(shared.saved_dir(), "trl-grpo"), beta=GRPO_BETA,
+                              loss_type="bnpo", epsilon=EPS, per_device_train_batch_size=b_size,
+                              num_generations=min(8, b_size), max_completion_length=t, **shared.trl_kwargs())
+            trainer = GRPOTrainer(model=shared.saved_dir(), reward_funcs=lambda completions, **kw: [0.0] * len(
+                completions), args=args, train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * b_size}),
+                processing_class=_tokenizer(shared.model.config.vocab_size))
+        if not hasattr(trainer, "current_gradient_accumulation_steps"):
+            trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop; we call the loss
+        model = trainer.model
+        model.train()
+        return _params_prepared(model, lambda: trainer.compute_loss(model, x))
+
+    impls = [
+        Impl("fastalign, fused ops on (linear_policy_loss)", "fastalign", fused,
+             missing=why_fa or why_train or ("" if hasattr(fa, "linear_policy_loss") else
+                                             "fa.linear_policy_loss absent")),
+        Impl("fastalign, fused ops off (logits + ppo_policy_loss)", "fastalign", unfused,
+             missing=why_fa or why_train or ("" if hasattr(fa, "ppo_policy_loss") else "fa.ppo_policy_loss absent")),
+        Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
+        Impl("TRL GRPOTrainer.compute_loss", "trl", trl if trainers else None, missing=why_trl),
+    ]
+    return Case(suite="e2e", name="grpo_step",
+                params={"model": spec["model"], "B": b_size, "T": t, "prompt": prompt,
+                        "dtype": str(dtype).replace("torch.", "")},
+                device=device, dtype=dtype, tokens=b_size * t, make_inputs=make_inputs, truth=truth, impls=impls,
+                notes=["loss forward+backward through the whole model on given rollouts (no generation)"])
+
+
+def cases(dpo_specs: list[dict], grpo_specs: list[dict], device) -> list[Case]:
+    out = []
+    for s in dpo_specs:
+        out.append(dpo_case(s, device, s["dtype"]))
+    for s in grpo_specs:
+        out.append(grpo_case(s, device, s["dtype"]))
+    return out

@@ -1,0 +1,371 @@
+"""Markdown report, headline table, target check and scaling plots, all built from results.json files.
+
+Nothing here measures: BENCHMARKS.md is a pure function of the JSON it is given, so it is regenerated, never
+edited by hand. Each run keeps its card, date, versions and command next to its numbers.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+GPU_DISCLAIMER = ("**CPU run — these timings are not the GPU targets.** DESIGN.md's targets are for one "
+                  "H100/H200 in bf16 at large shapes; CPU wall-clock numbers at tiny shapes only show that every "
+                  "implementation runs and agrees, and how the code scales on this machine.")
+
+
+# ------------------------------------------------------------------------------------------------- formatting
+
+def _ms(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 0.1:
+        return f"{v:.2f}"
+    return f"{v * 1000:.1f} µs" if v < 0.01 else f"{v:.3f}"
+
+
+def _mem(b, method: str | None = None) -> str:
+    if b is None:
+        return "n/a"
+    s = f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    return s + ("*" if method and method.startswith("cpu") else "")
+
+
+def _shape(params: dict) -> str:
+    skip = {"dtype", "head", "sweep", "model"}
+    s = " ".join(f"{k}={v}" for k, v in params.items() if k not in skip)
+    extra = [params[k] for k in ("model", "head") if params.get(k)]
+    return s + (f" ({', '.join(extra)})" if extra else "") + f" {params.get('dtype', '')}".rstrip()
+
+
+def _card(run: dict) -> str:
+    return run.get("machine", {}).get("card", "?")
+
+
+def _is_cpu(run: dict) -> bool:
+    return not run.get("machine", {}).get("cuda", False)
+
+
+def slug(run: dict) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", f"{_card(run)}-{run.get('preset', '')}".lower()).strip("-")
+
+
+def _ok(rows):
+    return [r for r in rows if r.get("status") == "ok" and r.get("time")]
+
+
+def _best(rows, pred):
+    cands = [r for r in _ok(rows) if pred(r)]
+    return min(cands, key=lambda r: r["time"]["median_ms"]) if cands else None
+
+
+def _fam(r) -> str:
+    return r.get("extra", {}).get("family", "")
+
+
+# -------------------------------------------------------------------------------------------------- headline
+
+def headline_rows(run: dict) -> list[dict]:
+    out = []
+    for c in run.get("cases", []):
+        if not c.get("headline", True) or c.get("skipped"):
+            continue
+        rows = c.get("rows", [])
+        fa = _best(rows, lambda r: _fam(r) == "fastalign" and "fused ops off" not in r["impl"])
+        peer = _best(rows, lambda r: _fam(r) not in ("fastalign",))
+        floor = (c.get("floor") or {}).get("ms")
+        out.append({"case": c["case"], "shape": _shape(c.get("params", {})), "fa": fa, "peer": peer,
+                    "floor": floor, "checked": c.get("checked", True)})
+    return out
+
+
+def headline_table(runs: list[dict], *, header: bool = True) -> str:
+    lines = []
+    for run in runs:
+        if header:
+            lines.append(f"Card: {_card(run)} · {run.get('date')} · preset `{run.get('preset')}` · "
+                         f"torch {run.get('versions', {}).get('torch')}")
+            if _is_cpu(run):
+                lines.append("")
+                lines.append(GPU_DISCLAIMER)
+            lines.append("")
+        lines.append("| case | shape | fastalign ms | fastalign peak | best other | its ms | its peak | "
+                     "other / fastalign | floor ms |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for h in headline_rows(run):
+            fa, peer = h["fa"], h["peer"]
+            ratio = (f"{peer['time']['median_ms'] / fa['time']['median_ms']:.2f}x" if fa and peer else "—")
+            lines.append(
+                f"| {h['case']} | {h['shape']} | "
+                f"{_ms(fa['time']['median_ms']) if fa else 'missing'}"
+                f"{'' if not fa or fa.get('agrees') is not False else ' (DISAGREES)'} | "
+                f"{_mem(fa['memory']['peak_above_inputs_bytes'], fa['memory']['method']) if fa and fa.get('memory') else '—'} | "
+                f"{peer['impl'] if peer else '—'} | {_ms(peer['time']['median_ms']) if peer else '—'} | "
+                f"{_mem(peer['memory']['peak_above_inputs_bytes'], peer['memory']['method']) if peer and peer.get('memory') else '—'} | "
+                f"{ratio} | {_ms(h['floor'])} |")
+        lines.append("")
+    if any(_is_cpu(r) for r in runs):
+        lines.append("\\* CPU memory: sampled process RSS above the level before the call (approximate).")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- targets
+
+def _find(run, case, **params):
+    for c in run.get("cases", []):
+        if c["case"] == case and all(c.get("params", {}).get(k) == v for k, v in params.items()):
+            return c
+    return None
+
+
+def _row(c, pred):
+    return _best(c.get("rows", []), pred) if c else None
+
+
+def targets(run: dict) -> list[tuple[str, str, str]]:
+    """(target, status, evidence) for DESIGN.md / the issues' targets, judged on this run."""
+    out = []
+    gpu = not _is_cpu(run)
+    fa_pred = lambda r: _fam(r) == "fastalign" and "fused ops off" not in r["impl"]  # noqa: E731
+
+    def t(r):
+        return r["time"]["median_ms"] if r else None
+
+    def m(r):
+        return r["memory"]["peak_above_inputs_bytes"] if r and r.get("memory") else None
+
+    def add(name, cond, evidence, need_gpu=True):
+        if need_gpu and not gpu:
+            out.append((name, "open", "GPU target; this run is on CPU"))
+        elif cond is None:
+            out.append((name, "open", evidence or "not measured in this run"))
+        else:
+            out.append((name, "met" if cond else "missed", evidence))
+
+    c = _find(run, "linear_logprobs.fwd_bwd", N=32768, D=3584, V=151936)
+    fa, trl = _row(c, fa_pred), _row(c, lambda r: r["impl"].startswith("TRL chunked"))
+    cce = _row(c, lambda r: r["impl"].startswith("CCE (default"))
+    add("linear_logprobs fwd+bwd (32768x3584x151936 bf16) <= TRL chunked time, <= 1.5 GiB",
+        (t(fa) <= t(trl) and m(fa) <= 1.5 * 2**30) if fa and trl else None,
+        f"fastalign {_ms(t(fa))} ms / {_mem(m(fa))}; TRL chunked {_ms(t(trl))} ms" if fa and trl else "")
+    add("linear_logprobs fwd+bwd: faster than CCE default (approximate grads) with exact grads",
+        (t(fa) < t(cce)) if fa and cce else None,
+        f"fastalign {_ms(t(fa))} ms; CCE {_ms(t(cce))} ms" if fa and cce else "")
+    c = _find(run, "linear_logprobs.fwd", N=32768, D=3584, V=151936)
+    fa, floor = _row(c, fa_pred), (c or {}).get("floor") or {}
+    add("linear_logprobs forward-only within 1.15x of one GEMM",
+        (t(fa) <= 1.15 * floor["ms"]) if fa and floor.get("ms") else None,
+        f"fastalign {_ms(t(fa))} ms; GEMM {_ms(floor.get('ms'))} ms" if fa and floor.get("ms") else "")
+    c = _find(run, "gae", B=512, T=2048)
+    fa, loop = _row(c, fa_pred), _row(c, lambda r: _fam(r) == "python-loop")
+    add("GAE 512x2048 < 20 us and >= 5000x the Python loop",
+        (t(fa) < 0.020 and t(loop) / t(fa) >= 5000) if fa and loop else None,
+        f"fastalign {_ms(t(fa))}; loop {_ms(t(loop))} ms" if fa and loop else "")
+    c = _find(run, "ppo_policy_loss.fwd_bwd", B=512, T=2048)
+    fa, comp = _row(c, fa_pred), _row(c, lambda r: _fam(r) == "compile")
+    floor = (c or {}).get("floor") or {}
+    add("PPO loss fwd+bwd 512x2048 within 2x of bytes floor and ahead of torch.compile",
+        (t(fa) <= 2 * floor["ms"] and t(fa) < t(comp)) if fa and comp and floor.get("ms") else None,
+        f"fastalign {_ms(t(fa))}; floor {_ms(floor.get('ms'))}; compile {_ms(t(comp))}" if fa and comp else "")
+    for case, peer_prefix in (("dpo_loss.fused_from_hidden", "Liger"), ("grpo_loss.fused_from_hidden", "Liger")):
+        c = _find(run, case, V=151936)
+        fa = _row(c, lambda r: _fam(r) == "fastalign" and "(fused)" in r["impl"])
+        unf = _row(c, lambda r: _fam(r) == "fastalign" and "(fused)" not in r["impl"])
+        lig = _row(c, lambda r: r["impl"].startswith(peer_prefix))
+        trl = _row(c, lambda r: r["impl"].startswith("TRL"))
+        ok = None
+        if fa and lig and trl:
+            ok = t(fa) < t(lig) and t(fa) < t(trl) and m(fa) <= 1.5 * 2**30 and (not unf or t(fa) <= t(unf))
+        add(f"{case}: faster than Liger and TRL, <= 1.5 GiB, fused no slower than unfused", ok,
+            f"fastalign {_ms(t(fa))} ms / {_mem(m(fa))}; Liger {_ms(t(lig))}; TRL {_ms(t(trl))}" if ok is not None
+            else "")
+    for case in ("dpo_step", "grpo_step"):
+        c = _find(run, case)
+        fa = _row(c, lambda r: "fused ops on" in r["impl"])
+        trl = _row(c, lambda r: _fam(r) == "trl")
+        add(f"e2e {case}: <= half TRL's peak memory and faster than TRL",
+            (m(fa) <= 0.5 * m(trl) and t(fa) < t(trl)) if fa and trl and m(fa) is not None and m(trl) else None,
+            f"fastalign {_ms(t(fa))} ms / {_mem(m(fa))}; TRL {_ms(t(trl))} ms / {_mem(m(trl))}" if fa and trl else "")
+    # the one CPU target (issue 3): the C++ GAE >= 50x the Python loop
+    if not gpu:
+        gae_cases = [c for c in run.get("cases", []) if c["case"] == "gae" and c.get("rows")]
+        c = max(gae_cases, key=lambda c: c.get("tokens") or 0) if gae_cases else None
+        cpp = _row(c, lambda r: r["impl"].startswith("fastalign[cpp]"))
+        loop = _row(c, lambda r: _fam(r) == "python-loop")
+        add("CPU: C++ GAE >= 50x the Python loop" + (f" ({_shape(c['params'])})" if c else ""),
+            (t(loop) / t(cpp) >= 50) if cpp and loop else None,
+            f"C++ {_ms(t(cpp))} ms; loop {_ms(t(loop))} ms ({t(loop) / t(cpp):.0f}x)" if cpp and loop else
+            "the C++ extension did not run here", need_gpu=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+
+def _sweep_groups(run: dict):
+    """linear_logprobs fwd+bwd cases grouped for the N sweep (same D, V) and the V sweep (same N, D)."""
+    cases = [c for c in run.get("cases", []) if c["case"] == "linear_logprobs.fwd_bwd" and c.get("rows")]
+    by_dv, by_nd = {}, {}
+    for c in cases:
+        p = c["params"]
+        if p.get("sweep") != "V":
+            by_dv.setdefault((p["D"], p["V"]), []).append(c)
+        by_nd.setdefault((p["N"], p["D"]), []).append(c)
+    n_group = max(by_dv.values(), key=len) if by_dv else []
+    v_group = max(by_nd.values(), key=len) if by_nd else []
+    return n_group if len(n_group) > 1 else [], v_group if len(v_group) > 1 else []
+
+
+def write_plots(runs: list[dict], out_dir) -> list[str]:
+    """One PNG per run with the N and V sweeps of linear_logprobs (time and memory per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = []
+    for run in runs:
+        n_group, v_group = _sweep_groups(run)
+        panels = [(g, key) for g, key in ((n_group, "N"), (v_group, "V")) if g]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.2 * len(panels)), squeeze=False)
+        for (group, key), ax_row in zip(panels, axes):
+            group = sorted(group, key=lambda c: c["params"][key])
+            impls = []
+            for c in group:
+                for r in c["rows"]:
+                    if r["impl"] not in impls:
+                        impls.append(r["impl"])
+            for impl in impls:
+                xs, ts, ms = [], [], []
+                for c in group:
+                    r = next((r for r in _ok(c["rows"]) if r["impl"] == impl), None)
+                    if r:
+                        xs.append(c["params"][key])
+                        ts.append(r["time"]["median_ms"])
+                        ms.append((r.get("memory") or {}).get("peak_above_inputs_bytes"))
+                if not xs:
+                    continue
+                style = "-" if impl.startswith("fastalign") else "--"
+                ax_row[0].plot(xs, ts, style, marker="o", label=impl)
+                if all(v is not None for v in ms):
+                    ax_row[1].plot(xs, [v / 2**20 for v in ms], style, marker="o", label=impl)
+            floors = [(c["params"][key], (c.get("floor") or {}).get("ms")) for c in group]
+            floors = [(x, f) for x, f in floors if f]
+            if floors:
+                ax_row[0].plot(*zip(*floors), ":", color="k", label="3 GEMMs (floor)")
+            fixed = {k: v for k, v in group[0]["params"].items() if k in ("N", "D", "V") and k != key}
+            xlabel = "tokens N" if key == "N" else "vocabulary V"
+            for ax, ylab in zip(ax_row, ("median ms (fwd+bwd)", "peak MiB above inputs")):
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(ylab)
+                ax.grid(True, which="both", alpha=0.3)
+                ax.set_title(f"linear_logprobs, {', '.join(f'{k}={v}' for k, v in fixed.items())} "
+                             f"{group[0]['params'].get('dtype', '')}", fontsize=9)
+            ax_row[0].legend(fontsize=7)
+        fig.suptitle(f"{_card(run)} · {run.get('date')} · preset {run.get('preset')}"
+                     + (" · CPU: not the GPU targets" if _is_cpu(run) else ""), fontsize=10)
+        fig.tight_layout()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"scaling-{slug(run)}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------- render
+
+def _case_table(c: dict) -> list[str]:
+    lines = [f"#### {c['case']} — {_shape(c.get('params', {}))}", ""]
+    if c.get("skipped"):
+        return lines + [f"Skipped: {c['skipped']}.", ""]
+    if c.get("error"):
+        lines += [f"Error: {c['error']}", ""]
+    for n in c.get("notes", []):
+        lines.append(f"- {n}")
+    floor = c.get("floor")
+    if floor:
+        lines.append(f"- floor: {_ms(floor.get('ms'))} ms — {floor.get('what')}")
+    if not c.get("checked", True):
+        lines.append("- agreement not checked at this sweep point")
+    lines += ["", "| implementation | status | median ms | p20–p80 | min–max | peak above inputs | max abs deviation "
+              "| agrees | notes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in c.get("rows", []):
+        t = r.get("time") or {}
+        mem = r.get("memory") or {}
+        dev = ", ".join(f"{k} {v:.1e}" for k, v in (r.get("deviation") or {}).items() if v is not None) or "—"
+        agrees = {True: "yes", False: "**no**", None: "—"}[r.get("agrees")]
+        status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
+        note = r.get("detail", "") or r.get("extra", {}).get("note", "")
+        note = note.replace("|", "\\|").replace("\n", " ")
+        lines.append(
+            f"| {r['impl']} | {status} | {_ms(t.get('median_ms'))} | "
+            f"{_ms(t.get('p20_ms'))}–{_ms(t.get('p80_ms'))} | {_ms(t.get('min_ms'))}–{_ms(t.get('max_ms'))} | "
+            f"{_mem(mem.get('peak_above_inputs_bytes'), mem.get('method')) if mem else '—'} | {dev} | {agrees} | "
+            f"{note} |")
+    lines.append("")
+    return lines
+
+
+def render(runs: list[dict], *, plot_paths: list[str] = (), title: str = "Benchmarks", sources=(), notes=(),
+           generated_by: str | None = None) -> str:
+    L = [f"# {title}", ""]
+    L.append(f"<!-- generated by `{generated_by or 'python -m benchmarks'}` from {', '.join(map(str, sources))}; "
+             "do not edit by hand: rerun the command -->")
+    L.append("")
+    L.append("Generated from the runner's JSON (`python -m benchmarks report RESULTS.json ...`); every number below "
+             "was measured on the card and date stated with it. Rows marked missing name the import error; "
+             "nothing is skipped silently.")
+    L.append("")
+    for n in notes:
+        L.append(n)
+        L.append("")
+    if not any(not _is_cpu(r) for r in runs):
+        L.append("**No GPU run is included here: every GPU target of DESIGN.md is still open.** "
+                 "Run `bash benchmarks/gpu_check.sh` on a lent H100/H200 and regenerate this file with both JSONs.")
+        L.append("")
+    for run in runs:
+        L.append(f"## {_card(run)} — {run.get('date')} (preset `{run.get('preset')}`)")
+        L.append("")
+        if _is_cpu(run):
+            L.append(GPU_DISCLAIMER)
+            L.append("")
+        mach = run.get("machine", {})
+        L.append(f"- machine: {mach.get('cpu_model', mach.get('processor'))}, {mach.get('cpu_count')} CPUs, "
+                 f"torch threads {mach.get('torch_threads')}"
+                 + (f"; GPU {mach.get('card')} ({mach.get('card_memory_gib')} GiB, CUDA {mach.get('cuda_version')})"
+                    if mach.get("cuda") else "; no GPU"))
+        L.append("- versions: " + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items()))
+        L.append(f"- command: `{run.get('command')}` ({run.get('seconds')} s)")
+        L.append(f"- timing: {run.get('timing_method')}; memory: {run.get('memory_method')}")
+        L.append(f"- compiled extension: {run.get('extension')}")
+        if run.get("skipped_for_deadline"):
+            L.append(f"- skipped at the run deadline: {'; '.join(run['skipped_for_deadline'])}")
+        L.append("")
+        L.append("### Headline")
+        L.append("")
+        L.append(headline_table([run], header=False))
+        L.append("### Targets")
+        L.append("")
+        L.append("| target | status | evidence |")
+        L.append("|---|---|---|")
+        for name, status, ev in targets(run):
+            L.append(f"| {name} | {status} | {ev} |")
+        L.append("")
+        mine = [p for p in plot_paths if slug(run) in Path(p).name]
+        for p in mine:
+            L.append(f"![scaling]({p})")
+            L.append("")
+        L.append("### All cases")
+        L.append("")
+        for c in run.get("cases", []):
+            L += _case_table(c)
+    return "\n".join(L).rstrip() + "\n"

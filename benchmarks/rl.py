@@ -1,0 +1,165 @@
+"""Memory-bound RL ops over [B, T]: GAE and the PPO clipped policy loss (forward + backward).
+
+GAE inputs: rewards ~ N(0, 1), values ~ N(0, 1), a response mask whose last positions (random length per row)
+are 0; gamma 1.0, lam 0.95 (DESIGN.md defaults). Baseline: the Python loop over T that TRL/verl-style trainers
+run, with verl's masking (masked positions carry the running advantage and the next value). Only masked-in
+positions are compared. torch.compile is not applied to GAE: a compiled T-step loop unrolls T (2048-4096).
+
+PPO inputs: logp = old + N(0, 0.1) so ratios sit near 1 and a share are clipped, per-token advantages, the same
+mask; clip 0.2, token-mean. Baselines: the eager PyTorch formula and its ``torch.compile`` (as in DESIGN.md).
+
+Floor: bytes moved / copy bandwidth measured in the same run (fp32 everywhere; GAE reads rewards, values, mask
+and writes advantages and returns; PPO fwd+bwd reads logp, old, advantages, mask and writes the logp gradient).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import harness, peers
+from .runner import Case, Impl, Prepared
+
+GAMMA, LAM, CLIP = 1.0, 0.95, 0.2
+
+
+def rl_inputs(b: int, t: int, device, seed: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, t // 2), t + 1, (b,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
+    old = -torch.rand(b, t, generator=g) * 8
+    x = {
+        "rewards": torch.randn(b, t, generator=g), "values": torch.randn(b, t, generator=g), "mask": mask,
+        "old_logprobs": old, "logprobs": old + 0.1 * torch.randn(b, t, generator=g),
+        "advantages": torch.randn(b, t, generator=g),
+    }
+    return {k: v.to(device) for k, v in x.items()}
+
+
+def gae_python_loop(rewards, values, mask, gamma: float = GAMMA, lam: float = LAM):
+    """The usual per-timestep loop (verl-style masking): the baseline every trainer ships."""
+    t_len = rewards.shape[-1]
+    nextvalues = torch.zeros_like(values[:, 0])
+    lastgaelam = torch.zeros_like(values[:, 0])
+    adv = []
+    for t in reversed(range(t_len)):
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        new = delta + gamma * lam * lastgaelam
+        m = mask[:, t]
+        nextvalues = values[:, t] * m + (1 - m) * nextvalues
+        lastgaelam = new * m + (1 - m) * lastgaelam
+        adv.append(lastgaelam)
+    advantages = torch.stack(adv[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def gae_truth(x: dict) -> dict:
+    hp = torch.float64
+    a, r = gae_python_loop(x["rewards"].to(hp), x["values"].to(hp), x["mask"].to(hp))
+    m = x["mask"].to(hp)
+    return {"advantages": a * m, "returns": r * m}
+
+
+def gae_impls(device) -> list[Impl]:
+    impls = []
+    gae, why = peers.fastalign_op("gae")
+    backends = peers.fastalign_backends(device.type, op_family="rl") if gae else [("torch", why), ("triton", why)]
+    for backend, unavailable in backends:
+        def prep(x, b=backend):
+            m = x["mask"]
+
+            def step():
+                adv, ret = gae(x["rewards"], x["values"], m, gamma=GAMMA, lam=LAM, backend=b)
+                return {"advantages": adv * m, "returns": ret * m}
+
+            return Prepared(step)
+
+        label = f"fastalign[{backend}]" + (" (interpreter)" if backend == "triton" and device.type != "cuda"
+                                           and not unavailable else "")
+        impls.append(Impl(label, "fastalign", prep, missing=unavailable))
+
+    def loop(x):
+        m = x["mask"]
+
+        def step():
+            a, r = gae_python_loop(x["rewards"], x["values"], m)
+            return {"advantages": a * m, "returns": r * m}
+
+        return Prepared(step)
+
+    impls.append(Impl("Python loop over T (eager torch)", "python-loop", loop, is_baseline=True))
+    return impls
+
+
+def ppo_formula(logp, old, adv, mask, clip: float = CLIP):
+    ratio = torch.exp(logp - old)
+    per_token = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip))
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def ppo_truth(x: dict) -> dict:
+    hp = torch.float64
+    logp = x["logprobs"].to(hp).requires_grad_()
+    loss = ppo_formula(logp, x["old_logprobs"].to(hp), x["advantages"].to(hp), x["mask"].to(hp))
+    (g,) = torch.autograd.grad(loss, logp)
+    return {"loss": loss.detach(), "grad_logprobs": g}
+
+
+def _ppo_prep(loss_fn):
+    def prep(x):
+        logp = x["logprobs"].detach().clone().requires_grad_()
+
+        def step():
+            loss = loss_fn(logp, x["old_logprobs"], x["advantages"], x["mask"])
+            loss.backward()
+            return {"loss": loss.detach().reshape(()), "grad_logprobs": logp.grad}
+
+        return Prepared(step, grad_to_none=[logp])
+
+    return prep
+
+
+def ppo_impls(device, *, compile_peers: bool) -> list[Impl]:
+    impls = []
+    ppo, why = peers.fastalign_op("ppo_policy_loss")
+    backends = peers.fastalign_backends(device.type, op_family="rl") if ppo else [("torch", why), ("triton", why)]
+    for backend, unavailable in backends:
+        fn = (lambda b: (lambda lp, old, a, m: ppo(lp, old, a, m, clip_low=CLIP, agg="token-mean",
+                                                    backend=b)[0]))(backend)
+        label = f"fastalign[{backend}]" + (" (interpreter)" if backend == "triton" and device.type != "cuda"
+                                           and not unavailable else "")
+        impls.append(Impl(label, "fastalign", _ppo_prep(fn), missing=unavailable))
+    impls.append(Impl("eager torch formula", "naive", _ppo_prep(ppo_formula), is_baseline=True))
+    if compile_peers:
+        compiled = torch.compile(ppo_formula)
+        impls.append(Impl("torch.compile(eager formula)", "compile", _ppo_prep(compiled)))
+    else:
+        impls.append(Impl("torch.compile(eager formula)", "compile", missing="not in this preset (compile time)"))
+    return impls
+
+
+def _bytes_floor(nbytes: int, device, bw_cache: dict) -> dict:
+    if "bw" not in bw_cache:
+        size = 1 << 30 if device.type == "cuda" else 1 << 27
+        bw_cache["bw"] = harness.copy_bandwidth(device, size)
+    bw = bw_cache["bw"]
+    return {"ms": 1000.0 * nbytes / bw, "what": f"{nbytes / 2**20:.1f} MiB moved / measured copy bandwidth "
+                                                 f"{bw / 1e9:.1f} GB/s", "bandwidth_gbs": bw / 1e9}
+
+
+def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers: bool) -> list[Case]:
+    out, bw_cache = [], {}
+    for s in gae_specs:
+        b, t = s["b"], s["t"]
+        out.append(Case(
+            suite="ops", name="gae", params={"B": b, "T": t, "dtype": "float32"}, device=device,
+            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
+            truth=gae_truth, impls=gae_impls(device),
+            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache),
+            notes=["torch.compile not applied: a compiled T-step loop unrolls T"]))
+    for s in ppo_specs:
+        b, t = s["b"], s["t"]
+        out.append(Case(
+            suite="ops", name="ppo_policy_loss.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
+            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
+            truth=ppo_truth, impls=ppo_impls(device, compile_peers=compile_peers),
+            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache)))
+    return out
