@@ -4,14 +4,17 @@ repository (DESIGN.md) but are installed as the subpackages `fastalign.kernels` 
 No compiler step: the optional C++/CUDA extension `fastalign._C` is built on first use (JIT, cached) or ahead of
 time with `FASTALIGN_BUILD_EXT=1 python -m fastalign.ext build` — never by a plain install.
 """
+import os
+
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["fastalign", "fastalign.*"])
-packages += ["fastalign.kernels", "fastalign.benchmarks"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+MAPPED = {"fastalign.kernels": "kernels", "fastalign.benchmarks": "benchmarks"}
+MAPPED = {pkg: path for pkg, path in MAPPED.items() if os.path.isfile(os.path.join(HERE, path, "__init__.py"))}
 
 setup(
-    packages=packages,
-    package_dir={"fastalign.kernels": "kernels", "fastalign.benchmarks": "benchmarks"},
+    packages=find_packages(include=["fastalign", "fastalign.*"]) + sorted(MAPPED),
+    package_dir=MAPPED,
     package_data={"fastalign": ["data/*", "data/**/*"], "fastalign.benchmarks": ["*.sh"]},
     include_package_data=True,
 )
