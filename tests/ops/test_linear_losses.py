@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import fastalign as fa
-from fastalign.reference import preference as ref_pref
 from fastalign.reference import rl as ref_rl
 from fastalign.reference.logprobs import linear_logprobs_naive
 from helpers.accuracy import assert_close_3way
