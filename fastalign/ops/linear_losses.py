@@ -257,7 +257,7 @@ def linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
@@ -294,7 +294,10 @@ def linear_policy_loss(
     Args:
         hidden: (B, T, D) bf16/fp16/fp32. weight: (V, D), bias: (V,) or None.
         labels: (B, T) int sampled token ids; ``ignore_index`` at positions without a target.
-        old_logprobs: (B, T) float behaviour-policy log-probs. advantages: (B, T), or (B,) broadcast over T.
+        old_logprobs: (B, T) float behaviour-policy log-probs, or None when the batch is on-policy (one update per
+            rollout, as GRPO's default): the current log-probs, detached, so the ratio is 1 and the gradient is the
+            plain policy gradient; saves a separate no-grad scoring pass.
+        advantages: (B, T), or (B,) broadcast over T.
         mask: (B, T) bool or 0/1 response mask; None means ``labels != ignore_index``. A masked-in position must
             have a label; masked-out positions are skipped by the kernels.
         ref_logprobs: (B, T) float reference log-probs; required when ``kl_coef != 0``, otherwise only logged.
@@ -314,7 +317,7 @@ def linear_policy_loss(
     backend = resolve_head_backend(backend, head, op=op)
     shape, device = head.shape, head.hidden.device
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if t is None and name == "ref_logprobs":
+        if t is None:
             continue
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
             raise TypeError(f"{op}: {name} must be a floating-point tensor of shape {tuple(shape)}")
@@ -359,6 +362,7 @@ def linear_policy_loss(
 
     def loss_fn(logp, entropy, old, adv, *ref):
         logp = logp.view(shape)
+        old = logp.detach() if old is None else old
         loss, stats = ref_rl.ppo_policy_loss(
             logp, old, adv, valid, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
             norm_len=norm_len,

@@ -355,6 +355,24 @@ def test_policy_matches_grpo_formula_written_out(agg, device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_policy_on_policy_without_old_logprobs(backend, device):
+    # old_logprobs=None: the ratio is exactly 1 (no clipping) and the loss equals passing the detached log-probs
+    hidden, weight, _, labels = make_batch(4, 9, 32, 127, torch.float32, device, seed=15)
+    adv = torch.randn(4, generator=torch.Generator().manual_seed(15)).to(device)
+    h, w = leaves(hidden, weight)
+    loss, stats = fa.linear_policy_loss(h, w, labels, None, adv, agg="seq-mean-token-mean", backend=backend)
+    got = grads_of(loss, (h, w))
+    h, w = leaves(hidden, weight)
+    logp = fa.linear_logprobs(h, w, labels, backend=backend).logprobs
+    want, _ = fa.ppo_policy_loss(logp, logp.detach(), adv, labels != IGNORE, agg="seq-mean-token-mean",
+                                 backend="torch")
+    check_same(loss, want, torch.float32, "loss")
+    for a, c in zip(got, grads_of(want, (h, w))):
+        check_same(a, c, torch.float32, "grad")
+    assert stats["ratio_min"].item() == 1.0 == stats["ratio_max"].item() and stats["clip_frac"].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_policy_garbage_at_masked_positions_does_not_leak(backend, device):
     hidden, weight, _, labels = make_batch(3, 10, 32, 111, torch.float32, device, seed=8)
     truth_lp, _ = truth_logprobs(hidden, weight, None, labels)
