@@ -161,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         from fastalign.train.config import add_arguments, config_from_namespace
 
         cls, train_fn = load_algorithm(args.algorithm)
+        sub = parser
         if hasattr(args, "rest"):  # the algorithm was imported lazily: parse its flags now
-            p = argparse.ArgumentParser(prog=f"fastalign train {args.algorithm}")
-            add_arguments(p, cls)
-            args = p.parse_args(args.rest)
-        cfg = config_from_namespace(cls, args)
+            sub = argparse.ArgumentParser(prog=f"fastalign train {args.algorithm}")
+            add_arguments(sub, cls)
+            args = sub.parse_args(args.rest)
+        try:
+            cfg = config_from_namespace(cls, args)
+        except (ValueError, OSError) as exc:  # a bad value or YAML file: a usage error, not a traceback
+            sub.error(str(exc))
         train_fn(cfg)
         return 0
     if args.command == "demo":
