@@ -152,6 +152,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The extension takes contiguous bool masks."""
+    return None if mask is None else (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+
+
 def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """A pointer-able mask for the kernels: bool is read as uint8 (same bytes, no copy)."""
     if mask is None:
@@ -242,8 +247,9 @@ def gae(
     if name == "triton":
         adv, returns = _triton_gae(rewards, values, mask, gamma, lam)
     else:
-        ext_mask = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0).contiguous()
-        adv, returns = _extension().gae(rewards.contiguous(), values.contiguous(), ext_mask, gamma, lam)
+        common = torch.promote_types(rewards.dtype, values.dtype)
+        adv, returns = _extension().gae(rewards.to(common).contiguous(), values.to(common).contiguous(),
+                                        _bool_mask(mask), gamma, lam)
     if whiten:
         valid = torch.ones_like(adv, dtype=torch.bool) if mask is None else mask != 0
         adv = ref.masked_whiten(adv, valid)
@@ -347,10 +353,10 @@ def _triton_loss_backward(grad, scale, upstream, dtype):
 def _loss_forward(backend, x, y, z, mask, **cfg):
     if backend == "triton":
         return _triton_loss_forward(x, y, z, mask, **cfg)
-    # cpp / cuda: the extension implements the policy loss only
-    ext_mask = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+    # cpp / cuda: the extension implements the policy loss only, on one dtype
+    common = torch.promote_types(torch.promote_types(x.dtype, y.dtype), z.dtype)
     loss, stats, grad, scale = _extension().ppo_policy_loss_fwd(
-        x.contiguous(), y.contiguous(), z.contiguous(), ext_mask,
+        x.to(common).contiguous(), y.to(common).contiguous(), z.to(common).contiguous(), _bool_mask(mask),
         cfg["clip_low"], cfg["clip_high"], cfg["dual_clip"] if cfg["dual_clip"] is not None else 0.0,
         _AGG_INDEX[cfg["agg"]], cfg["norm_len"], cfg["need_grad"],
     )

@@ -1,0 +1,125 @@
+// fastalign._C: the optional compiled extension. Checks inputs once here, then dispatches on the device.
+// torch/csrc/utils/pybind.h (the at::Tensor casters) instead of torch/extension.h: the whole C++ frontend
+// is not needed here and doubles the compile time.
+#include <torch/csrc/utils/pybind.h>
+
+#include "common.h"
+#include "rl/rl.h"
+
+namespace {
+
+void check_grid(const at::Tensor& x, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(x.device() == ref.device(), name, " is on ", x.device(), " but ", "the first input is on ", ref.device());
+  TORCH_CHECK(x.sizes() == ref.sizes(), name, " must have shape ", ref.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), name, " dtype ", x.scalar_type(), " must match ",
+              ref.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+}
+
+void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& ref) {
+  if (!mask.has_value()) return;
+  const at::Tensor& m = *mask;
+  CHECK_BOOL(m);
+  CHECK_DEVICE(m, ref);
+  CHECK_CONTIGUOUS(m);
+  TORCH_CHECK(m.sizes() == ref.sizes(), "mask must have shape ", ref.sizes(), ", got ", m.sizes());
+}
+
+bool on_cuda(const at::Tensor& x) {
+  if (!x.is_cuda()) return false;
+#ifdef FASTALIGN_WITH_CUDA
+  return true;
+#else
+  TORCH_CHECK(false, "fastalign._C was built without CUDA; rebuild it on a machine with nvcc: "
+                     "`python -m fastalign.ext build`");
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tensor& values,
+                                       const c10::optional<at::Tensor>& mask, double gamma, double lam) {
+  CHECK_FLOAT(rewards);
+  TORCH_CHECK(rewards.dim() == 2, "rewards must have shape (B, T), got ", rewards.sizes());
+  CHECK_CONTIGUOUS(rewards);
+  check_grid(values, "values", rewards);
+  check_mask(mask, rewards);
+  TORCH_CHECK(gamma >= 0 && gamma <= 1, "gamma must lie in [0, 1], got ", gamma);
+  TORCH_CHECK(lam >= 0 && lam <= 1, "lam must lie in [0, 1], got ", lam);
+  if (on_cuda(rewards)) {
+#ifdef FASTALIGN_WITH_CUDA
+    return gae_cuda(rewards, values, mask, gamma, lam);
+#endif
+  }
+  return gae_cpu(rewards, values, mask, gamma, lam);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const c10::optional<at::Tensor>& mask, double clip_low, double clip_high, double dual_clip, int64_t agg,
+    double norm_len, bool need_grad) {
+  CHECK_FLOAT(logprobs);
+  TORCH_CHECK(logprobs.dim() == 2, "logprobs must have shape (B, T), got ", logprobs.sizes());
+  CHECK_CONTIGUOUS(logprobs);
+  check_grid(old_logprobs, "old_logprobs", logprobs);
+  CHECK_DEVICE(advantages, logprobs);
+  CHECK_SAME_DTYPE(advantages, logprobs);
+  CHECK_CONTIGUOUS(advantages);
+  TORCH_CHECK(advantages.sizes() == logprobs.sizes() ||
+                  (advantages.dim() == 1 && advantages.size(0) == logprobs.size(0)),
+              "advantages must have shape ", logprobs.sizes(), " or (", logprobs.size(0), "), got ",
+              advantages.sizes());
+  check_mask(mask, logprobs);
+  TORCH_CHECK(clip_low > 0, "clip_low must be > 0, got ", clip_low);
+  TORCH_CHECK(clip_high > 0, "clip_high must be > 0, got ", clip_high);
+  TORCH_CHECK(dual_clip <= 0 || dual_clip > 1, "dual_clip must be > 1 (or <= 0 for none), got ", dual_clip);
+  TORCH_CHECK(agg >= kTokenMean && agg <= kSeqMeanTokenSumNorm, "agg must be an index in [0, 3], got ", agg);
+  TORCH_CHECK(norm_len > 0, "norm_len must be > 0, got ", norm_len);
+  if (on_cuda(logprobs)) {
+#ifdef FASTALIGN_WITH_CUDA
+    return ppo_policy_loss_fwd_cuda(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg,
+                                    norm_len, need_grad);
+#endif
+  }
+  return ppo_policy_loss_fwd_cpu(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg,
+                                 norm_len, need_grad);
+}
+
+at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad, const at::Tensor& row_scale, const at::Tensor& upstream) {
+  TORCH_CHECK(grad.dim() == 2, "grad must have shape (B, T), got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble, "grad must be fp32/fp64");
+  CHECK_CONTIGUOUS(grad);
+  CHECK_DEVICE(row_scale, grad);
+  CHECK_SAME_DTYPE(row_scale, grad);
+  CHECK_CONTIGUOUS(row_scale);
+  CHECK_SHAPE(row_scale, grad.size(0));
+  CHECK_DEVICE(upstream, grad);
+  TORCH_CHECK(upstream.numel() == 1, "upstream must hold one element, got ", upstream.sizes());
+  if (on_cuda(grad)) {
+#ifdef FASTALIGN_WITH_CUDA
+    return ppo_policy_loss_bwd_cuda(grad, row_scale, upstream.to(at::kFloat).contiguous());
+#endif
+  }
+  return ppo_policy_loss_bwd_cpu(grad, row_scale, upstream);
+}
+
+bool with_cuda() {
+#ifdef FASTALIGN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastalign._C: C++/CUDA GAE and PPO policy loss (see fastalign/ops/rl.py for the Python API)";
+  m.def("gae", &gae, "verl-style masked GAE -> (advantages, returns)", py::arg("rewards"), py::arg("values"),
+        py::arg("mask"), py::arg("gamma"), py::arg("lam"));
+  m.def("ppo_policy_loss_fwd", &ppo_policy_loss_fwd,
+        "PPO clipped surrogate -> (loss, stats[8], unscaled grad, row scale)", py::arg("logprobs"),
+        py::arg("old_logprobs"), py::arg("advantages"), py::arg("mask"), py::arg("clip_low"), py::arg("clip_high"),
+        py::arg("dual_clip"), py::arg("agg"), py::arg("norm_len"), py::arg("need_grad"));
+  m.def("ppo_policy_loss_bwd", &ppo_policy_loss_bwd, "grad * row_scale[:, None] * upstream", py::arg("grad"),
+        py::arg("row_scale"), py::arg("upstream"));
+  m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
+}
