@@ -11,10 +11,13 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAPPED = {"fastalign.kernels": "kernels", "fastalign.benchmarks": "benchmarks"}
 MAPPED = {pkg: path for pkg, path in MAPPED.items() if os.path.isfile(os.path.join(HERE, path, "__init__.py"))}
+if os.path.isfile(os.path.join(HERE, "csrc", "bindings.cpp")):  # fastalign._C sources, shipped as data
+    MAPPED["fastalign.csrc"] = "csrc"
 
 setup(
     packages=find_packages(include=["fastalign", "fastalign.*"]) + sorted(MAPPED),
     package_dir=MAPPED,
-    package_data={"fastalign": ["data/*", "data/**/*"], "fastalign.benchmarks": ["*.sh"]},
+    package_data={"fastalign": ["data/*", "data/**/*"], "fastalign.benchmarks": ["*.sh"],
+                  "fastalign.csrc": ["*.h", "*.cpp", "*/*.h", "*/*.cpp", "*/*.cu"]},
     include_package_data=True,
 )
