@@ -43,7 +43,6 @@ class _HeadLossFunction(torch.autograd.Function):
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
         ctx.backend = backend
         ctx.loss_fn = loss_fn
-        ctx.num_extras = len(extras)
         ctx.save_for_backward(hidden, weight, bias, lse, mu, logp, entropy, *extras)
         return out.detach()
 
