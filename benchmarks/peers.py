@@ -121,7 +121,7 @@ def ensure_extension(build: bool) -> str:
     try:
         ok, why = _ext.status()
         if not ok and build and hasattr(_ext, "load"):
-            _ext.load()
+            _ext.load(build=True)  # JIT build into fastalign's cache (~1 min the first time), then reused
             ok, why = _ext.status()
         return f"{'loaded' if ok else 'unavailable'}: {why}"
     except Exception as exc:  # noqa: BLE001 - a failed build is reported, never fatal

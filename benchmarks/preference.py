@@ -148,16 +148,17 @@ def dpo_impls(device) -> list[Impl]:
                       note="ChunkedLogProbFunction as DPOTrainer calls it + its sigmoid loss"))
 
     liger_cls, why = peers.load("liger.dpo")
-    if liger_cls and device.type != "cuda":
-        liger_cls, why = None, "Liger-Kernel's chunked losses are meant for CUDA (torch.compile + Triton)"
+    # Liger's chunked losses are plain torch (+ torch.compile by default): on CPU run them eagerly
+    compiled = device.type == "cuda"
 
     def liger(x):
-        loss_fn = liger_cls(beta=DPO_BETA, use_ref_model=True, loss_type="sigmoid")
+        loss_fn = liger_cls(beta=DPO_BETA, use_ref_model=True, loss_type="sigmoid", compiled=compiled)
         ref_w = x["weight"].detach()
         return _loss_step(x, lambda h, w: loss_fn(w, h, x["labels"], ref_input=x["ref_hidden"], ref_weight=ref_w)[0])
 
     impls.append(Impl("Liger LigerFusedLinearDPOLoss", "liger", liger if liger_cls else None, missing=why,
-                      note="reference pass from ref_input inside the loss"))
+                      note="reference pass from ref_input inside the loss"
+                      + ("" if compiled else "; compiled=False on CPU")))
     return impls
 
 
@@ -255,16 +256,17 @@ def grpo_impls(device) -> list[Impl]:
                       note="ChunkedLogProbFunction as GRPOTrainer calls it + its bnpo loss"))
 
     liger_cls, why = peers.load("liger.grpo")
-    if liger_cls and device.type != "cuda":
-        liger_cls, why = None, "Liger-Kernel's chunked losses are meant for CUDA (torch.compile + Triton)"
+    compiled = device.type == "cuda"
 
     def liger(x):
-        loss_fn = liger_cls(beta=GRPO_BETA, loss_type="bnpo", epsilon_low=EPS, epsilon_high=EPS, use_ref_model=True)
+        loss_fn = liger_cls(beta=GRPO_BETA, loss_type="bnpo", epsilon_low=EPS, epsilon_high=EPS, use_ref_model=True,
+                            compiled=compiled)
         return _loss_step(x, lambda h, w: loss_fn(
             h, w, x["labels"], x["mask"], x["advantages"], ref_per_token_logps=x["ref_logprobs"],
             old_per_token_logps=x["old_logprobs"])[0])
 
-    impls.append(Impl("Liger LigerFusedLinearGRPOLoss (bnpo)", "liger", liger if liger_cls else None, missing=why))
+    impls.append(Impl("Liger LigerFusedLinearGRPOLoss (bnpo)", "liger", liger if liger_cls else None, missing=why,
+                      note="" if compiled else "compiled=False on CPU"))
     return impls
 
 

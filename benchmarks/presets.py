@@ -40,11 +40,11 @@ PRESETS: dict[str, dict] = {
     },
     "cpu": {
         "device": "cpu",
-        "logprobs": [_lp(1024, d=256, v=16000, dtype=fp32)],
-        "logprobs_sweep": [_lp(n, d=256, v=16000, dtype=fp32, modes=("fwd_bwd",)) for n in (256, 512, 2048)]
-        + [_lp(512, d=256, v=v, dtype=fp32, modes=("fwd_bwd",), sweep="V") for v in (4000, 8000, 32000)],
-        "dpo": [dict(pairs=2, t=256, d=256, v=16000, dtype=fp32)],
-        "grpo": [dict(b=4, t=256, d=256, v=16000, dtype=fp32)],
+        "logprobs": [_lp(512, d=128, v=8000, dtype=fp32)],
+        "logprobs_sweep": [_lp(n, d=128, v=8000, dtype=fp32, modes=("fwd_bwd",)) for n in (128, 256, 1024)]
+        + [_lp(512, d=128, v=v, dtype=fp32, modes=("fwd_bwd",), sweep="V") for v in (2000, 4000, 16000)],
+        "dpo": [dict(pairs=2, t=128, d=128, v=8000, dtype=fp32)],
+        "grpo": [dict(b=4, t=128, d=128, v=8000, dtype=fp32)],
         "gae": [dict(b=64, t=512), dict(b=256, t=1024)],
         "ppo": [dict(b=64, t=512), dict(b=256, t=1024)],
         "e2e_dpo": [dict(model="tiny-llama", d=128, v=8000, layers=2, pairs=2, t=128, dtype=fp32)],
