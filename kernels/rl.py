@@ -136,7 +136,10 @@ def _rl_loss_fwd_kernel(
                 loss_clipped = 0.5 * err_clipped * err_clipped
                 clipped = loss_clipped > loss
                 loss = tl.maximum(loss, loss_clipped)
-                grad = tl.where(clipped, 0.0, grad)  # the clipped branch is flat in V
+                # inside the clip range old + (V - old) differs from V by rounding, so the "clipped" branch can win
+                # by an ulp; it then has slope 1 like autograd's clamp, and slope 0 only when the clamp is active
+                in_range = tl.abs(v - old) <= clip_low
+                grad = tl.where(clipped, tl.where(in_range, err_clipped, 0.0), grad)
                 acc_low += tl.where(valid & clipped, 1.0, 0.0)
             acc_kl += v
         else:

@@ -1,0 +1,333 @@
+"""RL ops on the torch and Triton backends (the Triton kernels run in the interpreter on CPU) against the float64
+reference: the three-way accuracy rule, gradients against autograd of the reference, masking, errors."""
+import zlib
+
+import pytest
+import torch
+
+import fastalign as fa
+from fastalign.ops import rl as ops
+from fastalign.reference import rl as ref
+from tests.helpers.accuracy import assert_close_3way
+
+BACKENDS = ["torch", "triton"]
+# odd B and T, T = 1, and T above one interpreter tile (GAE tiles 64 steps, the losses 256)
+SHAPES = [(3, 1), (5, 37), (4, 300)]
+
+
+def _seed(*key) -> int:
+    """A stable per-case seed (str hashes change between processes)."""
+    return zlib.crc32(repr(key).encode()) % 10_000
+
+
+def _inputs(batch, length, *, seed, dtype=torch.float32, device="cpu", scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, length, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return x.to(device)
+
+
+def _mask(batch, length, *, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, length, generator=g) > 0.25
+    mask[batch // 2] = False  # an all-masked row
+    return mask.to(device)
+
+
+def _grad_of(fn, x, upstream):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x)
+    (out[0] * upstream).backward()
+    return out, x.grad
+
+
+# ------------------------------------------------------------------------------------------------------------ GAE
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [True, False])
+def test_gae_matches_reference(backend, shape, masked, device):
+    seed = _seed(shape, masked)
+    r, v = _inputs(*shape, seed=seed, device=device), _inputs(*shape, seed=seed + 1, device=device)
+    mask = _mask(*shape, seed=seed + 2, device=device) if masked else None
+    adv, ret = fa.gae(r, v, mask, gamma=0.99, lam=0.95, backend=backend)
+    truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95)
+    same_adv, same_ret = ref.gae(r, v, mask, gamma=0.99, lam=0.95)
+    assert adv.dtype == ret.dtype == torch.float32
+    assert_close_3way(adv, same_adv, truth_adv, torch.float32, name="advantages")
+    assert_close_3way(ret, same_ret, truth_ret, torch.float32, name="returns")
+
+
+def test_gae_many_tiles_carry_state():
+    # tiles of 16 steps: the state crosses 4 tile boundaries, masked positions included
+    r, v = _inputs(3, 61, seed=40), _inputs(3, 61, seed=41)
+    mask = _mask(3, 61, seed=42)
+    mask[0, 14:20] = False  # a masked run across a tile boundary
+    adv, ret = ops._triton_gae(r, v, mask, 0.9, 0.7, block_t=16)
+    truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.9, lam=0.7)
+    same_adv, same_ret = ref.gae(r, v, mask, gamma=0.9, lam=0.7)
+    assert_close_3way(adv, same_adv, truth_adv, torch.float32, name="advantages")
+    assert_close_3way(ret, same_ret, truth_ret, torch.float32, name="returns")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gae_whiten_and_low_precision_inputs(backend):
+    r = _inputs(5, 23, seed=43, dtype=torch.bfloat16)
+    v = _inputs(5, 23, seed=44, dtype=torch.bfloat16)
+    mask = _mask(5, 23, seed=45).to(torch.float32)  # a 0/1 float mask
+    adv, ret = fa.gae(r, v, mask, gamma=1.0, lam=0.9, whiten=True, backend=backend)
+    truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=1.0, lam=0.9, whiten=True)
+    torch.testing.assert_close(adv, truth_adv.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ret, truth_ret.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_gae_kernel_backend_refuses_to_drop_gradients():
+    v = _inputs(2, 5, seed=46).requires_grad_()
+    with pytest.raises(RuntimeError, match="does not propagate gradients"):
+        fa.gae(torch.zeros(2, 5), v, None, backend="triton")
+    with torch.no_grad():
+        fa.gae(torch.zeros(2, 5), v, None, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------- policy loss
+
+def _policy_case(shape, seed, per_sequence_adv, device="cpu", dtype=torch.float32):
+    logp = _inputs(*shape, seed=seed, scale=0.3, dtype=dtype, device=device)
+    old = (logp.double() + _inputs(*shape, seed=seed + 1, scale=0.3, dtype=torch.float64, device=device)).to(dtype)
+    adv = _inputs(shape[0], 1, seed=seed + 2, device=device)[:, 0] if per_sequence_adv else _inputs(
+        *shape, seed=seed + 2, device=device)
+    return logp, old, adv, _mask(*shape, seed=seed + 3, device=device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+@pytest.mark.parametrize("shape,per_sequence_adv,dual_clip", [
+    ((5, 37), False, 3.0), ((3, 1), True, None), ((4, 300), True, 2.5),
+])
+def test_ppo_policy_loss_matches_reference(backend, agg, shape, per_sequence_adv, dual_clip, device):
+    logp, old, adv, mask = _policy_case(shape, _seed(agg, shape), per_sequence_adv, device)
+    kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, agg=agg)
+    upstream = torch.randn((), generator=torch.Generator().manual_seed(7)).item()
+
+    (loss, stats), grad = _grad_of(lambda x: fa.ppo_policy_loss(x, old, adv, mask, backend=backend, **kwargs),
+                                   logp, upstream)
+    (same, same_stats), same_grad = _grad_of(lambda x: ref.ppo_policy_loss(x, old, adv, mask, **kwargs), logp, upstream)
+    (truth, truth_stats), truth_grad = _grad_of(
+        lambda x: ref.ppo_policy_loss(x, old.double(), adv.double(), mask, **kwargs), logp.double(), upstream)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close_3way(loss, same, truth, torch.float32, name="loss")
+    assert_close_3way(grad, same_grad, truth_grad, torch.float32, name="grad")
+    assert set(stats) == set(ref.POLICY_STATS)
+    for key in ref.POLICY_STATS:
+        assert not stats[key].requires_grad
+        assert_close_3way(stats[key], same_stats[key], truth_stats[key], torch.float32, name=key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_policy_loss_forward_only_and_strided_inputs(backend):
+    logp, old, adv, mask = _policy_case((6, 19), 50, False)
+    # transposed storage: non-contiguous views of every input
+    logp_t, old_t, adv_t = (x.t().contiguous().t() for x in (logp, old, adv))
+    assert not logp_t.is_contiguous()
+    with torch.no_grad():
+        loss, stats = fa.ppo_policy_loss(logp_t, old_t, adv_t, mask, agg="seq-mean-token-mean", backend=backend)
+    expected, expected_stats = ref.ppo_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean")
+    torch.testing.assert_close(loss, expected)
+    for key in ref.POLICY_STATS:
+        torch.testing.assert_close(stats[key], expected_stats[key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_policy_loss_bf16_logprobs(backend):
+    logp, old, adv, mask = _policy_case((5, 29), 51, True, dtype=torch.bfloat16)
+    (loss, _), grad = _grad_of(lambda x: fa.ppo_policy_loss(x, old, adv, mask, backend=backend), logp, 1.0)
+    (truth, _), truth_grad = _grad_of(lambda x: ref.ppo_policy_loss(x, old.double(), adv.double(), mask),
+                                      logp.double(), 1.0)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-5)  # math in fp32 on bf16-exact inputs
+    torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-2, atol=1e-4)  # rounded once to bf16
+
+
+# ---------------------------------------------------------------------------------------------------- value loss
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+@pytest.mark.parametrize("shape,clip", [((5, 37), 0.2), ((3, 1), None), ((4, 300), 0.5)])
+def test_value_loss_matches_reference(backend, agg, shape, clip):
+    seed = _seed(agg, shape)
+    values, old, returns = (_inputs(*shape, seed=seed + i) for i in range(3))
+    mask = _mask(*shape, seed=seed + 3)
+    upstream = 0.37
+    (loss, stats), grad = _grad_of(
+        lambda x: fa.value_loss(x, old, returns, mask, clip=clip, agg=agg, backend=backend), values, upstream)
+    (same, same_stats), same_grad = _grad_of(
+        lambda x: ref.value_loss(x, old, returns, mask, clip=clip, agg=agg), values, upstream)
+    (truth, truth_stats), truth_grad = _grad_of(
+        lambda x: ref.value_loss(x, old.double(), returns.double(), mask, clip=clip, agg=agg), values.double(),
+        upstream)
+    assert_close_3way(loss, same, truth, torch.float32, name="loss")
+    assert_close_3way(grad, same_grad, truth_grad, torch.float32, name="grad")
+    for key in ref.VALUE_STATS:
+        assert_close_3way(stats[key], same_stats[key], truth_stats[key], torch.float32, name=key)
+
+
+# ----------------------------------------------------------------------------------------------- all-masked input
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+def test_all_masked_batch_gives_zero_loss_zero_grad_finite_stats(backend, agg):
+    logp = _inputs(3, 7, seed=60).requires_grad_()
+    values = _inputs(3, 7, seed=61).requires_grad_()
+    garbage = torch.full((3, 7), float("nan"))  # masked positions may hold anything
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    loss, stats = fa.ppo_policy_loss(logp, garbage, garbage, mask, dual_clip=3.0, agg=agg, backend=backend)
+    vloss, vstats = fa.value_loss(values, garbage, garbage, mask, clip=0.2, agg=agg, backend=backend)
+    (loss + vloss).backward()
+    assert loss.item() == 0 and vloss.item() == 0
+    assert torch.equal(logp.grad, torch.zeros_like(logp)) and torch.equal(values.grad, torch.zeros_like(values))
+    for value in (*stats.values(), *vstats.values()):
+        assert torch.isfinite(value) and value.item() == 0
+    adv, ret = fa.gae(garbage.nan_to_num(), values.detach(), mask, backend=backend)
+    assert torch.equal(adv, torch.zeros_like(adv))
+
+
+# ---------------------------------------------------------------------------------------------------- KL penalty
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ref.KL_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_penalty_matches_reference(backend, kind, dtype):
+    # includes |d| < 0.1, where exp(d) - 1 - d cancels in fp32 and the kernel switches to the series
+    logp = _inputs(15, 41, seed=70, dtype=dtype, scale=0.5)
+    ref_lp = (logp.double() + _inputs(15, 41, seed=71, scale=0.05, dtype=torch.float64)).to(dtype)
+    upstream = _inputs(15, 41, seed=72)
+    x1, y1 = logp.clone().requires_grad_(), ref_lp.clone().requires_grad_()
+    out = fa.kl_penalty(x1, y1, kind=kind, backend=backend)
+    (out * upstream).sum().backward()
+    x2, y2 = logp.double().requires_grad_(), ref_lp.double().requires_grad_()
+    truth = ref.kl_penalty(x2, y2, kind=kind)
+    (truth * upstream.double()).sum().backward()
+    x3, y3 = logp.clone().requires_grad_(), ref_lp.clone().requires_grad_()
+    same = ref.kl_penalty(x3, y3, kind=kind)
+    (same * upstream).sum().backward()
+    assert out.dtype == torch.float32 and x1.grad.dtype == dtype
+    assert_close_3way(out, same, truth, torch.float32, name="kl")
+    assert_close_3way(x1.grad, x3.grad, x2.grad, dtype, name="grad logprobs")
+    assert_close_3way(y1.grad, y3.grad, y2.grad, dtype, name="grad ref_logprobs")
+
+
+def test_kl_penalty_any_shape_and_expanded_upstream():
+    logp, ref_lp = _inputs(4, 6, seed=73).view(2, 2, 6), _inputs(4, 6, seed=74).view(2, 2, 6)
+    x = logp.clone().requires_grad_()
+    fa.kl_penalty(x, ref_lp, kind="k3", backend="triton").sum().backward()  # upstream: an expanded tensor of ones
+    expected = -torch.expm1(ref_lp - logp)
+    torch.testing.assert_close(x.grad, expected)
+
+
+# -------------------------------------------------------------------------------------------------- group advantages
+
+@pytest.mark.parametrize("scale", ref.GROUP_SCALES)
+def test_group_advantages_public(scale):
+    r = _inputs(15, 1, seed=80)[:, 0]
+    torch.testing.assert_close(fa.group_advantages(r, 5, scale=scale), ref.group_advantages(r, 5, scale=scale))
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+
+def _errors():
+    x = torch.zeros(2, 3)
+    return [
+        (lambda: fa.gae(x, torch.zeros(2, 4)), ValueError, "values must have shape"),
+        (lambda: fa.gae(x, x, torch.ones(3, 2)), ValueError, "mask must have shape"),
+        (lambda: fa.gae(x, x.long()), TypeError, "values must be fp16/bf16/fp32/fp64"),
+        (lambda: fa.gae(x, x, gamma=1.5), ValueError, "gamma must lie in"),
+        (lambda: fa.gae(x, x, lam=-0.1), ValueError, "lam must lie in"),
+        (lambda: fa.gae(torch.zeros(3), torch.zeros(3)), ValueError, "rewards must have shape"),
+        (lambda: fa.gae(x, x, backend="nope"), ValueError, "backend must be one of"),
+        (lambda: fa.gae(x, x.to("meta")), ValueError, "values is on meta"),
+        (lambda: fa.group_advantages(torch.zeros(7), 2), ValueError, "multiple of group_size"),
+        (lambda: fa.group_advantages(torch.zeros(8), 0), ValueError, "group_size must be"),
+        (lambda: fa.group_advantages(torch.zeros(8), 2, scale="std"), ValueError, "scale must be one of"),
+        (lambda: fa.ppo_policy_loss(x, x, torch.zeros(3)), ValueError, "advantages must have shape"),
+        (lambda: fa.ppo_policy_loss(x, torch.zeros(2, 2), x), ValueError, "old_logprobs must have shape"),
+        (lambda: fa.ppo_policy_loss(x, x, x, clip_low=0.0), ValueError, "clip_low must be > 0"),
+        (lambda: fa.ppo_policy_loss(x, x, x, clip_high=-0.2), ValueError, "clip_high must be > 0"),
+        (lambda: fa.ppo_policy_loss(x, x, x, dual_clip=0.5), ValueError, "dual_clip must be > 1"),
+        (lambda: fa.ppo_policy_loss(x, x, x, agg="mean"), ValueError, "agg must be one of"),
+        (lambda: fa.ppo_policy_loss(x, x, x, norm_len=0), ValueError, "norm_len must be"),
+        (lambda: fa.ppo_policy_loss(x, x, x, torch.ones(2, 3, dtype=torch.complex64)), TypeError, "mask must be"),
+        (lambda: fa.value_loss(x, x, x, clip=0), ValueError, "clip must be > 0"),
+        (lambda: fa.value_loss(x, x, torch.zeros(1, 3)), ValueError, "returns must have shape"),
+        (lambda: fa.kl_penalty(x, torch.zeros(3, 2)), ValueError, "ref_logprobs must have shape"),
+        (lambda: fa.kl_penalty(x, x, kind="k4"), ValueError, "kind must be one of"),
+        (lambda: fa.value_loss(x, x, x, backend="cpp"), ValueError, "not implemented for this op"),
+        (lambda: fa.ppo_policy_loss(x.double(), x, x, backend="triton"), TypeError, "fp64"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_errors())))
+def test_bad_inputs_raise_naming_the_argument(case):
+    fn, exc, match = _errors()[case]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+# ------------------------------------------------------------------------------------------- sm_90 compile check
+
+def test_rl_kernels_compile_for_sm90():
+    """The interpreter misses layout / lowering errors: compile every RL kernel (the tuple reverse scan of GAE
+    included) to a cubin for an sm_90 target, without a GPU."""
+    pytest.importorskip("triton")
+    from tests.helpers.compile import compile_in_subprocess
+
+    mod = "fastalign.kernels.rl:"
+    loss_ptrs = dict(x_ptr="fp32", y_ptr="fp32", z_ptr="fp32", mask_ptr="u8", grad_ptr="fp32", row_stats_ptr="fp32")
+    loss_flags = dict(HAS_MASK=True, HAS_CLIP=True, NEED_GRAD=True, BLOCK_T=1024)
+    jobs = [
+        dict(kernel=mod + "_gae_fwd_kernel",
+             pointers=dict(rewards_ptr="fp32", values_ptr="bf16", mask_ptr="u8", adv_ptr="fp32", returns_ptr="fp32"),
+             constexprs=dict(HAS_MASK=True, BLOCK_B=2, BLOCK_T=1024), floats=["gamma", "lam"], num_warps=4),
+        dict(kernel=mod + "_rl_loss_fwd_kernel", pointers=loss_ptrs,
+             constexprs=dict(IS_VALUE=False, HAS_DUAL_CLIP=True, **loss_flags),
+             floats=["clip_low", "clip_high", "dual_clip"], num_warps=4),
+        dict(kernel=mod + "_rl_loss_fwd_kernel", pointers=loss_ptrs,
+             constexprs=dict(IS_VALUE=True, HAS_DUAL_CLIP=False, **loss_flags),
+             floats=["clip_low", "clip_high", "dual_clip"], num_warps=4),
+        dict(kernel=mod + "_rl_loss_finalize_kernel",
+             pointers=dict(row_stats_ptr="fp32", scale_ptr="fp32", out_ptr="fp32"),
+             constexprs=dict(AGG=2, IS_VALUE=False, BLOCK_B=512), floats=["norm_len"]),
+        dict(kernel=mod + "_rl_loss_bwd_kernel",
+             pointers=dict(grad_ptr="fp32", scale_ptr="fp32", upstream_ptr="fp32", out_ptr="bf16"),
+             constexprs=dict(BLOCK_T=1024)),
+        dict(kernel=mod + "_kl_fwd_kernel", pointers=dict(logp_ptr="fp32", ref_ptr="fp32", out_ptr="fp32"),
+             constexprs=dict(KIND=3, BLOCK=2048)),
+        dict(kernel=mod + "_kl_bwd_kernel",
+             pointers=dict(logp_ptr="bf16", ref_ptr="bf16", upstream_ptr="fp32", grad_logp_ptr="bf16",
+                           grad_ref_ptr="bf16"),
+             constexprs=dict(KIND=3, NEED_LOGP=True, NEED_REF=True, BLOCK=2048)),
+    ]
+    results = compile_in_subprocess(jobs)
+    failed = [(job["kernel"], res["error"]) for job, res in zip(jobs, results) if not res["ok"]]
+    assert not failed, failed
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+def test_gpu_reverse_scan_and_losses_at_scale(device):
+    # Triton issue #4362 reports wrong GPU results for some non-commutative reverse scans: check the real thing
+    shape = (64, 3001)
+    r, v = _inputs(*shape, seed=90, device=device), _inputs(*shape, seed=91, device=device)
+    mask = _mask(*shape, seed=92, device=device)
+    adv, ret = fa.gae(r, v, mask, gamma=0.999, lam=0.95, backend="triton")
+    truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.999, lam=0.95)
+    same_adv, same_ret = ref.gae(r, v, mask, gamma=0.999, lam=0.95)
+    assert_close_3way(adv, same_adv, truth_adv, torch.float32, name="advantages", atol=1e-4)
+    assert_close_3way(ret, same_ret, truth_ret, torch.float32, name="returns", atol=1e-4)
+    logp, old, adv2, mask2 = _policy_case((512, 2048), 93, False, device=device)
+    for agg in ref.AGG_MODES:
+        (loss, _), grad = _grad_of(lambda x: fa.ppo_policy_loss(x, old, adv2, mask2, dual_clip=3.0, agg=agg,
+                                                                backend="triton"), logp, 1.0)
+        (truth, _), truth_grad = _grad_of(lambda x: ref.ppo_policy_loss(x, old.double(), adv2.double(), mask2,
+                                                                        dual_clip=3.0, agg=agg), logp.double(), 1.0)
+        torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-5, atol=1e-9)
