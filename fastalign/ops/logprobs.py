@@ -352,9 +352,10 @@ def head_forward(head: Head, backend: str, *, need_entropy: bool):
 
 def head_backward(head: Head, backend: str, lse, mu, grad_logp, grad_entropy, needs=(True, True, True)):
     """Gradients (dh (N, D), dW (V, D), db (V,)) for per-token upstream gradients ``grad_logp`` / ``grad_entropy``
-    ((N,) float or None). Incoming gradients are made contiguous fp32 here."""
-    grad_logp = grad_logp.float().contiguous() if grad_logp is not None else None
-    grad_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
+    ((N,) float or None). Incoming gradients are made contiguous fp32 (fp64 for fp64 inputs) here."""
+    acc = torch.float64 if head.hidden.dtype == torch.float64 else torch.float32
+    grad_logp = grad_logp.to(acc).contiguous() if grad_logp is not None else None
+    grad_entropy = grad_entropy.to(acc).contiguous() if grad_entropy is not None else None
     if backend == "triton":
         return _triton_backward(head, lse, mu, grad_logp, grad_entropy, needs)
     return ref.linear_logprobs_backward(
