@@ -52,7 +52,14 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("model."): v for k, v in sd.items()}
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    # the gather returns tied weights as separate copies; save_pretrained's own layout keeps only the source
+    hf = unwrap(model)
+    tied = getattr(hf, "_tied_weights_keys", None) or {}
+    if getattr(hf.config, "tie_word_embeddings", False) and isinstance(tied, dict):
+        for key in tied:
+            sd.pop(key, None)
+    return sd
 
 
 def save_model(model: nn.Module, path: str | Path, tokenizer=None, *, is_main: bool = True) -> None:

@@ -73,6 +73,8 @@ class TrainConfig:
     max_bad_steps: int = option(10, "abort after this many steps skipped for a NaN/inf loss or gradient")
     # runtime, checkpoints, logging
     device: str = option("auto", "auto = cuda when available (the local rank's GPU under torchrun), else cpu")
+    parallelism: str = option("auto", "under torchrun: auto = FSDP2 on GPUs, DDP on CPU; or force fsdp / ddp",
+                              choices=("auto", "fsdp", "ddp"))
     output_dir: str = option("runs/run", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     save_steps: int = option(0, "save a checkpoint every N steps (0: only at the end)")
     save_total_limit: int = option(2, "keep at most this many step checkpoints (0: keep all)")

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -145,7 +146,7 @@ class TrainLoop:
         for m in raw.values():
             m.to(self.info.device)
             m.train()
-        self.models = {name: distributed.wrap(m, self.info) for name, m in raw.items()}
+        self.models = {name: distributed.wrap(m, self.info, cfg.parallelism) for name, m in raw.items()}
         self.model = self.models["model"]
         self.params = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
         if not self.params:
@@ -249,7 +250,9 @@ class TrainLoop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, like the data
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         elapsed = self.metrics.timer()
         out.update(lr=lr, grad_norm=grad_norm, skipped=int(bad), bad_steps=self.bad_steps,
                    tokens_per_s=float(packed[1]) / max(elapsed, 1e-9), **(extra_metrics or {}))

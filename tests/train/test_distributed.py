@@ -1,8 +1,10 @@
-"""torchrun with 2 gloo processes (DDP on CPU) == one process on the same global batch: losses and weights."""
+"""torchrun with 2 gloo processes (DDP, and FSDP2 which also runs on CPU) == one process on the same global
+batch: per-step losses and the saved (for FSDP2: gathered) weights."""
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -10,8 +12,9 @@ from fastalign import cli
 from fastalign.train import metrics
 
 
-def _train(tmp_path, tiny_model_dir, name, procs, batch_size):
-    args = ["train", "sft", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / name),
+def _train(tmp_path, tiny_model_dir, name, procs, batch_size, parallelism="auto"):
+    """Run SFT for 3 steps (grad_accum 2) in this process (procs=1) or under torchrun; returns the run dir."""
+    args = ["train", "sft", "--parallelism", parallelism, "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / name),
             "--max-steps", "3", "--batch-size", str(batch_size), "--grad-accum", "2", "--max-samples", "12",
             "--learning-rate", "3e-3", "--max-length", "64", "--dtype", "float32", "--device", "cpu", "--no-progress"]
     if procs == 1:  # in this process, through the same CLI entry point
@@ -25,9 +28,15 @@ def _train(tmp_path, tiny_model_dir, name, procs, batch_size):
     return tmp_path / name
 
 
-def test_two_gloo_processes_match_one(tmp_path, tiny_model_dir):
-    one = _train(tmp_path, tiny_model_dir, "one", 1, batch_size=4)
-    two = _train(tmp_path, tiny_model_dir, "two", 2, batch_size=2)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir):
+    return _train(tmp_path_factory.mktemp("single"), tiny_model_dir, "one", 1, batch_size=4)
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one(tmp_path, tiny_model_dir, one_process, parallelism):
+    one = one_process
+    two = _train(tmp_path, tiny_model_dir, "two", 2, batch_size=2, parallelism=parallelism)
     loss_one = [r["loss"] for r in metrics.read_metrics(one)]
     loss_two = [r["loss"] for r in metrics.read_metrics(two)]
     assert len(loss_one) == 3
