@@ -152,6 +152,8 @@ def env_report() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["demo"], ["bench"]):  # they parse their own flags (argparse's REMAINDER drops a leading -x)
+        return _delegate(argv[0], argv[1:])
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command == "train":
@@ -172,12 +174,6 @@ def main(argv: list[str] | None = None) -> int:
             sub.error(str(exc))
         train_fn(cfg)
         return 0
-    if args.command == "demo":
-        try:
-            demo = importlib.import_module("fastalign.train.demo")
-        except ImportError as exc:
-            raise SystemExit(f"fastalign demo is not available ({exc})") from None
-        return demo.main(args.rest) or 0
     if args.command == "plot":
         from fastalign.train.plot import plot_run
 
@@ -187,14 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "env":
         print(env_report())
         return 0
-    if args.command == "bench":
-        try:
-            bench = importlib.import_module("fastalign.benchmarks.__main__")
-        except ImportError as exc:
-            raise SystemExit(f"fastalign bench: fastalign.benchmarks is not available ({exc})") from None
-        return bench.main(args.rest) or 0
     parser.print_help()
     return 0
+
+
+def _delegate(command: str, rest: list[str]) -> int:
+    """``demo`` -> fastalign.train.demo.main(rest); ``bench`` -> fastalign.benchmarks.__main__.main(rest)."""
+    module = {"demo": "fastalign.train.demo", "bench": "fastalign.benchmarks.__main__"}[command]
+    try:
+        target = importlib.import_module(module)
+    except ImportError as exc:
+        raise SystemExit(f"fastalign {command}: {module} is not available ({exc})") from None
+    return target.main(rest) or 0
 
 
 if __name__ == "__main__":

@@ -62,3 +62,15 @@ def test_registration_hook(tmp_path, monkeypatch):
     monkeypatch.setitem(cli.ALGORITHMS, "mysft", ("fastalign.train.sft", "SFTConfig", "train"))
     cls, fn = cli.load_algorithm("mysft")
     assert cls is SFTConfig and callable(fn)
+
+
+def test_demo_and_bench_get_every_argument(monkeypatch):
+    import sys
+    import types
+
+    seen = []
+    for module in ("fastalign.train.demo", "fastalign.benchmarks.__main__"):
+        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(main=lambda argv: seen.append(argv)))
+    assert cli.main(["demo", "--quick", "--seed", "3"]) == 0
+    assert cli.main(["bench", "--help"]) == 0
+    assert seen == [["--quick", "--seed", "3"], ["--help"]]
