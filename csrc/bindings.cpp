@@ -19,9 +19,9 @@ void check_grid(const at::Tensor& x, const char* name, const at::Tensor& ref) {
 void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& ref) {
   if (!mask.has_value()) return;
   const at::Tensor& m = *mask;
-  CHECK_BOOL(m);
-  CHECK_DEVICE(m, ref);
-  CHECK_CONTIGUOUS(m);
+  TORCH_CHECK(m.scalar_type() == at::kBool, "mask must be a bool tensor, got ", m.scalar_type());
+  TORCH_CHECK(m.device() == ref.device(), "mask is on ", m.device(), " but the first input is on ", ref.device());
+  TORCH_CHECK(m.is_contiguous(), "mask must be contiguous");
   TORCH_CHECK(m.sizes() == ref.sizes(), "mask must have shape ", ref.sizes(), ", got ", m.sizes());
 }
 

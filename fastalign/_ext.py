@@ -142,6 +142,10 @@ def build(*, with_cuda: bool | None = None, verbose: bool = False):
     return module
 
 
+def _build_module():
+    return build()  # the module-level function: load's argument shadows the name there
+
+
 def load(build: bool = False):
     """The extension module: already loaded, or a matching build in the cache, or (``build=True`` or
     ``FASTALIGN_BUILD_EXT=1``) a fresh build. Raises RuntimeError with the build command when unavailable."""
@@ -158,7 +162,7 @@ def load(build: bool = False):
                 raise RuntimeError(f"fastalign._C: the cached build {library} does not load ({exc}); rebuild it "
                                    f"with `{BUILD_COMMAND}`") from exc
     if build or (_truthy("FASTALIGN_BUILD_EXT") and _error is None):
-        return globals()["build"]()
+        return _build_module()
     reason = _error or ("the C++/CUDA sources (csrc/) are not part of this install" if folder is None
                         else f"it is not built (no {NAME} in {folder})")
     raise RuntimeError(f"fastalign._C is unavailable: {reason}. Build it with `{BUILD_COMMAND}`.")
