@@ -7,6 +7,7 @@ from pathlib import Path
 from fastalign.train.metrics import read_metrics
 
 SKIP = {"step", "epoch"}
+FIRST = ("loss", "reward", "kl", "entropy", "clip_frac", "reward_length_corr", "accuracy", "rewards/accuracies")
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -21,7 +22,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     names = sorted({k for r in rows for k, v in r.items()
-                    if k not in SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)})
+                    if k not in SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                   key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n))
     if not names:
         raise ValueError(f"{run_dir}: metrics.jsonl has no numeric metrics to plot")
     series = {n: [(r["step"], r[n]) for r in rows if isinstance(r.get(n), (int, float))] for n in names}
