@@ -124,9 +124,8 @@ def _warn_fallback(op: str) -> None:
 
     why = _backend.extension_status()[1]
     warnings.warn(
-        f"fastalign: {op} and the other CPU RL ops use the PyTorch path because the C++ extension fastalign._C is "
-        f"unavailable ({why}). Build it once with `python -m fastalign.ext build` (or set FASTALIGN_BUILD_EXT=1) "
-        "for the fast CPU path.",
+        f"fastalign: {op} and the other CPU RL ops fall back to the PyTorch path. {why} (Or set "
+        "FASTALIGN_BUILD_EXT=1 to build it on first use.)",
         RuntimeWarning,
         stacklevel=4,
     )
