@@ -58,6 +58,8 @@ def _report_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots-dir", default=None,
                    help="where to write the PNGs the report links (default: next to --out, benchmarks/results)")
     p.add_argument("--note", action="append", default=[], help="a line to add under the title (repeatable)")
+    p.add_argument("--readme", default=None,
+                   help="also rewrite the benchmark section of this README (between its section markers only)")
     return p
 
 
@@ -168,7 +170,7 @@ def _run(args, argv: list[str]) -> int:
         "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv),
         "preset": preset_name, "date": harness.now_utc(), "machine": harness.machine(),
         "versions": harness.versions(), "extension": ext_status, "device": str(device),
-        "timing_method": "cuda-do_bench (CUDA events)" if device.type == "cuda" else "cpu-wall-clock",
+        "timing_method": "CUDA events per call, L2 flushed before each (as triton.testing.do_bench)" if device.type == "cuda" else "cpu-wall-clock",
         "memory_method": ("cuda max_memory_allocated - memory_allocated before the call" if device.type == "cuda"
                           else "sampled process RSS (peak - before), approximate; not comparable to GPU figures"),
         "budget_s_per_impl": budget, "impl_timeout_s": impl_timeout,
@@ -198,7 +200,8 @@ def _run(args, argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     plots = report.write_plots([data], out)
-    (out / "results.md").write_text(report.render([data], plot_paths=plots, title="fastalign benchmark run",
+    (out / "results.md").write_text(report.render([data], plot_paths=[Path(p).name for p in plots],
+                                                  title="fastalign benchmark run",
                                                   sources=[str(out / "results.json")]))
     log("")
     log(report.headline_table([data]))
@@ -238,6 +241,9 @@ def _report(args) -> int:
         print(text)
     print("\nHeadline table (for the README):\n")
     print(report.headline_table(runs))
+    if args.readme:
+        report.update_readme(args.readme, runs)
+        print(f"updated the benchmark section of {args.readme}")
     return 0
 
 

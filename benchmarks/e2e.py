@@ -157,6 +157,22 @@ def _plain_seq_logps(model, batch):
     return logp.sum(-1)
 
 
+def _fp32_head_logits(model, input_ids, attention_mask):
+    """The truth's logits: the model's own backbone, then the LM head in fp32 (bf16 logits are themselves off by
+    ~1e-2, which summed over a sequence would make the plain path a poor reference)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+    return F.linear(hidden.float(), head.weight.float(), bias)
+
+
+def _truth_seq_logps(model, batch):
+    logits = _fp32_head_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    y = batch["labels"][:, 1:]
+    return (logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != IGNORE)).sum(-1)
+
+
 def dpo_case(spec: dict, device, dtype) -> Case:
     shared = Shared(spec, device, dtype)
     fa, why_fa = peers.load("fastalign")
@@ -177,7 +193,7 @@ def dpo_case(spec: dict, device, dtype) -> Case:
 
     def truth(b):
         with torch.no_grad():
-            return {"loss": _dpo_formula(_plain_seq_logps(shared.model, b),
+            return {"loss": _dpo_formula(_truth_seq_logps(shared.model, b),
                                          torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]))}
 
     def fused(b):
@@ -285,8 +301,11 @@ def grpo_case(spec: dict, device, dtype) -> Case:
                              x["completion_mask"].float())
 
     def truth(x):
+        ids, mask = ids_mask(x)
         with torch.no_grad():
-            return {"loss": formula(plain_logp(shared.model, x), x)}
+            logits = _fp32_head_logits(shared.model, ids, mask)[:, prompt - 1:-1]
+            logp = logits.log_softmax(-1).gather(-1, x["completion_ids"][..., None])[..., 0]
+            return {"loss": formula(logp, x)}
 
     def ids_mask(x):
         return (torch.cat([x["prompt_ids"], x["completion_ids"]], 1),

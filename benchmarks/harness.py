@@ -2,13 +2,14 @@
 
 One measurement = one implementation of one case on one device:
 
-- time: on CUDA, ``triton.testing.do_bench(fn, return_mode="all")`` (CUDA events, L2 flushed between calls),
-  summarised as median / p20 / p80 / min / max in ms; on CPU, wall clock (``time.perf_counter``) over a few calls
-  after one warm-up, summarised the same way.
+- time: on CUDA, CUDA events around each call with L2 flushed before it (do_bench's method, with the repetition
+  count taken from a warm call so that 0.5 s calls are not repeated a dozen times), summarised as median / p20 /
+  p80 / min / max in ms; on CPU, wall clock (``time.perf_counter``) over a few calls after a warm-up, the same way.
 - memory: on CUDA, ``max_memory_allocated`` during one call minus ``memory_allocated`` before it (inputs are
   allocated before, so this is "peak above inputs"; outputs and gradients the call creates count). On CPU there is
-  no allocator counter: we sample the process RSS every millisecond during one call and report peak minus before,
-  labelled ``cpu-rss-sampled`` — approximate (glibc may reuse freed pages) and not comparable to GPU figures.
+  no allocator counter: after ``malloc_trim(0)`` we sample the process RSS every millisecond during one call and
+  report peak minus before, labelled ``cpu-rss-sampled`` — approximate (the allocator may reuse pages it kept, so
+  small results read as 0) and not comparable to GPU figures.
 - agreement: every implementation's outputs are compared with a high-precision truth before timing; the max
   absolute deviation of each output is recorded, and ``ok`` follows DESIGN.md's rule
   ``|impl - truth| <= 2 * |torch_same_dtype - truth| + atol``.
@@ -74,7 +75,7 @@ class Timing:
     min_ms: float
     max_ms: float
     reps: int
-    method: str  # "cuda-do_bench" | "cpu-wall-clock"
+    method: str  # "cuda-events" | "cpu-wall-clock"
 
 
 def _summary(samples: list[float], method: str) -> Timing:
@@ -86,23 +87,47 @@ def _summary(samples: list[float], method: str) -> Timing:
     return Timing(statistics.median(s), q(0.2), q(0.8), s[0], s[-1], len(s), method)
 
 
-def measure_time(fn: Callable[[], Any], device: torch.device, *, budget_s: float = 2.0, max_reps: int = 50,
-                 min_reps: int = 3, grad_to_none: list[torch.Tensor] | None = None) -> Timing:
-    """Time ``fn`` (one full call: e.g. forward+backward). ``budget_s`` bounds the total time spent timing."""
-    if device.type == "cuda":
-        import triton.testing
+def measure_time(fn: Callable[[], Any], device: torch.device, *, budget_s: float = 2.0, max_reps: int | None = None,
+                 grad_to_none: list[torch.Tensor] | None = None, first_s: float | None = None) -> Timing:
+    """Time ``fn`` (one full call: e.g. forward+backward); ``budget_s`` bounds the time spent in timed calls.
 
-        # do_bench picks its repetition count from `rep` (ms of total timing); it warms up for `warmup` ms
-        rep_ms = max(50.0, min(1000.0 * budget_s, 2000.0))
-        times = triton.testing.do_bench(fn, warmup=max(10, int(rep_ms / 4)), rep=int(rep_ms),
-                                        grad_to_none=grad_to_none, return_mode="all")
-        return _summary([float(t) for t in times], "cuda-do_bench")
-    # CPU: one warm-up call, then as many calls as the budget allows
-    _clear(grad_to_none)
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    reps = int(max(min_reps, min(max_reps, budget_s / max(first, 1e-6))))
+    ``first_s``: the duration of a call already made (the agreement check), which then serves as the warm-up.
+    CUDA: one more warm call estimates the duration (the first may have compiled or autotuned), then
+    ``budget_s / estimate`` calls (3..200), each timed with CUDA events after flushing L2 by writing a 256 MiB
+    buffer, as ``triton.testing.do_bench`` does (its fixed 5-call estimate and warm-up cost too much for the
+    0.2-0.6 s calls of the large cases). CPU: wall clock over ``budget_s / first_s`` calls (1..50).
+    """
+    if device.type == "cuda":
+        def wall():
+            _clear(grad_to_none)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        if first_s is None:
+            wall()
+        est = wall()
+        reps = int(max(3, min(max_reps or 200, budget_s / max(est, 1e-6))))
+        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            _clear(grad_to_none)
+            flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        del flush
+        return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda-events")
+    if first_s is None:  # CPU warm-up
+        _clear(grad_to_none)
+        t0 = time.perf_counter()
+        fn()
+        first_s = time.perf_counter() - t0
+    reps = int(max(1, min(max_reps or 50, budget_s / max(first_s, 1e-6))))
     samples = []
     for _ in range(reps):
         _clear(grad_to_none)
@@ -118,6 +143,15 @@ def _clear(tensors: list[torch.Tensor] | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ memory
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -148,6 +182,7 @@ def measure_memory(fn: Callable[[], Any], device: torch.device,
         return Memory(int(peak), "cuda-max_memory_allocated")
     if not os.path.exists("/proc/self/statm"):
         return Memory(None, "n/a")
+    _malloc_trim()  # hand freed heap pages back first, so that the RSS growth reflects this call's allocations
     before = _rss_bytes()
     peak = [before]
     stop = threading.Event()

@@ -369,3 +369,55 @@ def render(runs: list[dict], *, plot_paths: list[str] = (), title: str = "Benchm
         for c in run.get("cases", []):
             L += _case_table(c)
     return "\n".join(L).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------- README
+
+README_BEGIN, README_END = "<!-- section:benchmarks -->", "<!-- /section:benchmarks -->"
+
+README_HOWTO = """## Benchmarks
+
+`python -m benchmarks` (also `fastalign bench`) runs each case with every implementation it can import —
+fastalign (each backend), naive PyTorch, TRL (`selective_log_softmax`, its chunked log-prob path, its DPO/GRPO
+trainers' loss paths), Liger-Kernel, Cut Cross-Entropy, torch.compile, the Python GAE loop — on identical inputs
+with a realistic logit scale, checks that they agree with a high-precision truth, then records median / p20 / p80 /
+min / max time, peak memory above inputs and the floor (GEMMs measured in the same run, or bytes / measured copy
+bandwidth). A peer that is not installed is listed as missing with its import error.
+
+```bash
+python -m benchmarks --preset cpu --out bench_out   # a few minutes on 2 cores: results.json, results.md, PNG plots
+python -m benchmarks --cases linear_logprobs --n 4096 --d 1024 --v 32000 --dtype bf16   # a custom shape
+pytest benchmarks/ --benchmark-only                 # pytest-benchmark suites of the CPU ops (not in the test command)
+python -m benchmarks report bench_out/results.json --out BENCHMARKS.md --readme README.md   # regenerate the report
+```
+
+On a lent H100/H200, one command runs the GPU tests, builds the CUDA extension and runs `--preset gpu` (DESIGN.md's
+shapes plus an N/V sweep) in about 8 minutes; fetch the peers' wheels first on a machine with PyPI:
+
+```bash
+bash benchmarks/fetch_wheels.sh    # TRL, Liger-Kernel, Cut Cross-Entropy (+ datasets, dill, multiprocess) -> .whl/
+bash benchmarks/gpu_check.sh       # on the GPU machine, with .whl/ carried; results under $OUT/bench
+```
+
+[BENCHMARKS.md](BENCHMARKS.md) is generated from the runners' JSON (per-case tables, targets, plots). Headline:
+"""
+
+
+def readme_section(runs: list[dict]) -> str:
+    lines = [README_BEGIN, README_HOWTO, headline_table(runs).rstrip(), ""]
+    if not any(not _is_cpu(r) for r in runs):
+        lines.append("No GPU has been measured yet: every GPU target in DESIGN.md is open, and no speed-up on a GPU "
+                     "is claimed.")
+        lines.append("")
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def update_readme(path, runs: list[dict]) -> None:
+    """Replace the text between the benchmark markers of README.md, and nothing else."""
+    path = Path(path)
+    text = path.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{path}: markers {README_BEGIN} ... {README_END} not found")
+    path.write_text(text[:begin] + readme_section(runs) + text[end + len(README_END):])

@@ -172,3 +172,16 @@ def test_targets_are_judged_only_on_gpu_runs():
     assert got["GAE 512x2048 < 20 us and >= 5000x the Python loop"] == "open"  # not measured in this run
     cpu = {"machine": {"cuda": False, "card": "CPU (no GPU)"}, "cases": [case]}
     assert all(s == "open" for n, s, _ in report.targets(cpu) if not n.startswith("CPU"))
+
+
+def test_readme_update_touches_only_the_benchmark_section(ci_run, tmp_path):
+    out, _ = ci_run
+    data = json.loads((out / "results.json").read_text())
+    before, after = "# title\n\nintro\n\n", "\n\n## Next section\nkept as is\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(before + report.README_BEGIN + "\nold table\n" + report.README_END + after)
+    report.update_readme(readme, [data])
+    text = readme.read_text()
+    assert text.startswith(before + report.README_BEGIN) and text.endswith(report.README_END + after)
+    assert "old table" not in text and "| case | shape |" in text and "not the GPU targets" in text
+    assert "every GPU target in DESIGN.md is open" in text
