@@ -59,11 +59,13 @@ def check_local_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def attn_implementation(requested: str = "auto") -> str:
-    """``"auto"``: flash-attn 2 when installed and a GPU is present, otherwise PyTorch SDPA."""
+def attn_implementation(requested: str = "auto", dtype: torch.dtype = torch.bfloat16,
+                        device: torch.device | str = "cuda") -> str:
+    """``"auto"``: flash-attn 2 when installed, on a GPU, in bf16/fp16 (all it supports); otherwise PyTorch SDPA."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    on_gpu = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if on_gpu and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -101,7 +103,8 @@ def load_model(
     hf_logging.disable_progress_bar()
     p = check_local_path(path)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs = dict(dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation(attn))
+    kwargs = dict(dtype=torch_dtype, local_files_only=True,
+                  attn_implementation=attn_implementation(attn, torch_dtype, device))
     if kind == "causal":
         model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
     elif kind == "score":

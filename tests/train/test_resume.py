@@ -23,14 +23,16 @@ def _interrupt_at(monkeypatch, step):
 
 
 def _weights(run):
-    return load_file(str(run["final_dir"] / "model.safetensors"))
+    final = run["final_dir"]
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(str(final / name))
 
 
-@pytest.mark.parametrize("algo,cls", [(sft, SFTConfig), (dpo, DPOConfig)])
-def test_resume_is_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch, algo, cls):
+@pytest.mark.parametrize("algo,cls,lora_r", [(sft, SFTConfig, 0), (dpo, DPOConfig, 0), (sft, SFTConfig, 4)])
+def test_resume_is_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch, algo, cls, lora_r):
     # shuffled data over several epochs, a warmup + cosine schedule, Adam moments: everything must be restored
     kw = dict(model=str(tiny_model_dir), max_steps=6, batch_size=3, max_samples=7, learning_rate=2e-3,
-              warmup_steps=2, save_steps=2, max_length=64, progress=False, dtype="float32", seed=1)
+              warmup_steps=2, save_steps=2, max_length=64, progress=False, dtype="float32", seed=1, lora_r=lora_r)
     full = algo.train(cls(output_dir=str(tmp_path / "full"), **kw))
     with monkeypatch.context() as m:
         _interrupt_at(m, 5)  # dies after the step-4 checkpoint, in the middle of step 5's bookkeeping
