@@ -22,11 +22,12 @@ LOGIT_STD = 3.0
 
 
 def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
-    weight = (torch.randn(v, d, generator=g) * (LOGIT_STD / d**0.5)).to(device=device, dtype=dtype)
-    labels = torch.randint(0, v, (n,), generator=g).to(device)
-    grad = torch.randn(n, generator=g).to(device)
+    # drawn on the device: a (151936, 3584) weight drawn on one CPU core takes seconds of the GPU lease
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, device=device).to(dtype)
+    weight = torch.randn(v, d, generator=g, device=device).mul_(LOGIT_STD / d**0.5).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
+    grad = torch.randn(n, generator=g, device=device)
     return {"hidden": hidden, "weight": weight, "labels": labels, "grad": grad}
 
 

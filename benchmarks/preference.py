@@ -31,15 +31,15 @@ IGNORE = -100
 # -------------------------------------------------------------------------------------------------------- DPO
 
 def dpo_inputs(pairs: int, t: int, d: int, v: int, dtype, device, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on the device (see logprobs.make_inputs)
     b = 2 * pairs
-    hidden = torch.randn(b, t, d, generator=g)
-    ref_hidden = hidden + 0.1 * torch.randn(b, t, d, generator=g)
-    weight = torch.randn(v, d, generator=g) * (LOGIT_STD / d**0.5)
-    labels = torch.randint(0, v, (b, t), generator=g)
+    hidden = torch.randn(b, t, d, generator=g, device=device)
+    ref_hidden = hidden + 0.1 * torch.randn(b, t, d, generator=g, device=device)
+    weight = torch.randn(v, d, generator=g, device=device).mul_(LOGIT_STD / d**0.5)
+    labels = torch.randint(0, v, (b, t), generator=g, device=device)
     labels[:, : max(1, t // 4)] = IGNORE  # prompt tokens
-    return {"hidden": hidden.to(device, dtype), "ref_hidden": ref_hidden.to(device, dtype),
-            "weight": weight.to(device, dtype), "labels": labels.to(device)}
+    return {"hidden": hidden.to(dtype), "ref_hidden": ref_hidden.to(dtype), "weight": weight.to(dtype),
+            "labels": labels}
 
 
 def _dpo_formula(pol: torch.Tensor, ref: torch.Tensor, beta: float = DPO_BETA) -> torch.Tensor:
@@ -165,18 +165,19 @@ def dpo_impls(device) -> list[Impl]:
 # ------------------------------------------------------------------------------------------------------- GRPO
 
 def grpo_inputs(b: int, t: int, d: int, v: int, dtype, device, seed: int = 1) -> dict:
+    gd = torch.Generator(device=device).manual_seed(seed)  # the big tensors are drawn on the device
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(b, t, d, generator=g)
-    weight = torch.randn(v, d, generator=g) * (LOGIT_STD / d**0.5)
-    labels = torch.randint(0, v, (b, t), generator=g)
+    hidden = torch.randn(b, t, d, generator=gd, device=device)
+    weight = torch.randn(v, d, generator=gd, device=device).mul_(LOGIT_STD / d**0.5)
+    labels = torch.randint(0, v, (b, t), generator=gd, device=device)
     lengths = torch.randint(max(1, t // 2), t + 1, (b,), generator=g)
     mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
     rewards = torch.randn(b, generator=g)
     group = min(8, b)
     r = rewards.view(-1, group)
     adv = ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-4)).reshape(b)
-    x = {"hidden": hidden.to(device, dtype), "weight": weight.to(device, dtype), "labels": labels.to(device),
-         "mask": mask.to(device), "advantages": adv.to(device)}
+    x = {"hidden": hidden.to(dtype), "weight": weight.to(dtype), "labels": labels, "mask": mask.to(device),
+         "advantages": adv.to(device)}
     cur = truth_logprobs(x["hidden"].reshape(-1, d), x["weight"], x["labels"].reshape(-1))["logp"]
     cur = cur.view(b, t).float().cpu()
     x["old_logprobs"] = ((cur + 0.05 * torch.randn(b, t, generator=g)) * mask).to(device)

@@ -35,6 +35,13 @@ def _mem(b, method: str | None = None) -> str:
     return s + ("*" if method and method.startswith("cpu") else "")
 
 
+def _rate(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
 def _shape(params: dict) -> str:
     skip = {"dtype", "head", "sweep", "model"}
     s = " ".join(f"{k}={v}" for k, v in params.items() if k not in skip)
@@ -296,19 +303,23 @@ def _case_table(c: dict) -> list[str]:
         lines.append(f"- floor: {_ms(floor.get('ms'))} ms — {floor.get('what')}")
     if not c.get("checked", True):
         lines.append("- agreement not checked at this sweep point")
-    lines += ["", "| implementation | status | median ms | p20–p80 | min–max | peak above inputs | max abs deviation "
-              "| agrees | notes |", "|---|---|---|---|---|---|---|---|---|"]
+    tokens = c.get("tokens")
+    lines += ["", "| implementation | status | median ms | p20–p80 | min–max | tokens/s | peak above inputs "
+              "| max abs deviation | agrees | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in c.get("rows", []):
         t = r.get("time") or {}
         mem = r.get("memory") or {}
         dev = ", ".join(f"{k} {v:.1e}" for k, v in (r.get("deviation") or {}).items() if v is not None) or "—"
         agrees = {True: "yes", False: "**no**", None: "—"}[r.get("agrees")]
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
-        note = r.get("detail", "") or r.get("extra", {}).get("note", "")
+        extra = r.get("extra", {})
+        note = "; ".join(x for x in (r.get("detail", ""), extra.get("note", ""),
+                                     f"path: {extra['path']}" if extra.get("path") else "") if x)
         note = note.replace("|", "\\|").replace("\n", " ")
+        tps = _rate(tokens / (t["median_ms"] / 1000.0)) if tokens and t.get("median_ms") else "—"
         lines.append(
             f"| {r['impl']} | {status} | {_ms(t.get('median_ms'))} | "
-            f"{_ms(t.get('p20_ms'))}–{_ms(t.get('p80_ms'))} | {_ms(t.get('min_ms'))}–{_ms(t.get('max_ms'))} | "
+            f"{_ms(t.get('p20_ms'))}–{_ms(t.get('p80_ms'))} | {_ms(t.get('min_ms'))}–{_ms(t.get('max_ms'))} | {tps} | "
             f"{_mem(mem.get('peak_above_inputs_bytes'), mem.get('method')) if mem else '—'} | {dev} | {agrees} | "
             f"{note} |")
     lines.append("")
