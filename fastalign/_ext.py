@@ -142,6 +142,14 @@ def build(*, with_cuda: bool | None = None, verbose: bool = False):
     return module
 
 
+class Unavailable(RuntimeError):
+    """The extension is neither loaded nor cached; ``reason`` says why (the message adds the build command)."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"fastalign._C is unavailable: {reason}. Build it with `{BUILD_COMMAND}`.")
+        self.reason = reason
+
+
 def _build_module():
     return build()  # the module-level function: load's argument shadows the name there
 
@@ -165,12 +173,12 @@ def load(build: bool = False):
         return _build_module()
     reason = _error or ("the C++/CUDA sources (csrc/) are not part of this install" if folder is None
                         else f"it is not built (no {NAME} in {folder})")
-    raise RuntimeError(f"fastalign._C is unavailable: {reason}. Build it with `{BUILD_COMMAND}`.")
+    raise Unavailable(reason)
 
 
 def status() -> tuple[bool, str]:
     """(available, why): loaded, or loadable from the cache without compiling (or built now when
-    ``FASTALIGN_BUILD_EXT=1``)."""
+    ``FASTALIGN_BUILD_EXT=1``); ``why`` says where it lives, or why it is unavailable."""
     global _unavailable
     if _module is not None:
         return True, f"fastalign._C loaded from {getattr(_module, '__file__', '?')} (CUDA kernels: " \
@@ -179,7 +187,10 @@ def status() -> tuple[bool, str]:
         return False, _unavailable
     try:
         load(build=False)
-    except RuntimeError as exc:
+    except Unavailable as exc:
+        _unavailable = exc.reason
+        return False, _unavailable
+    except RuntimeError as exc:  # a cached build that does not load, or FASTALIGN_BUILD_EXT=1 and the build failed
         _unavailable = str(exc)
         return False, _unavailable
     return status()

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastalign._C: {'available' if ok else 'unavailable'}: {why}")
         print(f"sources: {_ext.csrc_dir()}; cache: {_ext.cache_dir()}")
         print(f"CUDA kernels buildable here: {'yes' if cuda_ok else 'no'} ({cuda_why})")
+        if not ok:
+            print(f"build it with: {_ext.BUILD_COMMAND}")
         return 0 if ok else 1
     with_cuda = False if args.no_cuda else None
     start = time.perf_counter()

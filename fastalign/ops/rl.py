@@ -124,8 +124,9 @@ def _warn_fallback(op: str) -> None:
 
     why = _backend.extension_status()[1]
     warnings.warn(
-        f"fastalign: {op} and the other CPU RL ops fall back to the PyTorch path. {why} (Or set "
-        "FASTALIGN_BUILD_EXT=1 to build it on first use.)",
+        f"fastalign: {op} and the other CPU RL ops fall back to the PyTorch path: the C++ extension is unavailable "
+        f"({why}). Build it once with `python -m fastalign.ext build`, or set FASTALIGN_BUILD_EXT=1 to build it on "
+        "first use.",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -215,8 +215,10 @@ def test_load_without_a_build_raises_with_the_build_command(monkeypatch, tmp_pat
     with pytest.raises(RuntimeError, match=r"not built .*python -m fastalign\.ext build"):
         _ext.load()
     ok, why = _ext.status()
-    assert not ok and "python -m fastalign.ext build" in why
+    assert not ok and "not built" in why and str(tmp_path) in why
     assert _ext.build_dir().parent == tmp_path
+    with pytest.raises(RuntimeError, match=r"python -m fastalign\.ext build"):
+        fa.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), backend="cpp")
 
 
 def test_build_flag_builds_on_first_use(ext, monkeypatch, tmp_path):
