@@ -74,3 +74,12 @@ def test_demo_and_bench_get_every_argument(monkeypatch):
     assert cli.main(["demo", "--quick", "--seed", "3"]) == 0
     assert cli.main(["bench", "--help"]) == 0
     assert seen == [["--quick", "--seed", "3"], ["--help"]]
+
+
+def test_no_model_builds_the_embedded_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTALIGN_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "rm"
+    assert cli.main(["train", "rm", "--max-steps", "1", "--batch-size", "2", "--output-dir", str(run),
+                     "--no-progress", "--dtype", "float32"]) == 0
+    assert (tmp_path / "cache" / "tiny-llama" / "config.json").is_file()
+    assert (run / "final" / "model.safetensors").is_file() and len(metrics.read_metrics(run)) == 1
