@@ -8,7 +8,8 @@ built (one warning when it is not), CUDA tensors use Triton.
 The losses are computed forward and backward in one pass: the forward kernel writes the unscaled per-token
 derivative, a one-program kernel reduces the row partials to the loss, the stats and a per-row weight, and the
 backward is a single scaled copy. Gradients flow to ``logprobs`` (``values`` for the value loss) only:
-``old_logprobs``, ``advantages``, ``old_values`` and ``returns`` are constants of the update, as in TRL and verl.
+``old_logprobs``, ``advantages``, ``old_values`` and ``returns`` are constants of the update, as in TRL and verl,
+and passing them with ``requires_grad`` raises on every backend.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import math
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastalign import _backend
 from fastalign.reference import rl as ref
@@ -383,15 +385,27 @@ class _RLLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, grad_stats):
         grad, scale = ctx.saved_tensors
         return _loss_backward(ctx.backend, grad, scale, grad_loss, ctx.x_dtype), None, None, None, None, None
 
 
+def _check_constants(op: str, **tensors) -> None:
+    """The update's constants must not carry gradients: every backend would drop them (raise, do not train a
+    different objective)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t.requires_grad:
+            raise ValueError(f"{op}: {name} requires grad, but it is a constant of the update (no gradient flows to "
+                             f"it); pass {name}.detach()")
+
+
 def _run_loss(backend, x, y, z, mask, cfg):
     if torch.is_grad_enabled() and x.requires_grad:
-        return _RLLossFunction.apply(x, y.detach(), z.detach(), mask, backend, cfg)
-    loss, stats, _, _ = _loss_forward(backend, x.detach(), y.detach(), z.detach(), mask, need_grad=False, **cfg)
+        return _RLLossFunction.apply(x, y, z, mask, backend, cfg)
+    loss, stats, _, _ = _loss_forward(backend, x.detach(), y, z, mask, need_grad=False, **cfg)
     return loss, stats
 
 
@@ -423,8 +437,8 @@ def ppo_policy_loss(
 
     Args:
         logprobs: (B, T) fp16/bf16/fp32 (fp64 on torch / cpp), the current policy's token log-probs.
-        old_logprobs: (B, T) log-probs at sampling time (no gradient).
-        advantages: (B, T), or (B,) per sequence (GRPO), no gradient.
+        old_logprobs: (B, T) log-probs at sampling time (a constant: requires_grad raises).
+        advantages: (B, T), or (B,) per sequence (GRPO), a constant.
         mask: (B, T) bool or 0/1, nonzero = response token; None = all valid.
         clip_low, clip_high: > 0; the ratio is clipped to [1 - clip_low, 1 + clip_high] (clip_high defaults to
             clip_low). dual_clip: None or c > 1 (Ye et al. 2020), bounds the loss of A < 0 tokens by -A c.
@@ -448,6 +462,7 @@ def ppo_policy_loss(
     clip_high = _positive(op, "clip_high", clip_high, allow_none=True)
     dual_clip = _positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0)
     agg, norm = _check_agg(op, agg, norm_len, length)
+    _check_constants(op, old_logprobs=old_logprobs, advantages=advantages)
     dtype = torch.float64 if torch.float64 in (logprobs.dtype, old_logprobs.dtype, advantages.dtype) else (
         torch.float32)
     name = _resolve(op, backend, (logprobs, old_logprobs, advantages, mask), supports=_EXT_OPS, dtype=dtype)
@@ -483,7 +498,7 @@ def value_loss(
 
     Args:
         values: (B, T) fp16/bf16/fp32 (fp64 on torch), the critic's current predictions.
-        old_values: (B, T) predictions at rollout time; returns: (B, T) targets (no gradient to either).
+        old_values: (B, T) predictions at rollout time; returns: (B, T) targets (constants: requires_grad raises).
         mask: (B, T) bool or 0/1 or None. clip: None or > 0. agg, norm_len: as :func:`ppo_policy_loss`.
         backend: "auto" | "torch" | "triton".
 
@@ -494,6 +509,7 @@ def value_loss(
     _, length = _check_grid(op, mask, values=values, old_values=old_values, returns=returns)
     clip = _positive(op, "clip", clip, allow_none=True)
     agg, norm = _check_agg(op, agg, norm_len, length)
+    _check_constants(op, old_values=old_values, returns=returns)
     dtype = torch.float64 if torch.float64 in (values.dtype, old_values.dtype, returns.dtype) else torch.float32
     name = _resolve(op, backend, (values, old_values, returns, mask), supports=("torch", "triton"), dtype=dtype)
     if name == "torch":
@@ -523,6 +539,7 @@ class _KLFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         from fastalign.kernels.rl import _kl_bwd_kernel
 

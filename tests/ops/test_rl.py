@@ -261,6 +261,11 @@ def _errors():
         (lambda: fa.kl_penalty(x, x, kind="k4"), ValueError, "kind must be one of"),
         (lambda: fa.value_loss(x, x, x, backend="cpp"), ValueError, "not implemented for this op"),
         (lambda: fa.ppo_policy_loss(x.double(), x, x, backend="triton"), TypeError, "fp64"),
+        (lambda: fa.ppo_policy_loss(x, x, x.clone().requires_grad_()), ValueError, "advantages requires grad"),
+        (lambda: fa.ppo_policy_loss(x, x.clone().requires_grad_(), x, backend="triton"), ValueError,
+         "old_logprobs requires grad"),
+        (lambda: fa.value_loss(x, x, x.clone().requires_grad_(), backend="triton"), ValueError,
+         "returns requires grad"),
     ]
 
 

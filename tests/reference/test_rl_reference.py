@@ -108,9 +108,24 @@ def test_group_advantages_hand_derived():
     torch.testing.assert_close(ref.group_advantages(r, 3, scale="rloo"), torch.tensor([-3.0, -1.5, 4.5], dtype=F64))
 
 
-def test_group_advantages_match_trl():
-    from trl.trainer.utils import nanstd  # TRL's own std helper (Bessel-corrected)
+def nanstd(x, dim=None):
+    """TRL 1.16 trl.trainer.utils.nanstd for NaN-free input: sqrt(mean((x - mean)^2) * n / (n - 1)). Importing TRL
+    takes ~10 s here, so only test_group_advantages_std_is_trls does it, to check that the two agree."""
+    mean = x.mean() if dim is None else x.mean(dim, keepdim=True)
+    n = x.numel() if dim is None else x.shape[dim]
+    var = ((x - mean) ** 2).mean() if dim is None else ((x - mean) ** 2).mean(dim)
+    return (var * n / (n - 1)).sqrt()
 
+
+@pytest.mark.slow
+def test_group_advantages_std_is_trls():
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    x = _rand(3, 5, seed=32)
+    torch.testing.assert_close(trl_utils.nanstd(x, dim=1), nanstd(x, dim=1))
+    torch.testing.assert_close(trl_utils.nanstd(x), nanstd(x))
+
+
+def test_group_advantages_match_trl():
     G = 4
     r = _rand(12, seed=9)
     # TRL 1.16 GRPOTrainer._generate_and_score_completions, scale_rewards in {"group", "batch", "none"}:
