@@ -271,6 +271,30 @@ def grpo_impls(device) -> list[Impl]:
     return impls
 
 
+def gemm_floor(x: dict, valid: torch.Tensor, *, with_ref: bool) -> dict:
+    """The GEMMs any exact implementation must run over the scored tokens, measured now: the policy's logits,
+    dh and dW (3), plus the reference pass's logits for DPO (1)."""
+    from .harness import measure_time
+
+    h = x["hidden"][valid]  # (tokens scored, D)
+    w = x["weight"]
+    logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
+    dz = torch.randn_like(logits)
+    dh, dw = torch.empty_like(h), torch.empty_like(w)
+
+    def run():
+        if with_ref:
+            torch.mm(h, w.T, out=logits)
+        torch.mm(h, w.T, out=logits)
+        torch.mm(dz, w, out=dh)
+        torch.mm(dz.T, h, out=dw)
+
+    t = measure_time(run, h.device, budget_s=1.0)
+    n = 4 if with_ref else 3
+    return {"ms": t.median_ms, "what": f"{n} GEMMs over the {h.shape[0]} scored tokens"
+                                        f"{' (reference logits + policy logits, dh, dW)' if with_ref else ' (logits, dh, dW)'}, measured"}
+
+
 def cases(dpo_specs: list[dict], grpo_specs: list[dict], device) -> list[Case]:
     out = []
     for s in dpo_specs:
@@ -282,6 +306,7 @@ def cases(dpo_specs: list[dict], grpo_specs: list[dict], device) -> list[Case]:
             device=device, dtype=dt, tokens=2 * p * t,
             make_inputs=lambda p=p, t=t, d=d, v=v, dt=dt: dpo_inputs(p, t, d, v, dt, device),
             truth=dpo_truth, impls=dpo_impls(device), check=s.get("check", True),
+            floor=lambda x: gemm_floor(x, x["labels"] != IGNORE, with_ref=True),
             notes=["reference pass (no grad) + policy forward/backward + sigmoid DPO, beta 0.1"]))
     for s in grpo_specs:
         b, t, d, v, dt = s["b"], s["t"], s["d"], s["v"], s["dtype"]
@@ -292,5 +317,6 @@ def cases(dpo_specs: list[dict], grpo_specs: list[dict], device) -> list[Case]:
             device=device, dtype=dt, tokens=b * t,
             make_inputs=lambda b=b, t=t, d=d, v=v, dt=dt: grpo_inputs(b, t, d, v, dt, device),
             truth=grpo_truth, impls=grpo_impls(device), check=s.get("check", True),
+            floor=lambda x: gemm_floor(x, x["mask"] != 0, with_ref=False),
             notes=["clipped surrogate eps 0.2 + k3 KL beta 0.04, token-mean (TRL bnpo)"]))
     return out

@@ -11,7 +11,8 @@ from pathlib import Path
 
 GPU_DISCLAIMER = ("**CPU run — these timings are not the GPU targets.** DESIGN.md's targets are for one "
                   "H100/H200 in bf16 at large shapes; CPU wall-clock numbers at tiny shapes only show that every "
-                  "implementation runs and agrees, and how the code scales on this machine.")
+                  "implementation runs and agrees, and how the code scales on this machine; on a shared 2-core machine they are "
+                  "also noisy.")
 
 
 # ------------------------------------------------------------------------------------------------- formatting
@@ -282,7 +283,7 @@ def write_plots(runs: list[dict], out_dir) -> list[str]:
         fig.tight_layout()
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"scaling-{slug(run)}.png"
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=72)
         plt.close(fig)
         paths.append(str(path))
     return paths
