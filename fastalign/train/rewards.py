@@ -95,34 +95,50 @@ def numeric_closeness(prompts: Sequence[str], completions: Sequence[str], **fiel
 
 
 class RewardModelScorer:
-    """Score ``prompt + completion`` with a reward-model checkpoint (the output directory of ``fastalign train rm``).
+    """Score ``prompt + completion`` with a reward-model checkpoint (``RUN_DIR/final`` of ``fastalign train rm``).
 
-    The scalar head's output on the last non-pad token is the reward. The model is frozen and run without grad.
+    Rows are tokenized exactly as the RM trainer tokenized its pairs (``data.encode_prompt`` +
+    ``data.render_completion``, chat template when the RM's tokenizer has one), so a policy with another
+    tokenizer can still be scored. The scalar head's output at the last token is the reward; no grad.
 
     Args:
-        path: checkpoint directory (safetensors, ``save_pretrained`` layout) with a tokenizer.
-        device: where to run it; batch_size: completions scored per forward; max_length: tokens kept (left-truncated).
+        path: checkpoint directory (safetensors, ``save_pretrained`` layout) with its tokenizer.
+        device, dtype: where and how to run it. batch_size: completions per forward.
+        max_length, max_prompt_length: token budgets (prompts keep their end, completions their start).
     """
 
-    def __init__(self, path: str, *, device: str | torch.device = "cpu", batch_size: int = 32, max_length: int = 1024):
-        from fastalign.train import rm
+    def __init__(self, path: str, *, device: str | torch.device = "cpu", dtype: str = "auto", batch_size: int = 32,
+                 max_length: int = 1024, max_prompt_length: int = 512, chat_template: str = "auto"):
+        from fastalign.train import data, models
 
-        self.model, self.tokenizer = rm.load_reward_model(path, device=device)
+        self.model = models.load_model(path, kind="score", dtype=dtype, device=device)
         self.model.eval().requires_grad_(False)
+        self.tokenizer = models.load_tokenizer(path)
+        self.chat = data.uses_chat(self.tokenizer, chat_template)
         self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.max_length = max_length
+        self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.__name__ = f"reward_model:{path}"
+
+    def encode(self, prompt, completion: str) -> list[int]:
+        from fastalign.train import data
+
+        p = data.encode_prompt(self.tokenizer, prompt, self.chat, self.max_prompt_length)
+        text = data.render_completion(self.tokenizer, prompt, completion, self.chat)
+        c = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return (p + c)[:self.max_length]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
-        from fastalign.train import rm
+        from fastalign.train import data, models
 
         scores: list[float] = []
+        pad = self.tokenizer.pad_token_id
         for start in range(0, len(completions), self.batch_size):
-            texts = [p + c for p, c in zip(prompts[start:start + self.batch_size],
-                                           completions[start:start + self.batch_size])]
-            scores += rm.score_texts(self.model, self.tokenizer, texts, max_length=self.max_length).tolist()
+            seqs = [self.encode(p, c) for p, c in zip(prompts[start:start + self.batch_size],
+                                                       completions[start:start + self.batch_size])]
+            ids = data.pad_right(seqs, pad).to(self.device)
+            mask = data.pad_right([[1] * len(s) for s in seqs], 0).to(self.device)
+            scores += models.sequence_scores(self.model, ids, mask).float().cpu().tolist()
         return scores
 
 
@@ -164,13 +180,16 @@ def build_rewards(
     reward_model: str | None = None,
     reward_model_weight: float = 1.0,
     device: str | torch.device = "cpu",
+    chat_template: str = "auto",
 ) -> Rewards:
-    """Resolve reward-function names (and an optional reward-model directory) into one :class:`Rewards`."""
+    """Resolve reward-function names (and an optional reward-model directory) into one :class:`Rewards`.
+    ``names`` may be empty when a reward model is given."""
     names = list(names)
     weights = [1.0] * len(names) if weights is None or len(weights) == 0 else [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} reward weights for {len(names)} reward functions {names}")
     fns = [(name, get_reward(name), w) for name, w in zip(names, weights)]
     if reward_model:
-        fns.append(("reward_model", RewardModelScorer(reward_model, device=device), float(reward_model_weight)))
+        scorer = RewardModelScorer(reward_model, device=device, chat_template=chat_template)
+        fns.append(("reward_model", scorer, float(reward_model_weight)))
     return Rewards(fns)

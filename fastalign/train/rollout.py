@@ -1,7 +1,10 @@
-"""Rollouts for GRPO/PPO: a pluggable generation backend, the batch layout, and log-prob scoring.
+"""Rollouts for GRPO/PPO: a pluggable generation backend, the batch layout, log-prob scoring, and the actor loss
+both algorithms share.
 
     prompts (token ids) --backend.generate--> completion ids --build_rollout--> RolloutBatch
     RolloutBatch --score_logprobs(policy / reference)--> old / ref log-probs (B, T), via the fused op
+    collect(): the above for G completions per prompt, plus decoded texts and rewards
+    actor_loss(): clipped policy-gradient loss (+ KL, entropy) from hidden states, or the unfused reference
 
 The backend only produces token ids. Log-probs used by the losses are always recomputed by the trainer's own
 forward (``fa.linear_logprobs`` on the last hidden states), never taken from the sampler's scores: a sampler
@@ -14,12 +17,15 @@ in both layouts and the recomputed log-probs are those of the sampled distributi
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
+import fastalign as fa
+from fastalign.reference.rl import aggregate
 from fastalign.train import models
 
 
@@ -196,3 +202,122 @@ def score_logprobs(model: nn.Module, batch: RolloutBatch, *, temperature: float 
 def decode_completions(tokenizer, completions: Completions) -> list[str]:
     """Completion text without EOS/pad/special tokens."""
     return tokenizer.batch_decode(completions.token_ids, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------------- experience for GRPO / PPO
+
+@dataclass
+class Experience:
+    """One rollout: G completions of each prompt (rows g*G .. g*G+G-1 share prompt g) and their rewards."""
+
+    batch: RolloutBatch
+    prompts: list[str]  # the dataset's prompt of each row (what reward functions and reward models see)
+    completions: list[str]  # decoded completion text of each row, without EOS
+    rewards: torch.Tensor  # (B,) fp32, the weighted sum
+    reward_parts: dict[str, torch.Tensor]  # name -> (B,) fp32
+
+
+_NOT_FIELDS = ("prompt", "prompt_ids", "prompt_text")
+
+
+def collect(backend: GenerationBackend, tokenizer, examples: Sequence[dict], *, group_size: int,
+            sampling: SamplingParams, reward_fn) -> Experience:
+    """Sample ``group_size`` completions per example (from ``data.tokenize_prompts``) and score them.
+
+    ``reward_fn(prompts, completions, fields)`` (a :class:`fastalign.train.rewards.Rewards`) gets every other
+    field of the rows, repeated per completion, plus ``truncated``.
+    """
+    rows = [e for e in examples for _ in range(group_size)]
+    prompt_ids = [e["prompt_ids"] for e in rows]
+    completions = backend.generate(prompt_ids, sampling)
+    batch = build_rollout(prompt_ids, completions, pad_token_id=tokenizer.pad_token_id)
+    texts = decode_completions(tokenizer, completions)
+    keys = [k for k in rows[0] if k not in _NOT_FIELDS] if rows else []
+    fields = {k: [e.get(k) for e in rows] for k in keys}
+    fields["truncated"] = list(completions.truncated)
+    prompts = [e["prompt"] for e in rows]
+    total, parts = reward_fn(prompts, texts, fields)
+    return Experience(batch=batch, prompts=prompts, completions=texts, rewards=total, reward_parts=parts)
+
+
+class Reference:
+    """The frozen reference policy for KL terms: ``ref_model`` when given; with LoRA, the policy with its
+    adapters disabled; otherwise a frozen copy of the initial policy."""
+
+    def __init__(self, cfg, model_path, policy: nn.Module, device):
+        self.policy, self.ctx = None, contextlib.nullcontext
+        if cfg.ref_model is None and cfg.lora_r > 0:
+            from fastalign.train.checkpoint import strip_wrappers
+
+            self.policy, self.ctx = policy, lambda: strip_wrappers(self.policy).disable_adapter()
+            self.model = None
+        else:
+            self.model = models.load_model(cfg.ref_model or model_path, dtype=cfg.dtype, device=device,
+                                           attn=cfg.attn_implementation)
+            self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch, **kwargs) -> torch.Tensor:
+        with self.ctx():
+            return score_logprobs(self.model if self.model is not None else self.policy, batch, **kwargs)
+
+
+def micro_batches(batch: RolloutBatch, per_row: dict[str, torch.Tensor], size: int) -> list[dict]:
+    """Split a rollout into micro-batches of ``size`` rows: dicts of (b, t) tensors (trimmed to the longest row)
+    with ``per_row`` entries ((B,) or (B, T)) sliced alongside."""
+    out = []
+    for start in range(0, len(batch), size):
+        rows = slice(start, start + size)
+        part = batch.select(rows)
+        width = part.input_ids.shape[1]
+        mb = {"input_ids": part.input_ids, "attention_mask": part.attention_mask, "labels": part.labels,
+              "response_mask": part.response_mask}
+        for name, t in per_row.items():
+            mb[name] = t[rows] if t.dim() == 1 else t[rows, :width]
+        out.append(mb)
+    return out
+
+
+def actor_loss(model: nn.Module, mb: dict, *, fused: bool = True, clip_low: float = 0.2,
+               clip_high: float | None = None, dual_clip: float | None = None, agg: str = "token-mean",
+               norm_len: int | None = None, kl_coef: float = 0.0, kl_kind: str = "k3", entropy_coef: float = 0.0,
+               temperature: float = 1.0, backend: str = "auto") -> tuple[torch.Tensor, dict]:
+    """Clipped policy-gradient loss of one micro-batch, and its stats.
+
+    ``mb``: (b, t) ``input_ids``, ``attention_mask``, ``labels`` (-100 off the response), ``response_mask``,
+    ``old_logprobs``, ``advantages`` ((b,) per sequence or (b, t) per token), optional ``ref_logprobs``; token
+    columns aligned with labels (column t scores ``input_ids[:, t]``).
+
+    fused=True: ``fa.linear_policy_loss`` on the last hidden states and the LM head (no [b, t, V] logits).
+    fused=False: full logits -> log-probs -> ``fa.ppo_policy_loss`` + KL and entropy terms, the reference.
+    Both use an explicit ``norm_len`` so that "seq-mean-token-sum-norm" does not depend on the padded width.
+    """
+    labels, mask, old, adv = mb["labels"], mb["response_mask"], mb["old_logprobs"], mb["advantages"]
+    ref = mb.get("ref_logprobs")
+    if kl_coef and ref is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs in the micro-batch")
+    clip = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, norm_len=norm_len)
+    if fused:
+        def fn(m, hidden):
+            weight, bias = models.lm_head_weight(m)
+            # hidden[:, t] predicts labels[:, t + 1]: drop the last state and the first label column
+            return fa.linear_policy_loss(
+                hidden[:, :-1], weight, labels[:, 1:], old[:, 1:], adv if adv.dim() == 1 else adv[:, 1:],
+                mask[:, 1:], ref_logprobs=ref[:, 1:] if ref is not None else None, kl_coef=kl_coef,
+                kl_kind=kl_kind, entropy_coef=entropy_coef, return_entropy=True, bias=bias,
+                temperature=temperature, softcap=models.logit_softcap(m), backend=backend, **clip)
+
+        return models.forward_head(model, mb["input_ids"], mb["attention_mask"], fn)
+    out = models.token_logprobs(model, mb["input_ids"], mb["attention_mask"], labels, fused=False,
+                                temperature=temperature, return_entropy=True)
+    pg, stats = fa.ppo_policy_loss(out.logprobs, old, adv, mask, backend=backend, **clip)
+    stats = dict(stats, pg_loss=pg.detach())
+    loss = pg
+    count = mask.sum().clamp(min=1)
+    if ref is not None:
+        kl = fa.kl_penalty(out.logprobs, ref, kind=kl_kind)
+        loss = loss + kl_coef * aggregate(kl, mask, agg, norm_len)
+        stats["kl"] = ((kl * mask).sum() / count).detach()
+    loss = loss - entropy_coef * aggregate(out.entropy, mask, agg, norm_len)
+    stats["entropy"] = ((out.entropy * mask).sum() / count).detach()
+    return loss, stats

@@ -1,0 +1,156 @@
+"""GRPO (Shao et al. 2024) and its variants: Dr. GRPO (Liu et al. 2025) and DAPO's clip-higher and token-level
+loss (Yu et al. 2025), through options.
+
+Notation: for each prompt x_g, G completions y_g1..y_gG are sampled from the current policy; r_gi is their
+reward (weighted rule-based functions and/or a reward model); the group advantage is
+    A_gi = (r_gi - mean_i r_gi) / (std_i r_gi + eps)          scale_rewards="group" (GRPO)
+    A_gi =  r_gi - mean_i r_gi                                 scale_rewards="none"  (Dr. GRPO)
+and every token t of y_gi gets A_gi. With ratio_t = pi(y_t | .) / pi_old(y_t | .),
+    l_t = max(-A ratio_t, -A clip(ratio_t, 1 - clip_low, 1 + clip_high)) + kl_coef * KL_t(pi || ref)
+aggregated over response tokens by ``agg``: token-mean (DAPO), seq-mean-token-mean (the GRPO paper),
+seq-mean-token-sum-norm (Dr. GRPO: sum / (B * max_new_tokens)). pi_old's log-probs are recomputed by our forward
+(``fa.linear_logprobs``) at sampling time; ``num_iterations`` > 1 reuses each rollout for several steps.
+
+``fused=True``: ``fa.linear_policy_loss`` from the last hidden states (no [B, T, V] logits); ``fused=False``: full
+logits, then ``fa.ppo_policy_loss`` (the reference path).
+
+Python: ``fastalign.train.grpo.train(GRPOConfig(...))``; CLI: ``fastalign train grpo [--config c.yaml] [--flags]``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import fastalign as fa
+from fastalign.train import data, metrics, models, rewards, rollout, task
+from fastalign.train.config import TrainConfig, option
+from fastalign.train.loop import TrainLoop, prepare
+
+log = logging.getLogger("fastalign.train")
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO: G sampled completions per prompt, group-relative advantages, clipped policy gradient."""
+
+    output_dir: str = option("runs/grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    train_file: str | None = option(None, "RL prompts (.jsonl/.json/.parquet, field 'prompt' + fields for the "
+                                          "reward functions); none: the shipped addition task's rl.jsonl")
+    learning_rate: float = option(1e-6, "peak learning rate (AdamW)")
+    batch_size: int = option(4, "prompts per micro-batch, per process (each gives num_generations sequences)")
+    num_generations: int = option(8, "G: completions sampled per prompt (the group)")
+    max_new_tokens: int = option(64, "max completion tokens; generation also stops at EOS")
+    temperature: float = option(1.0, "sampling temperature (log-probs are taken at the same temperature)")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    top_k: int = option(0, "top-k sampling (0: off)")
+    generation_batch_size: int | None = option(None, "prompts x G sequences per generate call; none: all")
+    reward_funcs: list[str] = option(["exact_match"], "reward functions: registered names (exact_match, format, "
+                                                      "numeric_closeness) or 'package.module:function'")
+    reward_weights: list[float] = option([], "one weight per reward function; empty: all 1")
+    reward_model: str | None = option(None, "reward-model checkpoint (RUN_DIR/final of `fastalign train rm`), "
+                                            "added to the reward functions")
+    reward_model_weight: float = option(1.0, "weight of the reward model's score")
+    scale_rewards: str = option("group", "advantage scaling: group (GRPO), none (Dr. GRPO), rloo, batch",
+                                choices=("group", "none", "rloo", "batch"))
+    agg: str = option("token-mean", "loss aggregation: token-mean (DAPO), seq-mean-token-mean (GRPO paper), "
+                                    "seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)", choices=AGG_MODES)
+    clip_low: float = option(0.2, "ratio clip below: 1 - clip_low")
+    clip_high: float | None = option(None, "ratio clip above: 1 + clip_high (DAPO clip-higher, e.g. 0.28); "
+                                           "none: clip_low")
+    dual_clip: float | None = option(None, "dual-clip constant c > 1 for negative advantages; none: off")
+    kl_coef: float = option(0.0, "beta: weight of the KL(pi || ref) loss term (0: no reference model needed)")
+    kl_kind: str = option("k3", "KL estimator", choices=("k1", "k2", "k3"))
+    ref_model: str | None = option(None, "reference checkpoint; none: the initial policy (LoRA: adapters off)")
+    entropy_coef: float = option(0.0, "entropy bonus weight")
+    num_iterations: int = option(1, "optimizer steps per rollout batch (mu); > 1 makes the clip active")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_generations < 2 and self.scale_rewards != "batch":
+            raise ValueError("GRPOConfig: num_generations must be >= 2 (a group of one has no baseline)")
+        if self.num_iterations < 1 or self.max_new_tokens < 1:
+            raise ValueError("GRPOConfig: num_iterations and max_new_tokens must be >= 1")
+        if not self.reward_funcs and not self.reward_model:
+            raise ValueError("GRPOConfig: give reward_funcs and/or reward_model")
+
+
+def policy_loss(model, mb: dict, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """The micro-batch's GRPO loss (see the module docstring) and its stats."""
+    loss, stats = rollout.actor_loss(
+        model, mb, fused=cfg.fused, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        agg=cfg.agg, norm_len=cfg.max_new_tokens, kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind,
+        entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, backend=cfg.backend)
+    if "kl" in stats:  # "kl" in the metrics is the per-sequence KL the monitor watches; this is per token
+        stats["kl_token"] = stats.pop("kl")
+    return loss, stats
+
+
+def loss_weight(mb: dict, agg: str) -> torch.Tensor:
+    """Units the micro-batch's loss is a mean over: response tokens for token-mean, else sequences."""
+    return mb["response_mask"].sum() if agg == "token-mean" else torch.tensor(mb["input_ids"].shape[0])
+
+
+def rollout_metrics(exp: rollout.Experience, group_size: int, kl_seq: torch.Tensor | None) -> dict:
+    """Reward, per-function rewards, completion length, truncation, reward/length correlation, KL, and the
+    fraction of groups whose rewards are all equal (they carry no GRPO signal)."""
+    lengths = exp.batch.completion_lengths.float()
+    grouped = exp.rewards.view(-1, group_size)
+    out = {"reward": exp.rewards.mean(), "reward_std": exp.rewards.std() if len(exp.rewards) > 1 else 0.0,
+           "completion_length": lengths.mean(), "truncated_frac": exp.batch.truncated.float().mean(),
+           "reward_length_corr": metrics.reward_length_correlation(exp.rewards, lengths),
+           "uniform_group_frac": (grouped.max(1).values == grouped.min(1).values).float().mean()}
+    out.update({f"reward/{k}": v.mean() for k, v in exp.reward_parts.items()})
+    if kl_seq is not None:
+        out["kl"] = kl_seq.mean()
+    return {k: metrics.to_float(v) for k, v in out.items()}
+
+
+def train(cfg: GRPOConfig) -> dict:
+    """Train with ``cfg``; returns ``{"run_dir", "final_dir", "history", "bad_steps"}``."""
+    run = prepare(cfg)
+    tokenizer, info = run.tokenizer, run.info
+    model = models.load_model(run.model_path, dtype=cfg.dtype, device=info.device, attn=cfg.attn_implementation,
+                              gradient_checkpointing=cfg.gradient_checkpointing, lora_r=cfg.lora_r,
+                              lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              lora_target_modules=cfg.lora_target_modules)
+    rows = data.load_rows(cfg.train_file or task.demo_files()["rl"], "rl", max_samples=cfg.max_samples)
+    examples = data.tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                     chat_template=cfg.chat_template)
+    reward_fn = rewards.build_rewards(cfg.reward_funcs, cfg.reward_weights, reward_model=cfg.reward_model,
+                                      reward_model_weight=cfg.reward_model_weight, device=info.device,
+                                      chat_template=cfg.chat_template)
+    # the reference is needed for the KL term, and worth logging whenever one is named
+    reference = rollout.Reference(cfg, run.model_path, model, info.device) if cfg.kl_coef or cfg.ref_model else None
+    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
+    backend = rollout.HFGenerationBackend(loop.model, pad_token_id=tokenizer.pad_token_id,
+                                          eos_token_id=tokenizer.eos_token_id,
+                                          batch_size=cfg.generation_batch_size)
+    sampling = rollout.SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, top_k=cfg.top_k)
+    group, rows_per_micro = cfg.num_generations, cfg.batch_size * cfg.num_generations
+
+    while not loop.done:
+        prompts = [examples[i] for _ in range(cfg.grad_accum) for i in sampler.next()]
+        exp = rollout.collect(backend, tokenizer, prompts, group_size=group, sampling=sampling, reward_fn=reward_fn)
+        batch = exp.batch.to(info.device)
+        advantages = fa.group_advantages(exp.rewards, group, scale=cfg.scale_rewards).to(info.device)  # (B,)
+        score = dict(temperature=cfg.temperature, fused=cfg.fused, micro_batch_size=rows_per_micro)
+        per_row = {"old_logprobs": rollout.score_logprobs(loop.model, batch, **score), "advantages": advantages}
+        kl_seq = None
+        if reference is not None:
+            per_row["ref_logprobs"] = reference.logprobs(batch, **score)
+            kl_seq = ((per_row["old_logprobs"] - per_row["ref_logprobs"]) * batch.response_mask).sum(1).cpu()
+        stats = rollout_metrics(exp, group, kl_seq)
+        micro = rollout.micro_batches(batch, per_row, rows_per_micro)
+        for _ in range(cfg.num_iterations):
+            if loop.done:
+                break
+            loop.step(micro, lambda mb: policy_loss(loop.model, mb, cfg),
+                      weight_fn=lambda mb: loss_weight(mb, cfg.agg), extra_metrics=stats)
+        backend.sync_weights(loop.model)
+    return loop.finish()
