@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-RUN_EPILOG = "Cases: " + ", ".join(["linear_logprobs", "dpo", "grpo", "gae", "ppo", "dpo_step", "grpo_step"])
+RUN_EPILOG = "Cases: " + ", ".join(["linear_logprobs", "dpo", "grpo", "gae", "ppo", "value_loss", "kl_penalty",
+                                     "dpo_step", "grpo_step"])
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="linear_logprobs: tokens N (custom shape; disables the sweep)")
     p.add_argument("--d", type=int, help="hidden size D for linear_logprobs / dpo / grpo")
     p.add_argument("--v", type=int, help="vocabulary V for linear_logprobs / dpo / grpo")
-    p.add_argument("--b", type=int, help="batch B for gae / ppo / grpo")
+    p.add_argument("--b", type=int, help="batch B for gae / ppo / value_loss / kl_penalty / grpo")
     p.add_argument("--t", type=int, help="time steps / tokens per sequence T for gae / ppo / dpo / grpo")
     p.add_argument("--pairs", type=int, help="dpo: preference pairs")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="dtype of hidden states and weights")
@@ -105,7 +106,7 @@ def _specs(args, preset: dict, dtype) -> dict:
         if args.d or args.v:
             s[key] = [dict(x, d=args.d or x["d"], v=args.v or x["v"], head=None) for x in s[key]]
     if args.t or args.b:
-        for key in ("gae", "ppo", "grpo"):
+        for key in ("gae", "ppo", "grpo"):  # value_loss and kl_penalty use the ppo shapes
             s[key] = [dict(s[key][0], t=args.t or s[key][0]["t"], b=args.b or s[key][0]["b"])]
     if args.t or args.pairs:
         s["dpo"] = [dict(s["dpo"][0], t=args.t or s["dpo"][0]["t"], pairs=args.pairs or s["dpo"][0]["pairs"])]
@@ -129,7 +130,8 @@ def _build_cases(names: list[str], specs: dict, device, compile_peers: bool):
     cases += preference.cases(specs["dpo"] if "dpo" in names else [], specs["grpo"] if "grpo" in names else [],
                               device)
     cases += rl.cases(specs["gae"] if "gae" in names else [], specs["ppo"] if "ppo" in names else [], device,
-                      compile_peers=compile_peers)
+                      compile_peers=compile_peers, value_specs=specs["ppo"] if "value_loss" in names else [],
+                      kl_specs=specs["ppo"] if "kl_penalty" in names else [])
     cases += e2e.cases(specs["e2e_dpo"] if "dpo_step" in names else [],
                        specs["e2e_grpo"] if "grpo_step" in names else [], device)
     if "linear_logprobs" in names:  # the scaling sweep last: under a deadline it is what gets cut

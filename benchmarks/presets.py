@@ -3,7 +3,7 @@
 - ``ci``: tiny shapes, every case and every available implementation, agreement checked; seconds.
 - ``cpu``: small shapes that finish in a couple of minutes on 2 cores, plus a small N/V sweep for the plots.
 - ``gpu``: DESIGN.md's shapes — linear_logprobs at (32768, 3584, 151936) and (8192, 4096, 128256) in bf16,
-  DPO 8 pairs x 2048 tokens and GRPO 16 x 2048 on a Qwen2.5-7B head, GAE/PPO at 512x2048 and 1024x4096, the e2e
+  DPO 8 pairs x 2048 tokens and GRPO 16 x 2048 on a Qwen2.5-7B head, GAE/PPO/value/KL at 512x2048 and 1024x4096, the e2e
   DPO/GRPO step on a Qwen2.5-0.5B-shaped model at 8 x 1024 tokens — plus an N and a V sweep.
 """
 from __future__ import annotations
@@ -68,7 +68,9 @@ PRESETS: dict[str, dict] = {
 
 CASE_KEYS = {  # --cases names -> preset keys
     "linear_logprobs": ("logprobs", "logprobs_sweep"),
-    "dpo": ("dpo",), "grpo": ("grpo",), "gae": ("gae",), "ppo": ("ppo",),
+    "dpo": ("dpo",), "grpo": ("grpo",), "gae": ("gae",), "ppo": ("ppo",), "value_loss": ("ppo",),
+    "kl_penalty": ("ppo",),
     "dpo_step": ("e2e_dpo",), "grpo_step": ("e2e_grpo",),
 }
-SUITES = {"ops": ("linear_logprobs", "dpo", "grpo", "gae", "ppo"), "e2e": ("dpo_step", "grpo_step")}
+SUITES = {"ops": ("linear_logprobs", "dpo", "grpo", "gae", "ppo", "value_loss", "kl_penalty"),
+          "e2e": ("dpo_step", "grpo_step")}

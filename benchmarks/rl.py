@@ -1,4 +1,5 @@
-"""Memory-bound RL ops over [B, T]: GAE and the PPO clipped policy loss (forward + backward).
+"""Memory-bound RL ops over [B, T]: GAE, the PPO clipped policy loss, the clipped value loss and the k3 KL
+penalty (the last three forward + backward).
 
 GAE inputs: rewards ~ N(0, 1), values ~ N(0, 1), a response mask whose last positions (random length per row)
 are 0; gamma 1.0, lam 0.95 (DESIGN.md defaults). Baseline: the Python loop over T that TRL/verl-style trainers
@@ -136,6 +137,57 @@ def ppo_impls(device, *, compile_peers: bool) -> list[Impl]:
     return impls
 
 
+def value_formula(values, old, returns, mask, clip: float = CLIP):
+    """Clipped value loss (verl compute_value_loss / TRL PPO vf_loss), token-mean."""
+    v_clipped = old + torch.clamp(values - old, -clip, clip)
+    per_token = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def kl_formula(logp, ref, mask):
+    """k3 = exp(ref - logp) - (ref - logp) - 1 (TRL GRPO's per_token_kl), token-mean."""
+    d = ref - logp
+    return ((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _scalar_truth(formula):
+    def truth(x: dict) -> dict:
+        hp = torch.float64
+        a = x["logprobs"].to(hp).requires_grad_()
+        loss = formula(a, x["old_logprobs"].to(hp), x["advantages"].to(hp), x["mask"].to(hp))
+        (g,) = torch.autograd.grad(loss, a)
+        return {"loss": loss.detach(), "grad_logprobs": g}
+
+    return truth
+
+
+def _value_via_ops(vl, backend):
+    # inputs reuse the PPO layout: logprobs -> values, old_logprobs -> old values, advantages -> returns
+    return lambda v, old, ret, m: vl(v, old, ret, m, clip=CLIP, agg="token-mean", backend=backend)[0]
+
+
+def _kl_via_ops(klp, backend):
+    return lambda lp, ref, _unused, m: (klp(lp, ref, kind="k3", backend=backend) * m).sum() / m.sum().clamp(min=1.0)
+
+
+def loss_impls(device, op: str, eager, *, compile_peers: bool) -> list[Impl]:
+    """Implementations of a per-token loss ``f(a, b, c, mask) -> scalar`` differentiated w.r.t. ``a``."""
+    impls = []
+    fn, why = peers.fastalign_op(op)
+    backends = peers.fastalign_backends(device.type, op_family="rl") if fn else [("torch", why), ("triton", why)]
+    wrap = _value_via_ops if op == "value_loss" else _kl_via_ops
+    for backend, unavailable in backends:
+        label = f"fastalign[{backend}]" + (" (interpreter)" if backend == "triton" and device.type != "cuda"
+                                           and not unavailable else "")
+        impls.append(Impl(label, "fastalign", _ppo_prep(wrap(fn, backend)) if fn else None, missing=unavailable))
+    impls.append(Impl("eager torch formula", "naive", _ppo_prep(eager), is_baseline=True))
+    if compile_peers:
+        impls.append(Impl("torch.compile(eager formula)", "compile", _ppo_prep(torch.compile(eager))))
+    else:
+        impls.append(Impl("torch.compile(eager formula)", "compile", missing="not in this preset (compile time)"))
+    return impls
+
+
 def _bytes_floor(nbytes: int, device, bw_cache: dict) -> dict:
     if "bw" not in bw_cache:
         size = 1 << 30 if device.type == "cuda" else 1 << 27
@@ -145,7 +197,8 @@ def _bytes_floor(nbytes: int, device, bw_cache: dict) -> dict:
                                                  f"{bw / 1e9:.1f} GB/s", "bandwidth_gbs": bw / 1e9}
 
 
-def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers: bool) -> list[Case]:
+def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers: bool,
+          value_specs: list[dict] | None = None, kl_specs: list[dict] | None = None) -> list[Case]:
     out, bw_cache = [], {}
     for s in gae_specs:
         b, t = s["b"], s["t"]
@@ -162,4 +215,23 @@ def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers
             dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
             truth=ppo_truth, impls=ppo_impls(device, compile_peers=compile_peers),
             floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache)))
+    for s in value_specs or ():
+        b, t = s["b"], s["t"]
+        out.append(Case(
+            suite="ops", name="value_loss.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
+            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
+            truth=_scalar_truth(value_formula),
+            impls=loss_impls(device, "value_loss", value_formula, compile_peers=compile_peers),
+            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache),
+            notes=["clip 0.2, token-mean; reads values, old values, returns, mask, writes the values' gradient"]))
+    for s in kl_specs or ():
+        b, t = s["b"], s["t"]
+        out.append(Case(
+            suite="ops", name="kl_penalty.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
+            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
+            truth=_scalar_truth(lambda lp, ref, _unused, m: kl_formula(lp, ref, m)),
+            impls=loss_impls(device, "kl_penalty", lambda lp, ref, _unused, m: kl_formula(lp, ref, m),
+                             compile_peers=compile_peers),
+            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 4, device, bw_cache),
+            notes=["k3 estimator, masked token-mean (the mean is eager torch in every row)"]))
     return out

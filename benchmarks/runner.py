@@ -131,6 +131,8 @@ def _run_impl(case, impl, inputs, truth, baseline_dev, budget_s, impl_timeout_s)
         row.status, row.detail = "timeout", f"{stage}: {exc}"
     except Exception as exc:  # noqa: BLE001 - one failing implementation must not stop the run
         row.status, row.detail = "error", f"{stage}: {harness.error_text(exc)}"
+        if isinstance(exc, ValueError) and "is not implemented for this op" in str(exc):
+            row.status, row.detail = "missing", harness.error_text(exc)  # fastalign's dispatcher: no such backend
     return row
 
 

@@ -19,7 +19,8 @@ from fastalign.benchmarks.runner import Case, Impl, Prepared, run_case
 ROOT = Path(__file__).resolve().parents[2]
 STATUSES = {"ok", "missing", "error", "timeout", "skipped"}
 CASES = {"linear_logprobs.fwd_bwd", "linear_logprobs.fwd", "dpo_loss.fused_from_hidden",
-         "grpo_loss.fused_from_hidden", "gae", "ppo_policy_loss.fwd_bwd", "dpo_step", "grpo_step"}
+         "grpo_loss.fused_from_hidden", "gae", "ppo_policy_loss.fwd_bwd", "value_loss.fwd_bwd", "kl_penalty.fwd_bwd",
+         "dpo_step", "grpo_step"}
 
 
 def _env():
@@ -185,3 +186,43 @@ def test_readme_update_touches_only_the_benchmark_section(ci_run, tmp_path):
     assert text.startswith(before + report.README_BEGIN) and text.endswith(report.README_END + after)
     assert "old table" not in text and "| case | shape |" in text and "not the GPU targets" in text
     assert "every GPU target in DESIGN.md is open" in text
+
+
+def test_gpu_preset_builds_design_shapes_without_a_gpu():
+    """The GPU preset's cases are only described until run (inputs are built lazily): check they are the
+    DESIGN.md shapes, with every peer listed, without touching a device."""
+    from fastalign.benchmarks import __main__ as cli
+    from fastalign.benchmarks.presets import PRESETS
+
+    args = cli._run_parser().parse_args([])
+    specs = cli._specs(args, PRESETS["gpu"], None)
+    cases = cli._build_cases(cli._select(args), specs, torch.device("cuda"), compile_peers=True)
+    shapes = {(c.name, tuple(sorted(c.params.items()))) for c in cases}
+    assert ("linear_logprobs.fwd_bwd", (("D", 3584), ("N", 32768), ("V", 151936), ("dtype", "bfloat16"),
+                                        ("head", "qwen2.5-7b"))) in shapes
+    assert any(c.name == "linear_logprobs.fwd" and c.params["N"] == 8192 and c.params["V"] == 128256 for c in cases)
+    assert any(c.name == "dpo_loss.fused_from_hidden" and c.params["pairs"] == 8 and c.params["T"] == 2048
+               for c in cases)
+    assert {(c.params["B"], c.params["T"]) for c in cases if c.name == "gae"} == {(512, 2048), (1024, 4096)}
+    assert any(c.name == "dpo_step" and c.params["model"] == "qwen2.5-0.5b" for c in cases)
+    sweep = [c for c in cases if not c.headline]
+    assert len(sweep) >= 4 and cases[-len(sweep):] == sweep  # the sweep runs last (cut first by the deadline)
+    lp = next(c for c in cases if c.name == "linear_logprobs.fwd_bwd")
+    names = {i.name for i in lp.impls}
+    assert {"TRL chunked log-prob from hidden", "Liger fused linear CE (reduction=none)",
+            "CCE (default gradient filter)", "CCE exact (filter_eps=None)", "fastalign[triton]"} <= names
+
+
+def test_custom_shape_flags_replace_the_preset_shapes():
+    from fastalign.benchmarks import __main__ as cli
+    from fastalign.benchmarks.presets import PRESETS
+
+    argv = ["--cases", "linear_logprobs,gae", "--n", "4096", "--d", "1024", "--v", "32000", "--dtype", "bf16",
+            "--b", "8", "--t", "100"]
+    args = cli._run_parser().parse_args(argv)
+    specs = cli._specs(args, PRESETS["cpu"], harness.DTYPES[args.dtype])
+    cases = cli._build_cases(cli._select(args), specs, torch.device("cpu"), compile_peers=False)
+    assert {(c.name, c.params.get("N"), c.params.get("D"), c.params.get("V"), c.params["dtype"]) for c in cases
+            if c.name.startswith("linear")} == {("linear_logprobs.fwd_bwd", 4096, 1024, 32000, "bfloat16"),
+                                                 ("linear_logprobs.fwd", 4096, 1024, 32000, "bfloat16")}
+    assert [(c.params["B"], c.params["T"]) for c in cases if c.name == "gae"] == [(8, 100)]
