@@ -230,7 +230,8 @@ def gae(
         gamma, lam: discount and GAE lambda, in [0, 1].
         whiten: whiten the advantages with the batch's masked mean and unbiased std.
         backend: "auto" | "torch" | "triton" | "cpp" | "cuda". The kernel backends do not propagate
-            gradients (GAE targets are constants of the update); inputs that require grad need backend="torch".
+            gradients (GAE targets are constants of the update): with inputs that require grad, "auto" runs the
+            differentiable reference and an explicit kernel backend raises.
 
     Returns:
         advantages (B, T), returns (B, T): fp32 (fp64 for fp64 inputs on the torch / cpp backends).
@@ -240,12 +241,15 @@ def gae(
     gamma = _in_unit(op, "gamma", gamma)
     lam = _in_unit(op, "lam", lam)
     dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    needs_grad = torch.is_grad_enabled() and (rewards.requires_grad or values.requires_grad)
     name = _resolve(op, backend, (rewards, values, mask), supports=_EXT_OPS, dtype=dtype)
+    if name != "torch" and needs_grad:
+        if backend != "auto":
+            raise RuntimeError(f"gae: backend={name!r} does not propagate gradients; detach rewards and values or "
+                               "use backend='torch'")
+        name = "torch"  # auto: the reference is differentiable
     if name == "torch":
         return ref.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
-    if torch.is_grad_enabled() and (rewards.requires_grad or values.requires_grad):
-        raise RuntimeError(f"gae: backend={name!r} does not propagate gradients; detach rewards and values or use "
-                           "backend='torch'")
     if name == "triton":
         adv, returns = _triton_gae(rewards, values, mask, gamma, lam)
     else:

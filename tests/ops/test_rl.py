@@ -86,6 +86,9 @@ def test_gae_kernel_backend_refuses_to_drop_gradients():
         fa.gae(torch.zeros(2, 5), v, None, backend="triton")
     with torch.no_grad():
         fa.gae(torch.zeros(2, 5), v, None, backend="triton")
+    adv, _ = fa.gae(torch.zeros(2, 5), v, None)  # auto: the differentiable reference
+    adv.sum().backward()
+    torch.testing.assert_close(v.grad, torch.autograd.grad(ref.gae(torch.zeros(2, 5), v)[0].sum(), v)[0])
 
 
 # --------------------------------------------------------------------------------------------------- policy loss
