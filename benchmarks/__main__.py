@@ -121,19 +121,26 @@ def _specs(args, preset: dict, dtype) -> dict:
     return s
 
 
-def _build_cases(names: list[str], specs: dict, device, compile_peers: bool):
+def _build_cases(names: list[str], specs: dict, device, compile_peers: bool, compile_logprobs: bool | None = None):
+    """Cases in priority order, so that a run deadline cuts the least important ones: the first logprobs shape,
+    GAE/PPO, the fused DPO/GRPO losses, the e2e steps, the other logprobs shapes, value/KL losses, the sweep."""
     from . import e2e, logprobs, preference, rl
 
-    cases = []
-    if "linear_logprobs" in names:
-        cases += logprobs.cases(specs["logprobs"], device, compile_peers=compile_peers)
+    lp_compile = compile_peers if compile_logprobs is None else compile_logprobs
+    lp = logprobs.cases(specs["logprobs"], device, compile_peers=lp_compile) if "linear_logprobs" in names else []
+    first_shape = [c for c in lp if c.params == lp[0].params] if lp else []
+    rest_shapes = [c for c in lp if c not in first_shape]
+    cases = first_shape
+    cases += rl.cases(specs["gae"] if "gae" in names else [], specs["ppo"] if "ppo" in names else [], device,
+                      compile_peers=compile_peers)
     cases += preference.cases(specs["dpo"] if "dpo" in names else [], specs["grpo"] if "grpo" in names else [],
                               device)
-    cases += rl.cases(specs["gae"] if "gae" in names else [], specs["ppo"] if "ppo" in names else [], device,
-                      compile_peers=compile_peers, value_specs=specs["ppo"] if "value_loss" in names else [],
-                      kl_specs=specs["ppo"] if "kl_penalty" in names else [])
     cases += e2e.cases(specs["e2e_dpo"] if "dpo_step" in names else [],
                        specs["e2e_grpo"] if "grpo_step" in names else [], device)
+    cases += rest_shapes
+    cases += rl.cases([], [], device, compile_peers=compile_peers,
+                      value_specs=specs["ppo"] if "value_loss" in names else [],
+                      kl_specs=specs["ppo"] if "kl_penalty" in names else [])
     if "linear_logprobs" in names:  # the scaling sweep last: under a deadline it is what gets cut
         cases += logprobs.cases(specs["logprobs_sweep"], device, compile_peers=False)
     return cases
@@ -182,7 +189,7 @@ def _run(args, argv: list[str]) -> int:
     log(f"  versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     log(f"  extension: {ext_status}")
 
-    cases = _build_cases(names, specs, device, preset["compile"])
+    cases = _build_cases(names, specs, device, preset["compile"], preset.get("compile_logprobs"))
     results, skipped = [], []
     for case in cases:
         if args.deadline and time.perf_counter() - t_start > args.deadline:

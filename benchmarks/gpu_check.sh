@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-T_TESTS=${GPU_CHECK_TEST_SECONDS:-110}
-T_EXT=${GPU_CHECK_EXT_SECONDS:-90}
+T_TESTS=${GPU_CHECK_TEST_SECONDS:-100}
+T_EXT=${GPU_CHECK_EXT_SECONDS:-80}
 T_BENCH=${GPU_CHECK_BENCH_SECONDS:-270}
 start=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - start )) s] $*"; }
