@@ -1,0 +1,184 @@
+"""PPO for language models (Ouyang et al. 2022; the recipe of TRL's PPOTrainer and verl): a policy, a separate value
+model (a scalar head on its own backbone), GAE, a clipped value loss, and a KL penalty in the reward or the loss.
+
+Notation: a completion y_1..y_T of prompt x is sampled from pi_old; s_t = (x, y_<t) is the state before token t;
+score = the sequence reward (reward functions and/or a reward model), given at the last token T;
+    r_t = score * 1[t = T] - kl_coef * (log pi_old(y_t|s_t) - log ref(y_t|s_t))       kl_in_reward=True
+    delta_t = r_t + gamma V(s_t+1) - V(s_t);  A_t = delta_t + gamma lam A_t+1;  R_t = A_t + V(s_t)   (fa.gae)
+    loss = PPO-clip(A) [+ kl_coef * KL_t when kl_in_reward=False] - entropy_coef * H_t
+           + vf_coef * 0.5 * max((V - R)^2, (V_old + clip(V - V_old, +-cliprange_value) - R)^2)
+V(s_t) is the value model's head on its last hidden state at position t - 1 (the token before y_t). Advantages
+are whitened over the rollout batch (``whiten_advantages``). Each rollout is used for ``num_iterations`` steps.
+
+``fused=True``: the policy term is ``fa.linear_policy_loss`` from hidden states (no [B, T, V] logits);
+``fused=False``: full logits and ``fa.ppo_policy_loss`` (the reference path).
+
+Python: ``fastalign.train.ppo.train(PPOConfig(...))``; CLI: ``fastalign train ppo [--config c.yaml] [--flags]``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import fastalign as fa
+from fastalign.train import data, metrics, models, rewards, rollout, task
+from fastalign.train.config import TrainConfig, option
+from fastalign.train.loop import TrainLoop, prepare
+
+log = logging.getLogger("fastalign.train")
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO: policy + value model, GAE, clipped policy and value losses, KL penalty to a reference."""
+
+    output_dir: str = option("runs/ppo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    train_file: str | None = option(None, "RL prompts (.jsonl/.json/.parquet, field 'prompt' + fields for the "
+                                          "reward functions); none: the shipped addition task's rl.jsonl")
+    learning_rate: float = option(1e-6, "peak learning rate (AdamW), for the policy and the value model")
+    batch_size: int = option(8, "prompts per micro-batch, per process")
+    num_generations: int = option(1, "completions sampled per prompt")
+    max_new_tokens: int = option(64, "max completion tokens; generation also stops at EOS")
+    temperature: float = option(1.0, "sampling temperature (log-probs are taken at the same temperature)")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    top_k: int = option(0, "top-k sampling (0: off)")
+    generation_batch_size: int | None = option(None, "sequences per generate call; none: all")
+    reward_funcs: list[str] = option(["exact_match"], "reward functions: registered names (exact_match, format, "
+                                                      "numeric_closeness) or 'package.module:function'")
+    reward_weights: list[float] = option([], "one weight per reward function; empty: all 1")
+    reward_model: str | None = option(None, "reward-model checkpoint (RUN_DIR/final of `fastalign train rm`)")
+    reward_model_weight: float = option(1.0, "weight of the reward model's score")
+    value_model: str | None = option(None, "value-model checkpoint (loaded with a scalar head, e.g. the reward "
+                                           "model); none: the policy checkpoint with a fresh head")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    cliprange_value: float | None = option(0.2, "value clip around the rollout-time values; none: unclipped")
+    gamma: float = option(1.0, "discount")
+    lam: float = option(0.95, "GAE lambda")
+    whiten_advantages: bool = option(True, "whiten advantages over the rollout batch")
+    kl_coef: float = option(0.05, "KL penalty weight (0: no reference model needed)")
+    kl_in_reward: bool = option(True, "subtract kl_coef * k1 KL from the per-token reward (InstructGPT/TRL); "
+                                      "off: add kl_coef * KL(kl_kind) to the loss (GRPO/verl style)")
+    kl_kind: str = option("k3", "KL estimator of the loss term (kl_in_reward=False)", choices=("k1", "k2", "k3"))
+    ref_model: str | None = option(None, "reference checkpoint; none: the initial policy (LoRA: adapters off)")
+    agg: str = option("token-mean", "loss aggregation over response tokens", choices=AGG_MODES)
+    clip_low: float = option(0.2, "ratio clip below: 1 - clip_low")
+    clip_high: float | None = option(None, "ratio clip above: 1 + clip_high; none: clip_low")
+    dual_clip: float | None = option(None, "dual-clip constant c > 1 for negative advantages; none: off")
+    entropy_coef: float = option(0.0, "entropy bonus weight")
+    num_iterations: int = option(2, "optimizer steps per rollout batch (PPO epochs)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_generations < 1 or self.num_iterations < 1 or self.max_new_tokens < 1:
+            raise ValueError("PPOConfig: num_generations, num_iterations and max_new_tokens must be >= 1")
+        if not self.reward_funcs and not self.reward_model:
+            raise ValueError("PPOConfig: give reward_funcs and/or reward_model")
+
+
+def shifted_values(value_model, input_ids, attention_mask) -> torch.Tensor:
+    """(B, T) fp32 V(s_t) aligned with tokens: column t is the head on the hidden state at t - 1; column 0 is 0."""
+    values = models.token_values(value_model, input_ids, attention_mask)  # (B, T): head at every position
+    return torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
+
+
+@torch.no_grad()
+def rollout_values(value_model, batch: rollout.RolloutBatch, micro_batch_size: int) -> torch.Tensor:
+    """(B, T) fp32 ``shifted_values`` of a whole rollout, in micro-batches, 0 off the response."""
+    width, out = batch.input_ids.shape[1], []
+    for start in range(0, len(batch), micro_batch_size):
+        part = batch.select(slice(start, start + micro_batch_size))  # trimmed to its longest row
+        values = shifted_values(value_model, part.input_ids, part.attention_mask)
+        out.append(torch.nn.functional.pad(values, (0, width - values.shape[1])))
+    return torch.cat(out) * batch.response_mask
+
+
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float) -> torch.Tensor:
+    """(B, T) fp32: the sequence score on each row's last response token, minus ``kl_coef * kl`` per token."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask.long() * (positions + 1)).argmax(1)  # (B,) index of the last response token
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] = scores.float().to(mask.device)
+    if kl is not None and kl_coef:
+        rewards = rewards - kl_coef * kl * mask
+    return rewards
+
+
+def ppo_loss(policy, value_model, mb: dict, cfg: PPOConfig) -> tuple[torch.Tensor, dict]:
+    """Policy loss (+ KL term when not in the reward) + vf_coef * clipped value loss, and their stats."""
+    pg, stats = rollout.actor_loss(
+        policy, mb, fused=cfg.fused, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        agg=cfg.agg, norm_len=cfg.max_new_tokens, kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef,
+        kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, backend=cfg.backend)
+    if "kl" in stats:
+        stats["kl_token"] = stats.pop("kl")
+    values = shifted_values(value_model, mb["input_ids"], mb["attention_mask"])
+    vf, vstats = fa.value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], clip=cfg.cliprange_value,
+                               agg=cfg.agg, norm_len=cfg.max_new_tokens, backend=cfg.backend)
+    stats.update({f"value/{k}": v for k, v in vstats.items()}, policy_loss=pg.detach(), value_loss=vf.detach())
+    return pg + cfg.vf_coef * vf, stats
+
+
+def train(cfg: PPOConfig) -> dict:
+    """Train with ``cfg``; returns ``{"run_dir", "final_dir", "history", "bad_steps"}`` (the value model is
+    saved in ``final_dir/value``)."""
+    run = prepare(cfg)
+    tokenizer, info = run.tokenizer, run.info
+    lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                lora_target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing,
+                dtype=cfg.dtype, device=info.device, attn=cfg.attn_implementation)
+    policy = models.load_model(run.model_path, **lora)
+    value_model = models.load_model(cfg.value_model or run.model_path, kind="score", **lora)
+    rows = data.load_rows(cfg.train_file or task.demo_files()["rl"], "rl", max_samples=cfg.max_samples)
+    examples = data.tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                     chat_template=cfg.chat_template)
+    reward_fn = rewards.build_rewards(cfg.reward_funcs, cfg.reward_weights, reward_model=cfg.reward_model,
+                                      reward_model_weight=cfg.reward_model_weight, device=info.device,
+                                      chat_template=cfg.chat_template)
+    reference = rollout.Reference(cfg, run.model_path, policy, info.device) if cfg.kl_coef or cfg.ref_model else None
+    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    loop = TrainLoop(cfg, policy, run, extra_models={"value": value_model}, extra_state={"sampler": sampler})
+    policy, value_model = loop.model, loop.models["value"]
+    backend = rollout.HFGenerationBackend(policy, pad_token_id=tokenizer.pad_token_id,
+                                          eos_token_id=tokenizer.eos_token_id, batch_size=cfg.generation_batch_size)
+    sampling = rollout.SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, top_k=cfg.top_k)
+    rows_per_micro = cfg.batch_size * cfg.num_generations
+
+    while not loop.done:
+        prompts = [examples[i] for _ in range(cfg.grad_accum) for i in sampler.next()]
+        exp = rollout.collect(backend, tokenizer, prompts, group_size=cfg.num_generations, sampling=sampling,
+                              reward_fn=reward_fn)
+        batch = exp.batch.to(info.device)
+        mask = batch.response_mask
+        score = dict(temperature=cfg.temperature, fused=cfg.fused, micro_batch_size=rows_per_micro)
+        per_row = {"old_logprobs": rollout.score_logprobs(policy, batch, **score)}
+        kl = None
+        if reference is not None:
+            per_row["ref_logprobs"] = reference.logprobs(batch, **score)
+            kl = (per_row["old_logprobs"] - per_row["ref_logprobs"]) * mask  # (B, T) k1 per token
+        old_values = rollout_values(value_model, batch, rows_per_micro)  # (B, T), no grad
+        rewards_t = token_rewards(exp.rewards, mask, kl if cfg.kl_in_reward else None, cfg.kl_coef)
+        advantages, returns = fa.gae(rewards_t, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                     whiten=cfg.whiten_advantages)
+        per_row.update(advantages=advantages, returns=returns, old_values=old_values)
+        stats = {"reward": exp.rewards.mean(), "completion_length": exp.batch.completion_lengths.float().mean(),
+                 "truncated_frac": exp.batch.truncated.float().mean(),
+                 "reward_length_corr": metrics.reward_length_correlation(exp.rewards, exp.batch.completion_lengths),
+                 **{f"reward/{k}": v.mean() for k, v in exp.reward_parts.items()}}
+        if kl is not None:
+            stats["kl"] = kl.sum(1).mean()
+        stats = {k: metrics.to_float(v) for k, v in stats.items()}
+        micro = rollout.micro_batches(batch, per_row, rows_per_micro)
+        for _ in range(cfg.num_iterations):
+            if loop.done:
+                break
+            loop.step(micro, lambda mb: ppo_loss(policy, value_model, mb, cfg),
+                      weight_fn=lambda mb: mb["response_mask"].sum() if cfg.agg == "token-mean"
+                      else torch.tensor(mb["input_ids"].shape[0]), extra_metrics=stats)
+        backend.sync_weights(policy)
+    return loop.finish()
+
