@@ -26,7 +26,8 @@ CASES = (
     logprobs.cases([dict(n=256, d=128, v=8000, dtype=torch.float32)], CPU, compile_peers=False)
     + preference.cases([dict(pairs=2, t=64, d=128, v=8000, dtype=torch.float32)],
                        [dict(b=4, t=64, d=128, v=8000, dtype=torch.float32)], CPU)
-    + rl.cases([dict(b=64, t=512)], [dict(b=64, t=512)], CPU, compile_peers=False)
+    + rl.cases([dict(b=64, t=512)], [dict(b=64, t=512)], CPU, compile_peers=False,
+               value_specs=[dict(b=64, t=512)], kl_specs=[dict(b=64, t=512)])
 )
 _INPUTS: dict[int, tuple[dict, dict | None]] = {}
 
@@ -44,17 +45,22 @@ def test_op(benchmark, case, impl):
         pytest.skip(f"{impl.name}: {impl.missing}")
     x, truth = _inputs(case)
     prepared = impl.prepare(x)
+    try:
+        outputs = prepared.step()
+    except ValueError as exc:  # fastalign's dispatcher: this op has no such backend
+        if "is not implemented for this op" in str(exc):
+            pytest.skip(str(exc))
+        raise
 
     def clear():
         for t in prepared.grad_to_none:
             t.grad = None
 
-    clear()
-    outputs = prepared.step()
     if truth is not None:
         devs, _ = harness.agreement(outputs, truth, None, case.dtype)
         benchmark.extra_info["max_abs_deviation"] = devs
         # a loose sanity bound (fp32 inputs): this suite times, the runner and tests/ judge accuracy strictly
         assert all(v < 1e-2 * max(1.0, float(truth[k].abs().max())) for k, v in devs.items()), devs
     benchmark.extra_info.update(case.params)
+    clear()
     benchmark.pedantic(prepared.step, setup=clear, rounds=5, warmup_rounds=1, iterations=1)
