@@ -242,12 +242,13 @@ def gae(
     lam = _in_unit(op, "lam", lam)
     dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
     needs_grad = torch.is_grad_enabled() and (rewards.requires_grad or values.requires_grad)
-    name = _resolve(op, backend, (rewards, values, mask), supports=_EXT_OPS, dtype=dtype)
+    if needs_grad and backend == "auto":
+        name = "torch"  # the kernels return constants; the reference is differentiable
+    else:
+        name = _resolve(op, backend, (rewards, values, mask), supports=_EXT_OPS, dtype=dtype)
     if name != "torch" and needs_grad:
-        if backend != "auto":
-            raise RuntimeError(f"gae: backend={name!r} does not propagate gradients; detach rewards and values or "
-                               "use backend='torch'")
-        name = "torch"  # auto: the reference is differentiable
+        raise RuntimeError(f"gae: backend={name!r} does not propagate gradients; detach rewards and values or use "
+                           "backend='torch'")
     if name == "torch":
         return ref.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
     if name == "triton":
