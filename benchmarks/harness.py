@@ -95,7 +95,7 @@ def measure_time(fn: Callable[[], Any], device: torch.device, *, budget_s: float
     CUDA: one more warm call estimates the duration (the first may have compiled or autotuned), then
     ``budget_s / estimate`` calls (3..200), each timed with CUDA events after flushing L2 by writing a 256 MiB
     buffer, as ``triton.testing.do_bench`` does (its fixed 5-call estimate and warm-up cost too much for the
-    0.2-0.6 s calls of the large cases). CPU: wall clock over ``budget_s / first_s`` calls (1..50).
+    0.2-0.6 s calls of the large cases). CPU: wall clock over ``budget_s / first_s`` calls (2..50).
     """
     if device.type == "cuda":
         def wall():
@@ -127,7 +127,7 @@ def measure_time(fn: Callable[[], Any], device: torch.device, *, budget_s: float
         t0 = time.perf_counter()
         fn()
         first_s = time.perf_counter() - t0
-    reps = int(max(1, min(max_reps or 50, budget_s / max(first_s, 1e-6))))
+    reps = int(max(2, min(max_reps or 50, budget_s / max(first_s, 1e-6))))  # 2+: one sample is all noise here
     samples = []
     for _ in range(reps):
         _clear(grad_to_none)
@@ -313,7 +313,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     dst = torch.empty_like(src)
     t = measure_time(lambda: dst.copy_(src), device, budget_s=0.5, max_reps=20)
     del src, dst
-    return 2 * nbytes / (t.median_ms / 1000.0)
+    return 2 * nbytes / (t.min_ms / 1000.0)
 
 
 @dataclass

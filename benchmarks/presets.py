@@ -49,7 +49,7 @@ PRESETS: dict[str, dict] = {
         "ppo": [dict(b=64, t=512), dict(b=256, t=1024)],
         "e2e_dpo": [dict(model="tiny-llama", d=128, v=8000, layers=2, pairs=2, t=128, dtype=fp32)],
         "e2e_grpo": [dict(model="tiny-llama", d=128, v=8000, layers=2, b=4, t=128, dtype=fp32)],
-        "compile": True, "budget_s": 0.5, "impl_timeout_s": 120, "build_ext": True,
+        "compile": True, "budget_s": 1.0, "impl_timeout_s": 120, "build_ext": True,
     },
     "gpu": {
         "device": "cuda",

@@ -36,6 +36,10 @@ def _mem(b, method: str | None = None) -> str:
     return s + ("*" if method and method.startswith("cpu") else "")
 
 
+def _span(t: dict, lo: str, hi: str) -> str:
+    return f"{_ms(t[lo])}–{_ms(t[hi])}" if t.get(lo) is not None else "—"
+
+
 def _rate(x: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= div:
@@ -320,7 +324,7 @@ def _case_table(c: dict) -> list[str]:
         tps = _rate(tokens / (t["median_ms"] / 1000.0)) if tokens and t.get("median_ms") else "—"
         lines.append(
             f"| {r['impl']} | {status} | {_ms(t.get('median_ms'))} | "
-            f"{_ms(t.get('p20_ms'))}–{_ms(t.get('p80_ms'))} | {_ms(t.get('min_ms'))}–{_ms(t.get('max_ms'))} | {tps} | "
+            f"{_span(t, 'p20_ms', 'p80_ms')} | {_span(t, 'min_ms', 'max_ms')} | {tps} | "
             f"{_mem(mem.get('peak_above_inputs_bytes'), mem.get('method')) if mem else '—'} | {dev} | {agrees} | "
             f"{note} |")
     lines.append("")

@@ -189,7 +189,7 @@ def loss_impls(device, op: str, eager, *, compile_peers: bool) -> list[Impl]:
 
 
 def _bytes_floor(nbytes: int, device, bw_cache: dict) -> dict:
-    if "bw" not in bw_cache:
+    if "bw" not in bw_cache:  # the best copy rate seen: a floor must not be inflated by a noisy neighbour
         size = 1 << 30 if device.type == "cuda" else 1 << 27
         bw_cache["bw"] = harness.copy_bandwidth(device, size)
     bw = bw_cache["bw"]
