@@ -46,6 +46,9 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole run; cases not started by then are reported as skipped")
     p.add_argument("--no-build-ext", action="store_true", help="do not build the optional C++/CUDA extension")
     p.add_argument("--device", default=None, help="override the preset's device (cpu | cuda)")
+    p.add_argument("--timer", choices=("events", "do_bench"), default="events",
+                   help="GPU timing: CUDA events with repetitions from a warm call (default), or "
+                        "triton.testing.do_bench (fixed 5-call estimate + warm-up: slower for 0.5 s cases)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -163,6 +166,7 @@ def _run(args, argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     dtype = harness.DTYPES[args.dtype] if args.dtype else None
+    harness.GPU_TIMER = args.timer
     names = _select(args)
     specs = _specs(args, preset, dtype)
     budget = args.budget if args.budget is not None else preset["budget_s"]
@@ -179,7 +183,9 @@ def _run(args, argv: list[str]) -> int:
         "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv),
         "preset": preset_name, "date": harness.now_utc(), "machine": harness.machine(),
         "versions": harness.versions(), "extension": ext_status, "device": str(device),
-        "timing_method": "CUDA events per call, L2 flushed before each (as triton.testing.do_bench)" if device.type == "cuda" else "cpu-wall-clock",
+        "timing_method": ("cpu-wall-clock" if device.type != "cuda" else
+                          "triton.testing.do_bench (return_mode='all')" if args.timer == "do_bench" else
+                          "CUDA events per call, L2 flushed before each (as triton.testing.do_bench)"),
         "memory_method": ("cuda max_memory_allocated - memory_allocated before the call" if device.type == "cuda"
                           else "sampled process RSS (peak - before), approximate; not comparable to GPU figures"),
         "budget_s_per_impl": budget, "impl_timeout_s": impl_timeout,

@@ -36,6 +36,9 @@ ATOL = {torch.float64: 1e-9, torch.float32: 5e-4, torch.float16: 1e-3, torch.bfl
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
+GPU_TIMER = "events"  # "events" (below) | "do_bench" (triton.testing.do_bench, return_mode="all"); set by --timer
+
+
 class CaseTimeout(Exception):
     """Raised by :func:`time_limit` when one implementation runs past its share of the budget."""
 
@@ -97,6 +100,12 @@ def measure_time(fn: Callable[[], Any], device: torch.device, *, budget_s: float
     buffer, as ``triton.testing.do_bench`` does (its fixed 5-call estimate and warm-up cost too much for the
     0.2-0.6 s calls of the large cases). CPU: wall clock over ``budget_s / first_s`` calls (2..50).
     """
+    if device.type == "cuda" and GPU_TIMER == "do_bench":
+        import triton.testing
+
+        times = triton.testing.do_bench(fn, warmup=25, rep=max(50, int(1000 * budget_s)),
+                                        grad_to_none=grad_to_none, return_mode="all")
+        return _summary([float(x) for x in times], "cuda-do_bench")
     if device.type == "cuda":
         def wall():
             _clear(grad_to_none)

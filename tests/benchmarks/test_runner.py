@@ -226,3 +226,13 @@ def test_custom_shape_flags_replace_the_preset_shapes():
             if c.name.startswith("linear")} == {("linear_logprobs.fwd_bwd", 4096, 1024, 32000, "bfloat16"),
                                                  ("linear_logprobs.fwd", 4096, 1024, 32000, "bfloat16")}
     assert [(c.params["B"], c.params["T"]) for c in cases if c.name == "gae"] == [(8, 100)]
+
+
+@pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "benchmarks/fetch_wheels.sh"])
+def test_shell_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = (ROOT / script).read_text()
+    if script.endswith("gpu_check.sh"):  # one command: carried wheels, GPU tests, extension, the gpu preset
+        for needle in (".whl/*.whl", "-m gpu", "fastalign.ext build", "--preset gpu", "--deadline"):
+            assert needle in text, needle
