@@ -171,13 +171,13 @@ def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.
 def _gae_blocks(batch: int, length: int, block_t: int | None) -> dict:
     if _backend.interpreting():  # the interpreter pays per op, and custom-combine scans are slow: small tiles
         cap_t = 64 if block_t is None else block_t
-        return dict(BLOCK_B=min(triton_next_pow2(batch), 16), BLOCK_T=min(triton_next_pow2(length), cap_t),
+        return dict(BLOCK_B=min(_next_pow2(batch), 16), BLOCK_T=min(_next_pow2(length), cap_t),
                     num_warps=1)
     cap_t = 1024 if block_t is None else block_t
-    return dict(BLOCK_B=2, BLOCK_T=min(triton_next_pow2(length), cap_t), num_warps=4)
+    return dict(BLOCK_B=2, BLOCK_T=min(_next_pow2(length), cap_t), num_warps=4)
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -304,8 +304,8 @@ def group_advantages(
 
 def _loss_blocks(length: int) -> dict:
     if _backend.interpreting():
-        return dict(BLOCK_T=min(triton_next_pow2(length), 256), num_warps=1)
-    return dict(BLOCK_T=min(triton_next_pow2(length), 2048), num_warps=4 if length <= 1024 else 8)
+        return dict(BLOCK_T=min(_next_pow2(length), 256), num_warps=1)
+    return dict(BLOCK_T=min(_next_pow2(length), 2048), num_warps=4 if length <= 1024 else 8)
 
 
 def _triton_loss_forward(x, y, z, mask, *, is_value, clip_low, clip_high, dual_clip, agg, norm_len, need_grad,
@@ -338,7 +338,7 @@ def _triton_loss_forward(x, y, z, mask, *, is_value, clip_low, clip_high, dual_c
         row_stats, scale, out,
         batch,
         norm_len,
-        AGG=_AGG_INDEX[agg], IS_VALUE=is_value, BLOCK_B=min(triton_next_pow2(batch), 1024),
+        AGG=_AGG_INDEX[agg], IS_VALUE=is_value, BLOCK_B=min(_next_pow2(batch), 1024),
     )
     return out[0], out[1:], grad, scale
 
@@ -348,7 +348,7 @@ def _triton_loss_backward(grad, scale, upstream, dtype):
 
     batch, length = grad.shape
     out = _empty((batch, length), dtype, grad.device)
-    block_t = min(triton_next_pow2(length), 256 if _backend.interpreting() else 1024)
+    block_t = min(_next_pow2(length), 256 if _backend.interpreting() else 1024)
     _rl_loss_bwd_kernel[(batch, _cdiv(length, block_t))](
         grad, scale, upstream, out,
         length,
