@@ -101,6 +101,12 @@ def _trl_token_logp(h, w, labels, outputs=()):
     return out[0].new_zeros(labels.shape).masked_scatter(valid, out[0])
 
 
+def _sls_token_logp(sls, h, w, labels):
+    """TRL's selective_log_softmax on full logits in the model dtype (its logits path)."""
+    valid = labels != IGNORE
+    return sls(h @ w.T, labels.clamp(min=0)) * valid
+
+
 def dpo_impls(device) -> list[Impl]:
     impls = []
     lin_dpo, why_fused = peers.fastalign_op("linear_dpo_loss")
@@ -146,6 +152,15 @@ def dpo_impls(device) -> list[Impl]:
 
     impls.append(Impl("TRL DPOTrainer loss path (chunked head)", "trl", trl if chunked else None, missing=why,
                       note="ChunkedLogProbFunction as DPOTrainer calls it + its sigmoid loss"))
+    sls, why_sls = peers.load("trl.selective_log_softmax")
+
+    def trl_logits(x):
+        with torch.no_grad():
+            ref = _sls_token_logp(sls, x["ref_hidden"], x["weight"], x["labels"]).sum(-1)
+        return _loss_step(x, lambda h, w: _dpo_formula(_sls_token_logp(sls, h, w, x["labels"]).sum(-1), ref))
+
+    impls.append(Impl("TRL selective_log_softmax on logits + DPO", "trl", trl_logits if sls else None,
+                      missing=why_sls, note="the logits path of TRL's earlier DPOTrainer"))
 
     liger_cls, why = peers.load("liger.dpo")
     # Liger's chunked losses are plain torch (+ torch.compile by default): on CPU run them eagerly
@@ -255,6 +270,15 @@ def grpo_impls(device) -> list[Impl]:
 
     impls.append(Impl("TRL GRPOTrainer loss path (chunked head)", "trl", trl if chunked else None, missing=why,
                       note="ChunkedLogProbFunction as GRPOTrainer calls it + its bnpo loss"))
+    sls, why_sls = peers.load("trl.selective_log_softmax")
+
+    def trl_logits(x):
+        return _loss_step(x, lambda h, w: _grpo_formula(
+            _sls_token_logp(sls, h, w, x["labels"]), x["old_logprobs"], x["ref_logprobs"], x["advantages"],
+            x["mask"]))
+
+    impls.append(Impl("TRL selective_log_softmax on logits + GRPO", "trl", trl_logits if sls else None,
+                      missing=why_sls, note="the logits path of TRL's earlier GRPOTrainer"))
 
     liger_cls, why = peers.load("liger.grpo")
     compiled = device.type == "cuda"
