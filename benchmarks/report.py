@@ -84,7 +84,11 @@ def _fam(r) -> str:
 def headline_rows(run: dict) -> list[dict]:
     out = []
     for c in run.get("cases", []):
-        if not c.get("headline", True) or c.get("skipped"):
+        if not c.get("headline", True):
+            continue
+        if c.get("skipped"):
+            out.append({"case": c["case"], "shape": _shape(c.get("params", {})), "fa": None, "peer": None,
+                        "floor": None, "checked": False, "skipped": c["skipped"]})
             continue
         rows = c.get("rows", [])
         fa = _best(rows, lambda r: _fam(r) == "fastalign" and "fused ops off" not in r["impl"])
@@ -111,6 +115,9 @@ def headline_table(runs: list[dict], *, header: bool = True) -> str:
         for h in headline_rows(run):
             fa, peer = h["fa"], h["peer"]
             ratio = (f"{peer['time']['median_ms'] / fa['time']['median_ms']:.2f}x" if fa and peer else "—")
+            if h.get("skipped"):
+                lines.append(f"| {h['case']} | {h['shape']} | not run: {h['skipped']} | | | | | | |")
+                continue
             lines.append(
                 f"| {h['case']} | {h['shape']} | "
                 f"{_ms(fa['time']['median_ms']) if fa else 'missing'}"
