@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a lent H100/H200 (<= ~8 minutes in all): GPU tests, the CUDA extension, the GPU benchmarks.
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root; results under $OUT (default ./gpu_check_out)
+#   bash benchmarks/gpu_check.sh            # from the repository root; results under $OUT (default /tmp/gpu_check_out)
 #
 # With the device tool: carry ".whl" (made here by `bash benchmarks/fetch_wheels.sh`) so that TRL, Liger-Kernel and
 # Cut Cross-Entropy are installed there; without it those peers are reported as missing, never skipped silently.
@@ -13,7 +13,7 @@
 # Afterwards: `python -m benchmarks report <cpu results.json> $OUT/bench/results.json --out BENCHMARKS.md` here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_check_out}
+OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 T_TESTS=${GPU_CHECK_TEST_SECONDS:-100}
