@@ -285,7 +285,6 @@ def _dist_version(mod: str) -> str | None:
 
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
-        "hostname": platform.node(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
