@@ -6,7 +6,10 @@ _gae_fwd_kernel            grid (cdiv(B, BLOCK_B),)
       x_t = nv_{t+1} = (1 - m_{t+1}) x_{t+1} + m_{t+1} V_{t+1}     the next valid value (0 past the end)
       A_t = a_t A_{t+1} + b_t, a_t = m_t ? gamma lam : 1, b_t = m_t ? r_t + gamma x_t - V_t : 0
     reads r, V, m (V and m twice, the second time shifted by one: cache hits); writes A and returns = A + V.
-    Bytes: (4 + 4 + 1) in + 8 out per token.
+    Bytes: (4 + 4 + 1) in + 8 out per token. With WHITEN_STATS it also writes the program's (n, mean, M2) of the
+    valid advantages (re-reading its own output once, from L2).
+_whiten_combine_kernel     grid (1,)      merges the per-program moments into (mean, rstd).
+_whiten_apply_kernel       grid (cdiv(N, BLOCK),)   adv = (adv - mean) * rstd in place: 4 bytes in, 4 out.
 _rl_loss_fwd_kernel        grid (B,)
     One row per program, T in tiles. Per valid token: the PPO clipped surrogate (or the clipped value loss) l_t
     and its derivative g_t = dl_t/dx_t (x = logprobs, or values), written unscaled in fp32; per row: sum l,
@@ -39,16 +42,18 @@ def _affine_combine(a_right, b_right, a_left, b_left):
 @triton.jit
 def _gae_fwd_kernel(
     # data ptrs
-    rewards_ptr, values_ptr, mask_ptr, adv_ptr, returns_ptr,
+    rewards_ptr, values_ptr, mask_ptr, adv_ptr, returns_ptr, moments_ptr,
     # shapes
     B, T,
     # strides
     stride_r_b, stride_r_t, stride_v_b, stride_v_t, stride_m_b, stride_m_t, stride_out_b,
     # constants
     gamma, lam,
-    HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_MASK: tl.constexpr, WHITEN_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    acc_n = tl.zeros([BLOCK_B, BLOCK_T], dtype=tl.float32)
+    acc_sum = tl.zeros([BLOCK_B, BLOCK_T], dtype=tl.float32)
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     bmask = offs_b < B
     rows = offs_b.to(tl.int64)
@@ -86,6 +91,82 @@ def _gae_fwd_kernel(
         out = rows[:, None] * stride_out_b + t[None, :]
         tl.store(adv_ptr + out, adv, mask=io)
         tl.store(returns_ptr + out, adv + v, mask=io)
+        if WHITEN_STATS:
+            acc_n += tl.where(valid & io, 1.0, 0.0)
+            acc_sum += tl.where(valid & io, adv, 0.0)
+    if WHITEN_STATS:
+        # this program's (n, mean, M2) over its valid advantages, M2 about its own mean (no cancellation);
+        # _whiten_combine_kernel merges them with Chan's formula. The second pass re-reads what this program
+        # just wrote (L2 hits); the barrier makes other threads' stores visible.
+        n = tl.sum(tl.sum(acc_n, axis=1), axis=0)
+        mean = tl.sum(tl.sum(acc_sum, axis=1), axis=0) / tl.maximum(n, 1.0)
+        tl.debug_barrier()
+        acc_m2 = tl.zeros([BLOCK_B, BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + offs_t
+            io = bmask[:, None] & (t < T)[None, :]
+            if HAS_MASK:
+                valid = tl.load(mask_ptr + rows[:, None] * stride_m_b + t[None, :] * stride_m_t, mask=io,
+                                other=0) != 0
+            else:
+                valid = io
+            adv = tl.load(adv_ptr + rows[:, None] * stride_out_b + t[None, :], mask=io, other=0.0)
+            diff = tl.where(valid & io, adv - mean, 0.0)
+            acc_m2 += diff * diff
+        tl.store(moments_ptr + pid * 3 + 0, n)
+        tl.store(moments_ptr + pid * 3 + 1, mean)
+        tl.store(moments_ptr + pid * 3 + 2, tl.sum(tl.sum(acc_m2, axis=1), axis=0))
+
+
+@triton.jit
+def _whiten_combine_kernel(
+    # data ptrs
+    moments_ptr, out_ptr,
+    # shapes
+    P,
+    # constants
+    eps,
+    BLOCK_P: tl.constexpr,
+):
+    """Merge the (n, mean, M2) of P programs (Chan et al.) into out = (mean, 1 / sqrt(var_unbiased + eps)); fewer
+    than two valid elements: var = 0, as the reference."""
+    offs = tl.arange(0, BLOCK_P)
+    acc_n = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        pm = p0 + offs < P
+        n_p = tl.load(moments_ptr + (p0 + offs) * 3 + 0, mask=pm, other=0.0)
+        acc_n += n_p
+        acc_sum += n_p * tl.load(moments_ptr + (p0 + offs) * 3 + 1, mask=pm, other=0.0)
+    n = tl.sum(acc_n, axis=0)
+    mean = tl.sum(acc_sum, axis=0) / tl.maximum(n, 1.0)
+    acc_m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        pm = p0 + offs < P
+        n_p = tl.load(moments_ptr + (p0 + offs) * 3 + 0, mask=pm, other=0.0)
+        delta = tl.load(moments_ptr + (p0 + offs) * 3 + 1, mask=pm, other=0.0) - mean
+        acc_m2 += tl.load(moments_ptr + (p0 + offs) * 3 + 2, mask=pm, other=0.0) + n_p * delta * delta
+    var = tl.where(n > 1, tl.sum(acc_m2, axis=0) / tl.maximum(n - 1.0, 1.0), 0.0)
+    tl.store(out_ptr + 0, mean)
+    tl.store(out_ptr + 1, tl.rsqrt(var + eps))
+
+
+@triton.jit
+def _whiten_apply_kernel(
+    # data ptrs
+    adv_ptr, stats_ptr,
+    # shapes
+    N,
+    # constants
+    BLOCK: tl.constexpr,
+):
+    """In place: adv = (adv - mean) * rstd over every element (valid or not), like verl's masked_whiten."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    nmask = offs < N
+    mean = tl.load(stats_ptr + 0)
+    rstd = tl.load(stats_ptr + 1)
+    adv = tl.load(adv_ptr + offs, mask=nmask, other=0.0)
+    tl.store(adv_ptr + offs, (adv - mean) * rstd, mask=nmask)
 
 
 @triton.jit

@@ -181,22 +181,29 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _triton_gae(rewards, values, mask, gamma, lam, block_t=None):
-    from fastalign.kernels.rl import _gae_fwd_kernel
+def _triton_gae(rewards, values, mask, gamma, lam, block_t=None, whiten=False):
+    from fastalign.kernels.rl import _gae_fwd_kernel, _whiten_apply_kernel, _whiten_combine_kernel
 
     batch, length = rewards.shape
     adv = _empty((batch, length), torch.float32, rewards.device)
     returns = _empty((batch, length), torch.float32, rewards.device)
     mask_t, has_mask = _mask_arg(mask, rewards)
     cfg = _gae_blocks(batch, length, block_t)
-    _gae_fwd_kernel[(_cdiv(batch, cfg["BLOCK_B"]),)](
-        rewards, values, mask_t, adv, returns,
+    programs = _cdiv(batch, cfg["BLOCK_B"])
+    moments = _empty((programs, 3), torch.float32, rewards.device) if whiten else adv
+    _gae_fwd_kernel[(programs,)](
+        rewards, values, mask_t, adv, returns, moments,
         batch, length,
         rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
         mask_t.stride(0), mask_t.stride(1), adv.stride(0),
         gamma, lam,
-        HAS_MASK=has_mask, **cfg,
+        HAS_MASK=has_mask, WHITEN_STATS=whiten, **cfg,
     )
+    if whiten:  # two more launches, no host sync: merge the per-program moments, then scale in place
+        stats = _empty((2,), torch.float32, rewards.device)
+        _whiten_combine_kernel[(1,)](moments, stats, programs, 1e-8, BLOCK_P=min(_next_pow2(programs), 1024))
+        block = 1024 if _backend.interpreting() else 2048
+        _whiten_apply_kernel[(_cdiv(adv.numel(), block),)](adv, stats, adv.numel(), BLOCK=block)
     return adv, returns
 
 
@@ -252,11 +259,10 @@ def gae(
     if name == "torch":
         return ref.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
     if name == "triton":
-        adv, returns = _triton_gae(rewards, values, mask, gamma, lam)
-    else:
-        common = torch.promote_types(rewards.dtype, values.dtype)
-        adv, returns = _extension().gae(rewards.to(common).contiguous(), values.to(common).contiguous(),
-                                        _bool_mask(mask), gamma, lam)
+        return _triton_gae(rewards, values, mask, gamma, lam, whiten=bool(whiten))
+    common = torch.promote_types(rewards.dtype, values.dtype)
+    adv, returns = _extension().gae(rewards.to(common).contiguous(), values.to(common).contiguous(),
+                                    _bool_mask(mask), gamma, lam)
     if whiten:
         valid = torch.ones_like(adv, dtype=torch.bool) if mask is None else mask != 0
         adv = ref.masked_whiten(adv, valid)

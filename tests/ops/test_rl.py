@@ -80,6 +80,20 @@ def test_gae_whiten_and_low_precision_inputs(backend):
     torch.testing.assert_close(ret, truth_ret.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,block_t", [((37, 45), 16), ((3, 1), None), ((4, 70), None)])
+def test_triton_gae_whiten_merges_program_moments(shape, block_t):
+    # B = 37 runs 3 programs of 16 rows: the per-program (n, mean, M2) are merged in a second kernel
+    r, v = _inputs(*shape, seed=47) + 3.0, _inputs(*shape, seed=48)  # a mean far from 0 tests the M2 merge
+    mask = _mask(*shape, seed=49)
+    adv, ret = ops._triton_gae(r, v, mask, 0.95, 0.9, block_t=block_t, whiten=True)
+    truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.95, lam=0.9, whiten=True)
+    same_adv, _ = ref.gae(r, v, mask, gamma=0.95, lam=0.9, whiten=True)
+    assert_close_3way(adv, same_adv, truth_adv, torch.float32, name="whitened advantages")
+    torch.testing.assert_close(ret, truth_ret.float(), rtol=1e-5, atol=1e-5)
+    all_masked = ops._triton_gae(r, v, torch.zeros_like(mask), 0.95, 0.9, whiten=True)[0]
+    assert torch.equal(all_masked, torch.zeros_like(all_masked))
+
+
 def test_gae_kernel_backend_refuses_to_drop_gradients():
     v = _inputs(2, 5, seed=46).requires_grad_()
     with pytest.raises(RuntimeError, match="does not propagate gradients"):
@@ -292,8 +306,14 @@ def test_rl_kernels_compile_for_sm90():
     loss_flags = dict(HAS_MASK=True, HAS_CLIP=True, NEED_GRAD=True, BLOCK_T=1024)
     jobs = [
         dict(kernel=mod + "_gae_fwd_kernel",
-             pointers=dict(rewards_ptr="fp32", values_ptr="bf16", mask_ptr="u8", adv_ptr="fp32", returns_ptr="fp32"),
-             constexprs=dict(HAS_MASK=True, BLOCK_B=2, BLOCK_T=1024), floats=["gamma", "lam"], num_warps=4),
+             pointers=dict(rewards_ptr="fp32", values_ptr="bf16", mask_ptr="u8", adv_ptr="fp32", returns_ptr="fp32",
+                           moments_ptr="fp32"),
+             constexprs=dict(HAS_MASK=True, WHITEN_STATS=True, BLOCK_B=2, BLOCK_T=1024), floats=["gamma", "lam"],
+             num_warps=4),
+        dict(kernel=mod + "_whiten_combine_kernel", pointers=dict(moments_ptr="fp32", out_ptr="fp32"),
+             constexprs=dict(BLOCK_P=256), floats=["eps"]),
+        dict(kernel=mod + "_whiten_apply_kernel", pointers=dict(adv_ptr="fp32", stats_ptr="fp32"),
+             constexprs=dict(BLOCK=2048)),
         dict(kernel=mod + "_rl_loss_fwd_kernel", pointers=loss_ptrs,
              constexprs=dict(IS_VALUE=False, HAS_DUAL_CLIP=True, **loss_flags),
              floats=["clip_low", "clip_high", "dual_clip"], num_warps=4),
