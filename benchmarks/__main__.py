@@ -181,7 +181,8 @@ def _run(args, argv: list[str]) -> int:
     meta = {
         "schema": 1,
         "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv),
-        "preset": preset_name, "date": harness.now_utc(), "machine": harness.machine(),
+        "preset": preset_name, "date": harness.now_utc(), "commit": harness.git_commit(),
+        "machine": harness.machine(),
         "versions": harness.versions(), "extension": ext_status, "device": str(device),
         "timing_method": ("cpu-wall-clock" if device.type != "cuda" else
                           "triton.testing.do_bench (return_mode='all')" if args.timer == "do_bench" else

@@ -309,6 +309,24 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def git_commit() -> str | None:
+    """The commit measured: ``git rev-parse HEAD`` (with ``+dirty`` when fastalign's sources differ from it), or
+    ``$FASTALIGN_COMMIT`` for an exported tree without .git."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if sha:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastalign", "kernels", "csrc"], cwd=root,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("FASTALIGN_COMMIT")
+
+
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 

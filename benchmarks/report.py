@@ -367,7 +367,8 @@ def render(runs: list[dict], *, plot_paths: list[str] = (), title: str = "Benchm
                  + (f"; GPU {mach.get('card')} ({mach.get('card_memory_gib')} GiB, CUDA {mach.get('cuda_version')})"
                     if mach.get("cuda") else "; no GPU"))
         L.append("- versions: " + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items()))
-        L.append(f"- command: `{run.get('command')}` ({run.get('seconds')} s)")
+        L.append(f"- command: `{run.get('command')}` ({run.get('seconds')} s)"
+                 + (f" at commit {run['commit']}" if run.get("commit") else ""))
         L.append(f"- timing: {run.get('timing_method')}; memory: {run.get('memory_method')}")
         L.append(f"- compiled extension: {run.get('extension')}")
         if run.get("skipped_for_deadline"):
