@@ -423,7 +423,9 @@ bash benchmarks/fetch_wheels.sh    # TRL, Liger-Kernel, Cut Cross-Entropy (+ dat
 bash benchmarks/gpu_check.sh       # on the GPU machine, with .whl/ carried; results under $OUT/bench
 ```
 
-[BENCHMARKS.md](BENCHMARKS.md) is generated from the runners' JSON (per-case tables, targets, plots). Headline:
+[BENCHMARKS.md](BENCHMARKS.md) (per-case tables, targets, plots) and the table below are generated from the runs
+kept in `benchmarks/results/`: `python -m benchmarks report benchmarks/results/*.json --out BENCHMARKS.md --readme
+README.md`. Headline:
 """
 
 
