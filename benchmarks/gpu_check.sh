@@ -10,7 +10,9 @@
 #   2. GPU tests: `pytest -m gpu tests/`, then the op/kernel tests compiled for the card (tests/ops)
 #   3. `python -m fastalign.ext build` (the C++/CUDA extension; tolerated when absent or failing)
 #   4. `python -m benchmarks --preset gpu --out $OUT/bench` with a run deadline and a per-implementation timeout
-# Afterwards: `python -m benchmarks report <cpu results.json> $OUT/bench/results.json --out BENCHMARKS.md` here.
+# Afterwards, here: copy $OUT/bench/results.json to benchmarks/results/gpu-<card>.json and regenerate with
+#   python -m benchmarks report benchmarks/results/*.json --out BENCHMARKS.md --readme README.md
+# Device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
