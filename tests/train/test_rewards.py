@@ -78,3 +78,48 @@ def test_build_rewards_checks_weights():
         rewards.build_rewards(["exact_match"], [1.0, 2.0])
     with pytest.raises(ValueError, match="at least one"):
         rewards.build_rewards([])
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_model_dir, tmp_path_factory):
+    """A reward-model checkpoint as `fastalign train rm` writes it: the tiny model with a scalar head."""
+    from fastalign.train import models
+
+    torch.manual_seed(0)
+    rm = models.load_model(tiny_model_dir, kind="score", dtype="float32")
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)  # a head that separates texts (the fresh init is ~0)
+    out = tmp_path_factory.mktemp("rm") / "final"
+    rm.save_pretrained(out)
+    models.load_tokenizer(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_reward_model_scores_like_the_rm_trainer_tokenizes(reward_model_dir):
+    from fastalign.train import data, models
+
+    scorer = rewards.RewardModelScorer(str(reward_model_dir), batch_size=2)
+    prompts, completions = ["1+2=", "3+4=", "3+4="], ["3", "7", "8"]
+    scores = scorer(prompts, completions)
+    assert len(scores) == 3 and len(set(scores)) == 3
+    # the same sequences as data.tokenize_preference builds for RM training, scored one at a time
+    tok = models.load_tokenizer(reward_model_dir)
+    rows = [{"prompt": p, "chosen": c, "rejected": c} for p, c in zip(prompts, completions)]
+    examples = data.tokenize_preference(rows, tok, max_length=64, max_prompt_length=48)
+    model = models.load_model(reward_model_dir, kind="score", dtype="float32")
+    for e, s in zip(examples, scores):
+        ids = torch.tensor([e["prompt_ids"] + e["chosen_ids"]])
+        with torch.no_grad():
+            expected = models.sequence_scores(model, ids, torch.ones_like(ids))
+        assert s == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+
+
+def test_grpo_trains_on_a_reward_model_alone(reward_model_dir, tiny_model_dir, tmp_path):
+    from fastalign.train import grpo
+
+    out = grpo.train(grpo.GRPOConfig(model=str(tiny_model_dir), output_dir=str(tmp_path), max_steps=2, batch_size=2,
+                                     num_generations=4, max_new_tokens=3, reward_funcs=[],
+                                     reward_model=str(reward_model_dir), progress=False, dtype="float32"))
+    h = out["history"]
+    assert len(h) == 2 and "reward/reward_model" in h[-1] and h[-1]["reward"] == h[-1]["reward/reward_model"]
+    assert h[0]["reward_std"] > 0  # the model's scores differ between completions: a signal to learn from
