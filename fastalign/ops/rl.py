@@ -449,7 +449,7 @@ def ppo_policy_loss(
     Args:
         logprobs: (B, T) fp16/bf16/fp32 (fp64 on torch / cpp), the current policy's token log-probs.
         old_logprobs: (B, T) log-probs at sampling time (a constant: requires_grad raises).
-        advantages: (B, T), or (B,) per sequence (GRPO), a constant.
+        advantages: (B, T), or (B,) / (B, 1) per sequence (GRPO), a constant.
         mask: (B, T) bool or 0/1, nonzero = response token; None = all valid.
         clip_low, clip_high: > 0; the ratio is clipped to [1 - clip_low, 1 + clip_high] (clip_high defaults to
             clip_low). dual_clip: None or c > 1 (Ye et al. 2020), bounds the loss of A < 0 tokens by -A c.
@@ -464,8 +464,10 @@ def ppo_policy_loss(
     op = "ppo_policy_loss"
     batch, length = _check_grid(op, mask, logprobs=logprobs, old_logprobs=old_logprobs)
     _check_float_tensor(op, "advantages", advantages)
+    if advantages.shape == (batch, 1) and length != 1:  # per-sequence advantages as TRL keeps them
+        advantages = advantages[:, 0]
     if advantages.shape not in (logprobs.shape, (batch,)):
-        raise ValueError(f"{op}: advantages must have shape {tuple(logprobs.shape)} or ({batch},), got "
+        raise ValueError(f"{op}: advantages must have shape {tuple(logprobs.shape)}, ({batch},) or ({batch}, 1), got "
                          f"{tuple(advantages.shape)}")
     if advantages.device != logprobs.device:
         raise ValueError(f"{op}: advantages is on {advantages.device} but logprobs is on {logprobs.device}")

@@ -154,6 +154,14 @@ def test_ppo_policy_loss_forward_only_and_strided_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_policy_loss_per_sequence_advantages_as_column(backend):
+    logp, old, adv, mask = _policy_case((4, 13), 52, True)
+    loss_col, _ = fa.ppo_policy_loss(logp, old, adv[:, None], mask, backend=backend)
+    loss_vec, _ = fa.ppo_policy_loss(logp, old, adv, mask, backend=backend)
+    torch.testing.assert_close(loss_col, loss_vec, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ppo_policy_loss_bf16_logprobs(backend):
     logp, old, adv, mask = _policy_case((5, 29), 51, True, dtype=torch.bfloat16)
     (loss, _), grad = _grad_of(lambda x: fa.ppo_policy_loss(x, old, adv, mask, backend=backend), logp, 1.0)
