@@ -13,7 +13,9 @@ Aggregation (``agg``) of a per-token loss l_t over valid tokens, n_b = sum_t m_b
     token-mean               sum_bt m l / max(N, 1)                        (verl; TRL "bnpo"/"dapo")
     seq-mean-token-sum       1/B sum_b sum_t m l                            (verl)
     seq-mean-token-mean      1/B sum_b (sum_t m l / max(n_b, 1))            (TRL "grpo"; verl)
-    seq-mean-token-sum-norm  1/(B L) sum_bt m l                             (Dr. GRPO; TRL "dr_grpo")
+    seq-mean-token-sum-norm  1/(B L) sum_bt m l                             (Dr. GRPO; TRL "dr_grpo"; current
+                                                                             verl; verl's early agg_loss divided
+                                                                             by L only, without the 1/B)
 All four are a weighted sum sum_bt w_bt l_bt with w_bt = m_bt * scale_b; rows without valid tokens contribute 0
 and still count in B (as TRL does), so an all-masked batch gives a zero loss and zero gradients.
 """
