@@ -32,19 +32,19 @@ class DemoPlan:
     hidden_size: int = 64
     num_layers: int = 2
     intermediate_size: int = 256
-    sft_steps: int = 350
+    sft_steps: int = 800
     sft_batch: int = 64
     sft_lr: float = 3e-3
     dpo_steps: int = 40
     dpo_batch: int = 32
     dpo_pairs: int = 1280
-    dpo_lr: float = 3e-4
+    dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
-    grpo_steps: int = 30
+    grpo_steps: int = 100
     grpo_prompts: int = 16
     grpo_group: int = 8
     grpo_lr: float = 1e-4
-    heldout: int = 200
+    heldout: int = 500
 
 
 FULL = DemoPlan()

@@ -74,7 +74,7 @@ class GRPOConfig(TrainConfig):
             raise ValueError("GRPOConfig: num_generations must be >= 2 (a group of one has no baseline)")
         if self.num_iterations < 1 or self.max_new_tokens < 1:
             raise ValueError("GRPOConfig: num_iterations and max_new_tokens must be >= 1")
-        if not self.reward_funcs and not self.reward_model:
+        if not [n for n in self.reward_funcs if n.strip() and n.strip().lower() != "none"] and not self.reward_model:
             raise ValueError("GRPOConfig: give reward_funcs and/or reward_model")
 
 

@@ -75,7 +75,7 @@ class PPOConfig(TrainConfig):
         super().__post_init__()
         if self.num_generations < 1 or self.num_iterations < 1 or self.max_new_tokens < 1:
             raise ValueError("PPOConfig: num_generations, num_iterations and max_new_tokens must be >= 1")
-        if not self.reward_funcs and not self.reward_model:
+        if not [n for n in self.reward_funcs if n.strip() and n.strip().lower() != "none"] and not self.reward_model:
             raise ValueError("PPOConfig: give reward_funcs and/or reward_model")
 
 

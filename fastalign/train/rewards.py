@@ -184,7 +184,7 @@ def build_rewards(
 ) -> Rewards:
     """Resolve reward-function names (and an optional reward-model directory) into one :class:`Rewards`.
     ``names`` may be empty when a reward model is given."""
-    names = list(names)
+    names = [n.strip() for n in names if n.strip() and n.strip().lower() != "none"]  # CLI: --reward-funcs none
     weights = [1.0] * len(names) if weights is None or len(weights) == 0 else [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} reward weights for {len(names)} reward functions {names}")

@@ -78,6 +78,9 @@ def test_build_rewards_checks_weights():
         rewards.build_rewards(["exact_match"], [1.0, 2.0])
     with pytest.raises(ValueError, match="at least one"):
         rewards.build_rewards([])
+    with pytest.raises(ValueError, match="at least one"):  # what `--reward-funcs none` (or '') parses to
+        rewards.build_rewards(["none"])
+    assert [n for n, _, _ in rewards.build_rewards(["", "exact_match"]).fns] == ["exact_match"]
 
 
 @pytest.fixture(scope="module")
