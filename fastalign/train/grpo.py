@@ -145,7 +145,7 @@ def train(cfg: GRPOConfig) -> dict:
         if reference is not None:
             per_row["ref_logprobs"] = reference.logprobs(batch, **score)
             kl_seq = ((per_row["old_logprobs"] - per_row["ref_logprobs"]) * batch.response_mask).sum(1).cpu()
-        stats = rollout_metrics(exp, group, kl_seq)
+        stats = rollout.mean_over_processes(rollout_metrics(exp, group, kl_seq), info)
         micro = rollout.micro_batches(batch, per_row, rows_per_micro)
         for _ in range(cfg.num_iterations):
             if loop.done:

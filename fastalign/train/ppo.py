@@ -171,7 +171,7 @@ def train(cfg: PPOConfig) -> dict:
                  **{f"reward/{k}": v.mean() for k, v in exp.reward_parts.items()}}
         if kl is not None:
             stats["kl"] = kl.sum(1).mean()
-        stats = {k: metrics.to_float(v) for k, v in stats.items()}
+        stats = rollout.mean_over_processes({k: metrics.to_float(v) for k, v in stats.items()}, info)
         micro = rollout.micro_batches(batch, per_row, rows_per_micro)
         for _ in range(cfg.num_iterations):
             if loop.done:

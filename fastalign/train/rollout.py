@@ -26,7 +26,7 @@ from torch import nn
 
 import fastalign as fa
 from fastalign.reference.rl import aggregate
-from fastalign.train import models
+from fastalign.train import distributed, models
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,16 @@ def collect(backend: GenerationBackend, tokenizer, examples: Sequence[dict], *, 
     prompts = [e["prompt"] for e in rows]
     total, parts = reward_fn(prompts, texts, fields)
     return Experience(batch=batch, prompts=prompts, completions=texts, rewards=total, reward_parts=parts)
+
+
+def mean_over_processes(stats: dict[str, float], info: distributed.DistInfo) -> dict[str, float]:
+    """Average rollout metrics over processes (each holds an equal share of the rollout), so the logged reward is
+    the global batch's; one small all-reduce."""
+    if not info.enabled:
+        return stats
+    names = sorted(stats)
+    packed = torch.tensor([float(stats[k]) for k in names], dtype=torch.float64, device=info.device)
+    return dict(zip(names, (distributed.all_reduce_sum(packed) / info.world_size).tolist()))
 
 
 class Reference:
