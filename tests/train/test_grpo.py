@@ -104,6 +104,8 @@ def test_fused_and_unfused_runs_match_step_by_step(tiny_model_dir, tmp_path):
     runs = [grpo.train(_config(tiny_model_dir, tmp_path / f"f{fused}", fused=fused, kl_coef=0.05,
                                agg="seq-mean-token-sum-norm", scale_rewards="none"))["history"]
             for fused in (True, False)]
+    assert runs[0][0]["kl"] == 0.0  # step 1: the policy is the reference
+    assert runs[0][-1]["kl"] != 0.0
     for a, b in zip(*runs):
         assert a["reward"] == b["reward"]  # same samples: the updates agree closely enough to sample alike
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
@@ -119,6 +121,14 @@ def test_dapo_options_reuse_rollouts_and_clip(tiny_model_dir, tmp_path):
     assert [round(x["ratio_max"], 6) for x in h[0::2]] == [1.0, 1.0]  # first pass over each rollout: ratio == 1
     assert all(abs(x["ratio_max"] - 1) > 1e-4 or abs(x["ratio_min"] - 1) > 1e-4 for x in h[1::2])
     assert h[0]["reward"] == h[1]["reward"]  # same rollout for both iterations
+
+
+def test_lora_policy_uses_adapters_off_as_reference(tiny_model_dir, tmp_path):
+    out = grpo.train(_config(tiny_model_dir, tmp_path / "lora", max_steps=3, lora_r=4, kl_coef=0.1,
+                             learning_rate=1e-2))
+    h = out["history"]
+    assert h[0]["kl"] == 0.0 and h[-1]["kl"] != 0.0  # LoRA B starts at 0: adapters off == on, then they part
+    assert (out["final_dir"] / "adapter_config.json").is_file()
 
 
 def test_config_validation():

@@ -109,3 +109,42 @@ def test_decode_strips_eos(policy, tiny_tokenizer):
     tok = tiny_tokenizer
     comps = rollout.Completions([tok("19")["input_ids"] + [tok.eos_token_id]], [False])
     assert rollout.decode_completions(tok, comps) == ["19"]
+
+
+class _EchoBackend:
+    """Returns fixed completions: 'row i' gets i + 1 copies of token 30, the last row runs out of tokens."""
+
+    def __init__(self, eos):
+        self.eos = eos
+
+    def generate(self, prompt_ids, sampling):
+        n = len(prompt_ids)
+        ids = [[30] * (i + 1) + ([self.eos] if i < n - 1 else []) for i in range(n)]
+        return rollout.Completions(ids, [i == n - 1 for i in range(n)])
+
+    def sync_weights(self, model):
+        pass
+
+
+def test_collect_repeats_prompts_and_passes_fields(tiny_tokenizer):
+    tok = tiny_tokenizer
+    examples = [{"prompt": "1+1=", "prompt_ids": [5, 6], "prompt_text": "1+1=", "answer": "2", "level": 1},
+                {"prompt": "2+2=", "prompt_ids": [7], "prompt_text": "2+2=", "answer": "4", "level": 3}]
+    seen = {}
+
+    def reward_fn(prompts, completions, fields):
+        seen.update(prompts=prompts, fields=fields)
+        return torch.arange(len(completions), dtype=torch.float32), {"spy": torch.zeros(len(completions))}
+
+    exp = rollout.collect(_EchoBackend(tok.eos_token_id), tok, examples, group_size=3,
+                          sampling=rollout.SamplingParams(max_new_tokens=6), reward_fn=reward_fn)
+    # rows g*G .. g*G+G-1 belong to prompt g; every non-prompt field is repeated per completion
+    assert seen["prompts"] == ["1+1="] * 3 + ["2+2="] * 3
+    assert seen["fields"] == {"answer": ["2"] * 3 + ["4"] * 3, "level": [1] * 3 + [3] * 3,
+                              "truncated": [False] * 5 + [True]}
+    b = exp.batch
+    assert b.prompt_lengths.tolist() == [2, 2, 2, 1, 1, 1]
+    assert b.completion_lengths.tolist() == [2, 3, 4, 5, 6, 6]
+    assert b.response_mask.sum(1).tolist() == [2, 3, 4, 5, 6, 6]
+    assert b.input_ids[5, :7].tolist() == [7] + [30] * 6 and b.input_ids[0, :4].tolist() == [5, 6, 30, tok.eos_token_id]
+    assert exp.rewards.tolist() == [0, 1, 2, 3, 4, 5] and set(exp.reward_parts) == {"spy"}
