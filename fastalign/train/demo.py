@@ -13,7 +13,6 @@ stages have something left to fix.
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from pathlib import Path
 
 from fastalign.train import data, dpo, grpo, models, sft, task
 from fastalign.train.config import DPOConfig, SFTConfig
-
-log = logging.getLogger("fastalign.train")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ Python: ``fastalign.train.ppo.train(PPOConfig(...))``; CLI: ``fastalign train pp
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +25,6 @@ import fastalign as fa
 from fastalign.train import data, metrics, models, rewards, rollout, task
 from fastalign.train.config import TrainConfig, option
 from fastalign.train.loop import TrainLoop, prepare
-
-log = logging.getLogger("fastalign.train")
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 

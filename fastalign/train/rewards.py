@@ -164,7 +164,8 @@ class Rewards:
         for name, fn, weight in self.fns:
             values = fn(list(prompts), list(completions), **fields)
             if len(values) != len(completions):
-                raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
+                raise ValueError(f"reward function {name!r} returned {len(values)} values for "
+                                 f"{len(completions)} completions")
             part = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
             if not torch.isfinite(part).all():
                 raise ValueError(f"reward function {name!r} returned a non-finite value: {values}")

@@ -73,8 +73,8 @@ def make_splits(task: AdditionTask = AdditionTask()) -> dict[str, list[dict]]:
         if name == "sft":
             splits[name] = [{"prompt": prompt_text(a, b), "completion": str(a + b)} for a, b in chunk]
         elif name == "preference":
-            splits[name] = [{"prompt": prompt_text(a, b), "chosen": str(a + b), "rejected": str(wrong_answer(a, b, rng))}
-                            for a, b in chunk]
+            splits[name] = [{"prompt": prompt_text(a, b), "chosen": str(a + b),
+                             "rejected": str(wrong_answer(a, b, rng))} for a, b in chunk]
         else:
             splits[name] = [{"prompt": prompt_text(a, b), "answer": str(a + b)} for a, b in chunk]
     return splits

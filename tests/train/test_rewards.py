@@ -6,7 +6,8 @@ from fastalign.train import rewards
 
 
 def test_exact_match_uses_the_answer_field_and_ignores_whitespace():
-    out = rewards.exact_match(["1+2=", "3+4=", "5+5=", "9+9="], ["3", "8", " 1 0", "18x"], answer=["3", "7", "10", "18"])
+    out = rewards.exact_match(["1+2=", "3+4=", "5+5=", "9+9="], ["3", "8", " 1 0", "18x"],
+                              answer=["3", "7", "10", "18"])
     assert out == [1.0, 0.0, 1.0, 0.0]
 
 
@@ -16,7 +17,8 @@ def test_exact_match_names_a_missing_field():
 
 
 def test_format_reward_wants_a_bare_integer_that_ended():
-    out = rewards.integer_format(["p"] * 5, ["12", "-3", "12 apples", "", "7"], truncated=[False, False, False, False, True])
+    out = rewards.integer_format(["p"] * 5, ["12", "-3", "12 apples", "", "7"],
+                                 truncated=[False, False, False, False, True])
     assert out == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert rewards.integer_format(["p"], ["4"]) == [1.0]  # no truncation info: judged on text alone
 
