@@ -113,6 +113,9 @@ def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's per-shard bars would drown the stage lines
     started = time.perf_counter()
     print(f"[demo] tiny Llama (hidden {plan.hidden_size}, {plan.num_layers} layers) on {task.DEMO_DATA_DIR}: "
           f"SFT {plan.sft_steps} steps -> DPO {plan.dpo_steps} -> GRPO {plan.grpo_steps}; held-out accuracy = "

@@ -67,6 +67,22 @@ def test_fused_and_unfused_runs_match_step_by_step(tiny_model_dir, tmp_path, kl_
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+def test_reward_model_as_reward_and_value_model(tiny_model_dir, tmp_path):
+    """PPO from a reward-model checkpoint: it scores the completions and initializes the critic."""
+    rm = models.load_model(tiny_model_dir, kind="score", dtype="float32")
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)
+    rm_dir = tmp_path / "rm"
+    rm.save_pretrained(rm_dir)
+    models.load_tokenizer(tiny_model_dir).save_pretrained(rm_dir)
+    out = ppo.train(_config(tiny_model_dir, tmp_path / "run", max_steps=2, reward_funcs=["none"],
+                            reward_model=str(rm_dir), value_model=str(rm_dir)))
+    h = out["history"]
+    assert h[0]["reward"] == h[0]["reward/reward_model"] and h[0]["reward"] != 0.0
+    value = models.load_model(out["final_dir"] / "value", kind="score", dtype="float32")
+    assert not torch.equal(value.score.weight, rm.score.weight)  # the critic trained
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="num_iterations"):
         ppo.PPOConfig(num_iterations=0)
