@@ -24,7 +24,7 @@ DEFAULT_CHUNK = 1024
 def _transform(raw: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
     if softcap is not None:
         raw = softcap * torch.tanh(raw / softcap)
-    return raw / temperature
+    return raw / temperature if temperature != 1.0 else raw
 
 
 def logprobs_from_logits(
@@ -183,16 +183,21 @@ def linear_logprobs_backward(
         z = _transform(raw, temperature, softcap)
         # ignored rows have lse = 0, where exp(z) may overflow: zero them before any product
         p = torch.exp(z - lse[rows, None]).masked_fill_(~v[:, None], 0.0)
-        dz = torch.zeros_like(z)
-        if grad_logp is not None:
-            g = torch.where(v, grad_logp[rows].to(acc), 0.0)
-            dz -= g[:, None] * p
-            safe = torch.where(v, labels[rows], 0).long()
-            dz.scatter_add_(1, safe[:, None], g[:, None])
+        da = None
         if grad_entropy is not None:
             e = torch.where(v, grad_entropy[rows].to(acc), 0.0)
-            dz -= (e[:, None] * p) * (z - mu[rows, None])  # not p (log p + H): 0 * -inf where p underflows
-        da = dz / temperature
+            # -e p (z - mu), not -e p (log p + H): the latter is 0 * -inf where p underflows
+            da = (mu[rows, None] - z).mul_(p).mul_(e[:, None])
+        if grad_logp is not None:
+            g = torch.where(v, grad_logp[rows].to(acc), 0.0)
+            dz_logp = p.mul_(-g[:, None])  # p is not needed after this: reuse its memory
+            da = dz_logp if da is None else da.add_(dz_logp)
+            safe = torch.where(v, labels[rows], 0).long()
+            da.scatter_add_(1, safe[:, None], g[:, None])
+        if da is None:
+            da = torch.zeros_like(z)
+        if temperature != 1.0:
+            da /= temperature
         if softcap is not None:
             da *= 1 - torch.tanh(raw / softcap) ** 2
         if dh is not None:
