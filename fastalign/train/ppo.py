@@ -23,32 +23,16 @@ import torch
 
 import fastalign as fa
 from fastalign.train import data, metrics, models, rewards, rollout, task
-from fastalign.train.config import TrainConfig, option
+from fastalign.train.config import option
 from fastalign.train.loop import TrainLoop, prepare
-
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(rollout.RLConfig):
     """PPO: policy + value model, GAE, clipped policy and value losses, KL penalty to a reference."""
 
     output_dir: str = option("runs/ppo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
-    train_file: str | None = option(None, "RL prompts (.jsonl/.json/.parquet, field 'prompt' + fields for the "
-                                          "reward functions); none: the shipped addition task's rl.jsonl")
     learning_rate: float = option(1e-6, "peak learning rate (AdamW), for the policy and the value model")
-    batch_size: int = option(8, "prompts per micro-batch, per process")
-    num_generations: int = option(1, "completions sampled per prompt")
-    max_new_tokens: int = option(64, "max completion tokens; generation also stops at EOS")
-    temperature: float = option(1.0, "sampling temperature (log-probs are taken at the same temperature)")
-    top_p: float = option(1.0, "nucleus sampling threshold")
-    top_k: int = option(0, "top-k sampling (0: off)")
-    generation_batch_size: int | None = option(None, "sequences per generate call; none: all")
-    reward_funcs: list[str] = option(["exact_match"], "reward functions: registered names (exact_match, format, "
-                                                      "numeric_closeness) or 'package.module:function'")
-    reward_weights: list[float] = option([], "one weight per reward function; empty: all 1")
-    reward_model: str | None = option(None, "reward-model checkpoint (RUN_DIR/final of `fastalign train rm`)")
-    reward_model_weight: float = option(1.0, "weight of the reward model's score")
     value_model: str | None = option(None, "value-model checkpoint (loaded with a scalar head, e.g. the reward "
                                            "model); none: the policy checkpoint with a fresh head")
     vf_coef: float = option(0.1, "weight of the value loss")
@@ -60,20 +44,7 @@ class PPOConfig(TrainConfig):
     kl_in_reward: bool = option(True, "subtract kl_coef * k1 KL from the per-token reward (InstructGPT/TRL); "
                                       "off: add kl_coef * KL(kl_kind) to the loss (GRPO/verl style)")
     kl_kind: str = option("k3", "KL estimator of the loss term (kl_in_reward=False)", choices=("k1", "k2", "k3"))
-    ref_model: str | None = option(None, "reference checkpoint; none: the initial policy (LoRA: adapters off)")
-    agg: str = option("token-mean", "loss aggregation over response tokens", choices=AGG_MODES)
-    clip_low: float = option(0.2, "ratio clip below: 1 - clip_low")
-    clip_high: float | None = option(None, "ratio clip above: 1 + clip_high; none: clip_low")
-    dual_clip: float | None = option(None, "dual-clip constant c > 1 for negative advantages; none: off")
-    entropy_coef: float = option(0.0, "entropy bonus weight")
     num_iterations: int = option(2, "optimizer steps per rollout batch (PPO epochs)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_generations < 1 or self.num_iterations < 1 or self.max_new_tokens < 1:
-            raise ValueError("PPOConfig: num_generations, num_iterations and max_new_tokens must be >= 1")
-        if not [n for n in self.reward_funcs if n.strip() and n.strip().lower() != "none"] and not self.reward_model:
-            raise ValueError("PPOConfig: give reward_funcs and/or reward_model")
 
 
 def shifted_values(value_model, input_ids, attention_mask) -> torch.Tensor:
