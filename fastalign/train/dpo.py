@@ -88,10 +88,7 @@ def train(cfg: DPOConfig) -> dict:
     """Train with ``cfg``; returns ``{"run_dir", "final_dir", "history", "bad_steps"}``."""
     run = prepare(cfg)
     tokenizer, info = run.tokenizer, run.info
-    model = models.load_model(run.model_path, dtype=cfg.dtype, device=info.device, attn=cfg.attn_implementation,
-                              gradient_checkpointing=cfg.gradient_checkpointing, lora_r=cfg.lora_r,
-                              lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              lora_target_modules=cfg.lora_target_modules)
+    model = models.load_trainable(run.model_path, cfg, device=info.device)
     rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples)
     examples = data.tokenize_preference(rows, tokenizer, max_length=cfg.max_length,
                                         max_prompt_length=cfg.max_prompt_length, chat_template=cfg.chat_template)

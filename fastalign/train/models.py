@@ -135,6 +135,14 @@ def load_model(
 
 # ----------------------------------------------------------------------------------------- hidden states, head
 
+
+def load_trainable(path: str | os.PathLike, cfg, *, device: str | torch.device, kind: str = "causal") -> nn.Module:
+    """:func:`load_model` with a trainer config's dtype, attention, gradient-checkpointing and LoRA settings."""
+    return load_model(path, kind=kind, dtype=cfg.dtype, device=device, attn=cfg.attn_implementation,
+                      gradient_checkpointing=cfg.gradient_checkpointing, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under DDP/FSDP/HeadForward/peft wrappers (peft's LoRA layers stay injected)."""
     while True:

@@ -95,11 +95,8 @@ def train(cfg: PPOConfig) -> dict:
     saved in ``final_dir/value``)."""
     run = prepare(cfg)
     tokenizer, info = run.tokenizer, run.info
-    lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                lora_target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing,
-                dtype=cfg.dtype, device=info.device, attn=cfg.attn_implementation)
-    policy = models.load_model(run.model_path, **lora)
-    value_model = models.load_model(cfg.value_model or run.model_path, kind="score", **lora)
+    policy = models.load_trainable(run.model_path, cfg, device=info.device)
+    value_model = models.load_trainable(cfg.value_model or run.model_path, cfg, device=info.device, kind="score")
     rows = data.load_rows(cfg.train_file or task.demo_files()["rl"], "rl", max_samples=cfg.max_samples)
     examples = data.tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
                                      chat_template=cfg.chat_template)

@@ -45,10 +45,7 @@ def train(cfg: RMConfig) -> dict:
     """Train with ``cfg``; returns ``{"run_dir", "final_dir", "history", "bad_steps"}``."""
     run = prepare(cfg)
     tokenizer, info = run.tokenizer, run.info
-    model = models.load_model(run.model_path, kind="score", dtype=cfg.dtype, device=info.device,
-                              attn=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing,
-                              lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              lora_target_modules=cfg.lora_target_modules)
+    model = models.load_trainable(run.model_path, cfg, device=info.device, kind="score")
     rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples)
     extra = (cfg.margin_column,) if cfg.margin_column else ()
     if cfg.margin_column and cfg.margin_column not in rows.column_names:

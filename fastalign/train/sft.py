@@ -54,10 +54,7 @@ def train(cfg: SFTConfig) -> dict:
     """Train with ``cfg``; returns ``{"run_dir", "final_dir", "history", "bad_steps"}`` (see TrainLoop.finish)."""
     run = prepare(cfg)
     tokenizer, info = run.tokenizer, run.info
-    model = models.load_model(run.model_path, dtype=cfg.dtype, device=info.device, attn=cfg.attn_implementation,
-                              gradient_checkpointing=cfg.gradient_checkpointing, lora_r=cfg.lora_r,
-                              lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              lora_target_modules=cfg.lora_target_modules)
+    model = models.load_trainable(run.model_path, cfg, device=info.device)
     examples = build_examples(cfg, tokenizer)
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
