@@ -9,12 +9,12 @@ _linear_logprobs_fwd_kernel  grid (cdiv(N, BLOCK_N) * SPLIT_V,), grouped: GROUP_
     writes per (split, row) online-softmax partials m, s (= sum e^(z-m)), t (= sum e^(z-m) z) and, from the
            split that holds the label, the target logit: O(SPLIT_V * N) floats, never [N, V].
     FLOPs  2 N D V.
-_linear_logprobs_dz_kernel   grid (cdiv(N, BLOCK_N) * cdiv(V_chunk, BLOCK_V),), grouped for L2 reuse
-    the backward as a GEMM epilogue: recomputes a [BLOCK_N, BLOCK_V] logit tile (2 BLOCK_N BLOCK_V D FLOPs),
+_linear_logprobs_bwd_kernel  grid (cdiv(N, BLOCK_N) * cdiv(V_chunk, BLOCK_V),), grouped for L2 reuse
+    WRITE_DZ (default): the backward as a GEMM epilogue: recomputes a [BLOCK_N, BLOCK_V] logit tile (2 BLOCK_N BLOCK_V D FLOPs),
     forms dz in fp32 from the saved lse / mu and the per-token upstream gradients, and writes it in the inputs'
     dtype into an [N, V_chunk] buffer (2 N V_chunk bytes); the launcher hands that buffer to two cuBLAS GEMMs
     (dW_chunk = dz^T h, dh += dz W_chunk). Total 6 N D V FLOPs, 3 of them at cuBLAS speed.
-_linear_logprobs_bwd_kernel  same grid; the fully fused variant: no buffer, but fp32 atomics of dz @ W into dh
+    otherwise the fully fused variant: no buffer, but fp32 atomics of dz @ W into dh
     and dz^T @ h into a dW chunk — every dh element takes V / BLOCK_V atomic adds. See logprobs_notes.md.
 Dots run on the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE precision (no silent tf32); under
 the interpreter bf16 operands are upcast to fp32 (its bf16 dot is wrong).
@@ -172,64 +172,28 @@ def _grad_logit_tile(
 
 
 @triton.jit
-def _linear_logprobs_dz_kernel(
-    # data ptrs
-    h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, count_ptr,
-    lse_ptr, mu_ptr, g_ptr, e_ptr,
-    dz_ptr, db_ptr,
-    # shapes
-    N, D, V_START, V_CHUNK,
-    # strides
-    stride_h_n, stride_h_d, stride_w_v, stride_w_d, stride_dz_n,
-    # constants
-    inv_temperature, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
-    HAS_GRAD_ENTROPY: tl.constexpr, COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
-):
-    """GEMM-epilogue backward: write da for one vocab chunk ([N, V_CHUNK], the inputs' dtype, rows in their
-    original order; ignored rows are never written) so that cuBLAS forms dW_chunk = da^T h and dh += da W_chunk."""
-    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_CHUNK, BLOCK_V), GROUP_N)
-    count = tl.load(count_ptr)
-    if pid_n * BLOCK_N >= count:
-        return
-    offs_v = V_START + pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    vmask = offs_v < V_START + V_CHUNK
-    rows, rmask, da = _grad_logit_tile(
-        h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, lse_ptr, mu_ptr, g_ptr, e_ptr,
-        pid_n, offs_v, vmask, count,
-        D, stride_h_n, stride_h_d, stride_w_v, stride_w_d,
-        inv_temperature, softcap,
-        HAS_BIAS, HAS_SOFTCAP, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, UPCAST, DOT_PRECISION,
-        BLOCK_N, BLOCK_V, BLOCK_D,
-    )
-    if COMPUTE_DB:
-        tl.atomic_add(db_ptr + (offs_v - V_START), tl.sum(da, axis=0), mask=vmask)
-    tl.store(
-        dz_ptr + rows[:, None] * stride_dz_n + (offs_v - V_START)[None, :],
-        da.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & vmask[None, :],
-    )
-
-
-@triton.jit
 def _linear_logprobs_bwd_kernel(
     # data ptrs
     h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, count_ptr,
     lse_ptr, mu_ptr, g_ptr, e_ptr,
-    dh_ptr, dw_ptr, db_ptr,
+    dz_ptr, dh_ptr, dw_ptr, db_ptr,
     # shapes
     N, D, V_START, V_CHUNK,
     # strides
-    stride_h_n, stride_h_d, stride_w_v, stride_w_d, stride_dh_n, stride_dw_v,
+    stride_h_n, stride_h_d, stride_w_v, stride_w_d, stride_dz_n, stride_dh_n, stride_dw_v,
     # constants
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
-    HAS_GRAD_ENTROPY: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, WRITE_DZ: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    """Fully fused backward: no [N, V_CHUNK] buffer, fp32 atomics into dh and a dW chunk."""
+    """Backward over one vocab chunk [V_START, V_START + V_CHUNK).
+
+    WRITE_DZ (the GEMM-epilogue mode): store da in the inputs' dtype into an [N, V_CHUNK] buffer (rows in their
+    original order; ignored rows are never written) for cuBLAS to form dW_chunk = da^T h and dh += da W_chunk.
+    Otherwise (the fully fused mode): atomically add da @ W into an fp32 dh and da^T @ h into an fp32 dW chunk.
+    """
     pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V_CHUNK, BLOCK_V), GROUP_N)
     count = tl.load(count_ptr)
     if pid_n * BLOCK_N >= count:
@@ -246,35 +210,40 @@ def _linear_logprobs_bwd_kernel(
     )
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + (offs_v - V_START), tl.sum(da, axis=0), mask=vmask)
-
-    if UPCAST:
-        da_dot = da
+    if WRITE_DZ:
+        tl.store(
+            dz_ptr + rows[:, None] * stride_dz_n + (offs_v - V_START)[None, :],
+            da.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & vmask[None, :],
+        )
     else:
-        da_dot = da.to(h_ptr.dtype.element_ty)
-    offs_d = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
-        dmask = (offs_d + d0) < D
-        if COMPUTE_DH:
-            w = tl.load(
-                w_ptr + offs_v[:, None] * stride_w_v + (d0 + offs_d)[None, :] * stride_w_d,
-                mask=vmask[:, None] & dmask[None, :], other=0.0,
-            )
-            if UPCAST:
-                w = w.to(tl.float32)
-            dh = tl.dot(da_dot, w, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
-            tl.atomic_add(
-                dh_ptr + rows[:, None] * stride_dh_n + (d0 + offs_d)[None, :], dh,
-                mask=rmask[:, None] & dmask[None, :],
-            )
-        if COMPUTE_DW:
-            h = tl.load(
-                h_ptr + rows[:, None] * stride_h_n + (d0 + offs_d)[None, :] * stride_h_d,
-                mask=rmask[:, None] & dmask[None, :], other=0.0,
-            )
-            if UPCAST:
-                h = h.to(tl.float32)
-            dw = tl.dot(tl.trans(da_dot), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D]
-            tl.atomic_add(
-                dw_ptr + (offs_v - V_START)[:, None] * stride_dw_v + (d0 + offs_d)[None, :], dw,
-                mask=vmask[:, None] & dmask[None, :],
-            )
+        if UPCAST:
+            da_dot = da
+        else:
+            da_dot = da.to(h_ptr.dtype.element_ty)
+        offs_d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            dmask = (offs_d + d0) < D
+            if COMPUTE_DH:
+                w = tl.load(
+                    w_ptr + offs_v[:, None] * stride_w_v + (d0 + offs_d)[None, :] * stride_w_d,
+                    mask=vmask[:, None] & dmask[None, :], other=0.0,
+                )
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.dot(da_dot, w, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
+                tl.atomic_add(
+                    dh_ptr + rows[:, None] * stride_dh_n + (d0 + offs_d)[None, :], dh,
+                    mask=rmask[:, None] & dmask[None, :],
+                )
+            if COMPUTE_DW:
+                h = tl.load(
+                    h_ptr + rows[:, None] * stride_h_n + (d0 + offs_d)[None, :] * stride_h_d,
+                    mask=rmask[:, None] & dmask[None, :], other=0.0,
+                )
+                if UPCAST:
+                    h = h.to(tl.float32)
+                dw = tl.dot(tl.trans(da_dot), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D]
+                tl.atomic_add(
+                    dw_ptr + (offs_v - V_START)[:, None] * stride_dw_v + (d0 + offs_d)[None, :], dw,
+                    mask=vmask[:, None] & dmask[None, :],
+                )

@@ -283,6 +283,8 @@ def _triton_backward(head: Head, lse, mu, grad_logp, grad_entropy, needs):
         h, w, b if b is not None else w, head.labels, row_idx, count, lse, mu if mu is not None else dummy,
         grad_logp if grad_logp is not None else dummy, grad_entropy if grad_entropy is not None else dummy,
     )
+    strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1))
+    scalars = (1.0 / head.temperature, head.softcap or 1.0)
     if mode == "gemm":
         # one [N, chunk] buffer reused for every vocab chunk; ignored rows are never written, so they stay 0
         chunk = max(block_v, min(v, _CHUNK_BYTES // (n * h.element_size())) // block_v * block_v)
@@ -291,11 +293,10 @@ def _triton_backward(head: Head, lse, mu, grad_logp, grad_entropy, needs):
             v_chunk = min(chunk, v - v_start)
             dz_c = dz[:, :v_chunk]
             grid = (triton_cdiv(n, block_n) * triton_cdiv(v_chunk, block_v),)
-            k._linear_logprobs_dz_kernel[grid](
-                *inputs, dz_c, db[v_start:] if db is not None else dummy,
-                n, d, v_start, v_chunk,
-                h.stride(0), h.stride(1), w.stride(0), w.stride(1), dz.stride(0),
-                1.0 / head.temperature, head.softcap or 1.0, **common,
+            k._linear_logprobs_bwd_kernel[grid](
+                *inputs, dz_c, dummy, dummy, db[v_start:] if db is not None else dummy,
+                n, d, v_start, v_chunk, *strides, dz.stride(0), 0, 0, *scalars,
+                WRITE_DZ=True, COMPUTE_DH=False, COMPUTE_DW=False, **common,
             )
             if need_dw:  # complete for this chunk: one fp32-accumulated GEMM, one rounding
                 torch.mm(dz_c.T, h, out=dw_out[v_start:v_start + v_chunk])
@@ -314,13 +315,11 @@ def _triton_backward(head: Head, lse, mu, grad_logp, grad_entropy, needs):
                     dw = torch.zeros((v_chunk, d), dtype=torch.float32, device=h.device)
             grid = (triton_cdiv(n, block_n) * triton_cdiv(v_chunk, block_v),)
             k._linear_logprobs_bwd_kernel[grid](
-                *inputs, dh if dh is not None else dummy, dw if dw is not None else dummy,
+                *inputs, dummy, dh if dh is not None else dummy, dw if dw is not None else dummy,
                 db[v_start:] if db is not None else dummy,
-                n, d, v_start, v_chunk,
-                h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-                dh.stride(0) if dh is not None else 0, dw.stride(0) if dw is not None else 0,
-                1.0 / head.temperature, head.softcap or 1.0,
-                COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, **common,
+                n, d, v_start, v_chunk, *strides, 0,
+                dh.stride(0) if dh is not None else 0, dw.stride(0) if dw is not None else 0, *scalars,
+                WRITE_DZ=False, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, **common,
             )
             if need_dw and w.dtype != torch.float32:
                 dw_out[v_start:v_start + v_chunk].copy_(dw)

@@ -9,7 +9,6 @@ from fastalign.ops.logprobs import _GPU_BLOCKS  # noqa: E402
 
 _FWD = "fastalign.kernels.logprobs:_linear_logprobs_fwd_kernel"
 _BWD = "fastalign.kernels.logprobs:_linear_logprobs_bwd_kernel"
-_DZ = "fastalign.kernels.logprobs:_linear_logprobs_dz_kernel"
 
 
 def _launch_opts(kind):
@@ -28,32 +27,24 @@ def _fwd_job(dtype, flag):
     )
 
 
-def _bwd_job(dtype, flag):
+def _bwd_job(dtype, flag, write_dz):
     warps, stages, blocks = _launch_opts("bwd")
     return dict(
         kernel=_BWD, num_warps=warps, num_stages=stages, floats=["inv_temperature", "softcap"],
         pointers=dict(h_ptr=dtype, w_ptr=dtype, b_ptr=dtype, labels_ptr="i64", row_idx_ptr="i64", count_ptr="i32",
                       lse_ptr="fp32", mu_ptr="fp32", g_ptr="fp32", e_ptr="fp32",
-                      dh_ptr="fp32", dw_ptr="fp32", db_ptr="fp32"),
+                      dz_ptr=dtype, dh_ptr="fp32", dw_ptr="fp32", db_ptr="fp32"),
         constexprs=dict(HAS_BIAS=flag, HAS_SOFTCAP=flag, HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=flag,
-                        COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=flag, UPCAST=False,
-                        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **blocks),
+                        WRITE_DZ=write_dz, COMPUTE_DH=not write_dz, COMPUTE_DW=not write_dz, COMPUTE_DB=flag,
+                        UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **blocks),
     )
 
 
-# fp16 takes the bf16 code path; fp32 differs (IEEE dots); every optional feature on, and all off
-def _dz_job(dtype, flag):
-    warps, stages, blocks = _launch_opts("bwd")
-    return dict(
-        kernel=_DZ, num_warps=warps, num_stages=stages, floats=["inv_temperature", "softcap"],
-        pointers=dict(h_ptr=dtype, w_ptr=dtype, b_ptr=dtype, labels_ptr="i64", row_idx_ptr="i64", count_ptr="i32",
-                      lse_ptr="fp32", mu_ptr="fp32", g_ptr="fp32", e_ptr="fp32", dz_ptr=dtype, db_ptr="fp32"),
-        constexprs=dict(HAS_BIAS=flag, HAS_SOFTCAP=flag, HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=flag,
-                        COMPUTE_DB=flag, UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **blocks),
-    )
-
-
-JOBS = {"fwd": _fwd_job, "bwd": _bwd_job, "dz": _dz_job}
+JOBS = {
+    "fwd": _fwd_job,
+    "bwd-dz": lambda dtype, flag: _bwd_job(dtype, flag, write_dz=True),
+    "bwd-atomic": lambda dtype, flag: _bwd_job(dtype, flag, write_dz=False),
+}
 CASES = [(kind, dtype, flag) for kind in JOBS for dtype, flag in (("bf16", True), ("bf16", False), ("fp32", True))]
 
 
