@@ -10,12 +10,12 @@ _linear_logprobs_fwd_kernel  grid (cdiv(N, BLOCK_N) * SPLIT_V,), grouped: GROUP_
            split that holds the label, the target logit: O(SPLIT_V * N) floats, never [N, V].
     FLOPs  2 N D V.
 _linear_logprobs_bwd_kernel  grid (cdiv(N, BLOCK_N) * cdiv(V_chunk, BLOCK_V),), grouped for L2 reuse
-    WRITE_DZ (default): the backward as a GEMM epilogue: recomputes a [BLOCK_N, BLOCK_V] logit tile (2 BLOCK_N BLOCK_V D FLOPs),
-    forms dz in fp32 from the saved lse / mu and the per-token upstream gradients, and writes it in the inputs'
-    dtype into an [N, V_chunk] buffer (2 N V_chunk bytes); the launcher hands that buffer to two cuBLAS GEMMs
-    (dW_chunk = dz^T h, dh += dz W_chunk). Total 6 N D V FLOPs, 3 of them at cuBLAS speed.
-    otherwise the fully fused variant: no buffer, but fp32 atomics of dz @ W into dh
-    and dz^T @ h into a dW chunk — every dh element takes V / BLOCK_V atomic adds. See logprobs_notes.md.
+    recomputes a [BLOCK_N, BLOCK_V] logit tile (2 BLOCK_N BLOCK_V D FLOPs) and forms dz in fp32 from the saved
+    lse / mu and the per-token upstream gradients. Then, with WRITE_DZ (the default "gemm" mode), writes dz in
+    the inputs' dtype into an [N, V_chunk] buffer (2 N V_chunk bytes) that the launcher hands to two cuBLAS
+    GEMMs (dW_chunk = dz^T h, dh += dz W_chunk); without it (the "atomic" mode), atomically adds dz @ W into
+    an fp32 dh and dz^T @ h into an fp32 dW chunk — no buffer, but V / BLOCK_V atomic adds per dh element.
+    Total 6 N D V FLOPs either way. See logprobs_notes.md.
 Dots run on the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE precision (no silent tf32); under
 the interpreter bf16 operands are upcast to fp32 (its bf16 dot is wrong).
 """
