@@ -7,8 +7,9 @@
 # Cut Cross-Entropy are installed there; without it those peers are reported as missing, never skipped silently.
 # Stages, each with its own time cap so one slow stage cannot eat the budget:
 #   1. install carried wheels into /tmp/site (no index, no deps), then fastalign itself (editable, no deps)
-#   2. GPU tests: `pytest -m gpu tests/`, then the op/kernel tests compiled for the card (tests/ops)
-#   3. `python -m fastalign.ext build` (the C++/CUDA extension; tolerated when absent or failing)
+#   2. `python -m fastalign.ext build` (the C++/CUDA extension; tolerated when absent or failing), first, so that
+#      the GPU tests of the CUDA kernels run instead of skipping
+#   3. GPU tests: `pytest -m gpu tests/`, then the op/kernel tests compiled for the card (tests/ops)
 #   4. `python -m benchmarks --preset gpu --out $OUT/bench` with a run deadline and a per-implementation timeout
 # Afterwards, here: copy $OUT/bench/results.json to benchmarks/results/gpu-<card>.json and regenerate with
 #   python -m benchmarks report benchmarks/results/*.json --out BENCHMARKS.md --readme README.md
@@ -43,19 +44,19 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 \
 python3 -c "import fastalign, fastalign.kernels, fastalign.benchmarks; print('fastalign', fastalign.__version__, 'from', fastalign.__file__)" \
   || { echo "FATAL: fastalign does not import"; exit 1; }
 
-stage "GPU tests (pytest -m gpu tests/, then tests/ops compiled for this card; cap ${T_TESTS} s)"
-timeout -k 5 $(( T_TESTS / 2 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-rc=${PIPESTATUS[0]}; [[ $rc -ne 0 && $rc -ne 5 ]] && { echo "GPU-marked tests: exit $rc"; status=1; }
-timeout -k 5 $(( T_TESTS / 2 )) python3 -m pytest -q -x -m "not gpu and not slow" -p no:cacheprovider tests/ops 2>&1 \
-  | tee -a "$OUT/pytest_gpu.log" | tail -15
-rc=${PIPESTATUS[0]}; [[ $rc -ne 0 && $rc -ne 5 ]] && { echo "op/kernel tests on the GPU: exit $rc"; status=1; }
-
 stage "CUDA extension (python -m fastalign.ext build; cap ${T_EXT} s)"
 if python3 -c "import fastalign.ext" 2>/dev/null; then
   timeout -k 5 "$T_EXT" python3 -m fastalign.ext build 2>&1 | tail -5 || echo "extension build failed or timed out (the benchmarks report it)"
 else
   echo "fastalign.ext is not in this checkout: skipping the build (the benchmarks report the extension as missing)"
 fi
+
+stage "GPU tests (pytest -m gpu tests/, then tests/ops compiled for this card; cap ${T_TESTS} s)"
+timeout -k 5 $(( T_TESTS / 2 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+rc=${PIPESTATUS[0]}; [[ $rc -ne 0 && $rc -ne 5 ]] && { echo "GPU-marked tests: exit $rc"; status=1; }
+timeout -k 5 $(( T_TESTS / 2 )) python3 -m pytest -q -x -m "not gpu and not slow" -p no:cacheprovider tests/ops 2>&1 \
+  | tee -a "$OUT/pytest_gpu.log" | tail -15
+rc=${PIPESTATUS[0]}; [[ $rc -ne 0 && $rc -ne 5 ]] && { echo "op/kernel tests on the GPU: exit $rc"; status=1; }
 
 stage "benchmarks --preset gpu (deadline $(( T_BENCH - 30 )) s, hard cap ${T_BENCH} s)"
 timeout -k 10 "$T_BENCH" python3 -m benchmarks --preset gpu --out "$OUT/bench" --no-build-ext \

@@ -219,16 +219,16 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         fa.linear_logprobs(hidden, weight, labels, backend="triton")
 
 
-def test_unknown_backward_mode_is_a_clear_error(monkeypatch):
-    hidden, weight, bias, labels = _valid()
+def test_unknown_backward_mode_is_a_clear_error(monkeypatch, device):
+    hidden, weight, bias, labels = _valid(device)
     monkeypatch.setenv("FASTALIGN_LOGPROBS_BWD", "magic")
     out = fa.linear_logprobs(hidden.requires_grad_(), weight, labels, backend="triton")
     with pytest.raises(ValueError, match="FASTALIGN_LOGPROBS_BWD"):
         out.logprobs.sum().backward()
 
 
-def test_env_override_and_fp64_on_triton(monkeypatch):
-    hidden, weight, bias, labels = _valid()
+def test_env_override_and_fp64_on_triton(monkeypatch, device):
+    hidden, weight, bias, labels = _valid(device)
     monkeypatch.setenv("FASTALIGN_BACKEND", "nope")
     with pytest.raises(ValueError, match="FASTALIGN_BACKEND"):
         fa.linear_logprobs(hidden, weight, labels)
