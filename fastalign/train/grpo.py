@@ -24,7 +24,7 @@ import torch
 
 import fastalign as fa
 from fastalign.reference.rl import AGG_MODES
-from fastalign.train import data, metrics, models, rewards, rollout, task
+from fastalign.train import data, metrics, models, rollout
 from fastalign.train.config import option
 from fastalign.train.loop import TrainLoop, prepare
 
@@ -86,12 +86,7 @@ def train(cfg: GRPOConfig) -> dict:
     run = prepare(cfg)
     tokenizer, info = run.tokenizer, run.info
     model = models.load_trainable(run.model_path, cfg, device=info.device)
-    rows = data.load_rows(cfg.train_file or task.demo_files()["rl"], "rl", max_samples=cfg.max_samples)
-    examples = data.tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
-                                     chat_template=cfg.chat_template)
-    reward_fn = rewards.build_rewards(cfg.reward_funcs, cfg.reward_weights, reward_model=cfg.reward_model,
-                                      reward_model_weight=cfg.reward_model_weight, device=info.device,
-                                      chat_template=cfg.chat_template)
+    examples, reward_fn = rollout.prompts_and_rewards(cfg, tokenizer, info.device)
     # the reference is needed for the KL term, and worth logging whenever one is named
     reference = rollout.Reference(cfg, run.model_path, model, info.device) if cfg.kl_coef or cfg.ref_model else None
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)

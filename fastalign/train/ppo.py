@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 import fastalign as fa
-from fastalign.train import data, metrics, models, rewards, rollout, task
+from fastalign.train import data, metrics, models, rollout
 from fastalign.train.config import option
 from fastalign.train.loop import TrainLoop, prepare
 
@@ -97,12 +97,7 @@ def train(cfg: PPOConfig) -> dict:
     tokenizer, info = run.tokenizer, run.info
     policy = models.load_trainable(run.model_path, cfg, device=info.device)
     value_model = models.load_trainable(cfg.value_model or run.model_path, cfg, device=info.device, kind="score")
-    rows = data.load_rows(cfg.train_file or task.demo_files()["rl"], "rl", max_samples=cfg.max_samples)
-    examples = data.tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
-                                     chat_template=cfg.chat_template)
-    reward_fn = rewards.build_rewards(cfg.reward_funcs, cfg.reward_weights, reward_model=cfg.reward_model,
-                                      reward_model_weight=cfg.reward_model_weight, device=info.device,
-                                      chat_template=cfg.chat_template)
+    examples, reward_fn = rollout.prompts_and_rewards(cfg, tokenizer, info.device)
     reference = rollout.Reference(cfg, run.model_path, policy, info.device) if cfg.kl_coef or cfg.ref_model else None
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, policy, run, extra_models={"value": value_model}, extra_state={"sampler": sampler})

@@ -26,7 +26,7 @@ from torch import nn
 
 import fastalign as fa
 from fastalign.reference.rl import AGG_MODES, aggregate
-from fastalign.train import distributed, models
+from fastalign.train import data, distributed, models, rewards
 from fastalign.train.config import TrainConfig, option
 
 
@@ -68,6 +68,21 @@ class RLConfig(TrainConfig):
             raise ValueError(f"{name}: num_generations, num_iterations and max_new_tokens must be >= 1")
         if not [n for n in self.reward_funcs if n.strip() and n.strip().lower() != "none"] and not self.reward_model:
             raise ValueError(f"{name}: give reward_funcs and/or reward_model")
+
+
+def prompts_and_rewards(cfg: RLConfig, tokenizer, device) -> tuple[list, rewards.RewardFn]:
+    """The tokenized RL prompts of ``cfg.train_file`` (default: the shipped addition task) and the reward function
+    built from ``cfg.reward_funcs`` / ``cfg.reward_model``: the data side shared by GRPO and PPO."""
+    from fastalign.train import task  # task imports this module
+
+
+    rows = data.load_rows(cfg.train_file or task.demo_files()["rl"], "rl", max_samples=cfg.max_samples)
+    examples = data.tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                     chat_template=cfg.chat_template)
+    reward_fn = rewards.build_rewards(cfg.reward_funcs, cfg.reward_weights, reward_model=cfg.reward_model,
+                                      reward_model_weight=cfg.reward_model_weight, device=device,
+                                      chat_template=cfg.chat_template)
+    return examples, reward_fn
 
 
 @dataclass(frozen=True)
