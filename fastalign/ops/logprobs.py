@@ -147,6 +147,10 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return dict(UPCAST=upcast, DOT_PRECISION="ieee" if (dtype == torch.float32 or upcast) else "tf32")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _compact_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of valid rows first (stable), and their count as a device scalar: no host sync."""
     valid = labels != ignore_index
@@ -171,12 +175,12 @@ def _triton_forward(head: Head, need_entropy: bool):
     v = w.shape[0]
     cfg = _blocks("fwd")
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
-    num_n = triton_cdiv(n, block_n)
+    num_n = _cdiv(n, block_n)
     # at least _MIN_SPLITS splits (a group of row blocks x the splits fills the card with h blocks that fit in
     # L2), more when there are few row blocks; each split must own at least one vocab tile
-    splits = max(1, min(triton_cdiv(v, block_v), max(_MIN_SPLITS, triton_cdiv(2 * _num_sms(h.device), num_n))))
-    v_per_split = triton_cdiv(triton_cdiv(v, splits), block_v) * block_v
-    splits = triton_cdiv(v, v_per_split)
+    splits = max(1, min(_cdiv(v, block_v), max(_MIN_SPLITS, _cdiv(2 * _num_sms(h.device), num_n))))
+    v_per_split = _cdiv(_cdiv(v, splits), block_v) * block_v
+    splits = _cdiv(v, v_per_split)
     row_idx, count = _compact_rows(head.labels, head.ignore_index)
     fill = float("nan") if _poison() else 0.0
     m = torch.full((splits, n), fill, dtype=torch.float32, device=h.device)
@@ -209,10 +213,6 @@ def _triton_forward(head: Head, need_entropy: bool):
         mu = torch.zeros_like(logp).index_put_((row_idx,), mu_c)
         entropy = lse - mu
     return logp, entropy, lse, mu
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # Backward workspace budget: the [N, V_chunk] dz buffer (gemm mode) or the fp32 dW chunk (atomic mode).
@@ -292,7 +292,7 @@ def _triton_backward(head: Head, lse, mu, grad_logp, grad_entropy, needs):
         for v_start in range(0, v, chunk):
             v_chunk = min(chunk, v - v_start)
             dz_c = dz[:, :v_chunk]
-            grid = (triton_cdiv(n, block_n) * triton_cdiv(v_chunk, block_v),)
+            grid = (_cdiv(n, block_n) * _cdiv(v_chunk, block_v),)
             k._linear_logprobs_bwd_kernel[grid](
                 *inputs, dz_c, dummy, dummy, db[v_start:] if db is not None else dummy,
                 n, d, v_start, v_chunk, *strides, dz.stride(0), 0, 0, *scalars,
@@ -313,7 +313,7 @@ def _triton_backward(head: Head, lse, mu, grad_logp, grad_entropy, needs):
                     dw = dw_out[v_start:v_start + v_chunk].zero_()
                 else:
                     dw = torch.zeros((v_chunk, d), dtype=torch.float32, device=h.device)
-            grid = (triton_cdiv(n, block_n) * triton_cdiv(v_chunk, block_v),)
+            grid = (_cdiv(n, block_n) * _cdiv(v_chunk, block_v),)
             k._linear_logprobs_bwd_kernel[grid](
                 *inputs, dummy, dh if dh is not None else dummy, dw if dw is not None else dummy,
                 db[v_start:] if db is not None else dummy,
