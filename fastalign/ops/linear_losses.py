@@ -21,7 +21,8 @@ import torch
 
 from fastalign.ops import rl as rl_checks
 from fastalign.ops.logprobs import head_backward, head_forward, prepare_head, resolve_head_backend
-from fastalign.ops.preference import _number, check_dpo_options
+from fastalign.ops._checks import number, positive
+from fastalign.ops.preference import check_dpo_options
 from fastalign.reference import preference as ref_pref
 from fastalign.reference import rl as ref_rl
 
@@ -332,12 +333,12 @@ def linear_policy_loss(
                     ("mask", mask)):
         if t is not None and t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
-    kl_coef = _number(op, "kl_coef", kl_coef)
-    entropy_coef = _number(op, "entropy_coef", entropy_coef)
+    kl_coef = number(op, "kl_coef", kl_coef)
+    entropy_coef = number(op, "entropy_coef", entropy_coef)
     # the same option rules as fa.ppo_policy_loss
-    clip_low = rl_checks._positive(op, "clip_low", clip_low)
-    clip_high = rl_checks._positive(op, "clip_high", clip_high, allow_none=True)
-    dual_clip = rl_checks._positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0)
+    clip_low = positive(op, "clip_low", clip_low)
+    clip_high = positive(op, "clip_high", clip_high, allow_none=True)
+    dual_clip = positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0)
     rl_checks._check_agg(op, agg, norm_len, shape[1])
     if kl_kind not in ref_rl.KL_KINDS:
         raise ValueError(f"{op}: kl_kind must be one of {ref_rl.KL_KINDS}, got {kl_kind!r}")

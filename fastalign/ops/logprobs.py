@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from fastalign import _backend
+from fastalign.ops._checks import positive
 from fastalign.reference import logprobs as ref
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -37,20 +38,6 @@ class Head(NamedTuple):
     softcap: float | None
     ignore_index: int
     shape: torch.Size  # hidden.shape[:-1], the shape of per-token outputs
-
-
-def _check_scalar(name: str, value, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a positive number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
 
 
 def validate_labels(labels: torch.Tensor, vocab: int, ignore_index: int, *, op: str) -> None:
@@ -111,8 +98,8 @@ def prepare_head(
             f"hidden={hidden.device}, weight={weight.device}, labels={labels.device}"
             + (f", bias={bias.device}" if bias is not None else "")
         )
-    temperature = _check_scalar("temperature", temperature)
-    softcap = _check_scalar("softcap", softcap, allow_none=True)
+    temperature = positive(op, "temperature", temperature)
+    softcap = positive(op, "softcap", softcap, allow_none=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     labels = labels.reshape(n).long().contiguous()
@@ -463,7 +450,7 @@ def logprobs_from_logits(
         )
     if labels.device != logits.device:
         raise ValueError(f"logprobs_from_logits: labels on {labels.device} but logits on {logits.device}")
-    temperature = _check_scalar("temperature", temperature)
+    temperature = positive("logprobs_from_logits", "temperature", temperature)
     validate_labels(labels, logits.shape[-1], ignore_index, op="logprobs_from_logits")
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)

@@ -6,23 +6,13 @@ hidden states (``linear_dpo_loss``, ``linear_sequence_logprobs``) live in :mod:`
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
+from fastalign.ops._checks import number
 from fastalign.reference import preference as ref
 
 LOSS_TYPES = ref.LOSS_TYPES
-
-
-def _number(op: str, name: str, value) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be finite, got {value}")
-    return float(value)
 
 
 def check_dpo_options(
@@ -31,11 +21,11 @@ def check_dpo_options(
     """Validate the DPO hyper-parameters; every option either takes effect or raises. Returns (beta, eps, gamma)."""
     if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"{op}: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    beta = _number(op, "beta", beta)
+    beta = number(op, "beta", beta)
     if beta <= 0:
         raise ValueError(f"{op}: beta must be > 0, got {beta}")
-    eps = _number(op, "label_smoothing", label_smoothing)
-    gamma = _number(op, "gamma", gamma)
+    eps = number(op, "label_smoothing", label_smoothing)
+    gamma = number(op, "gamma", gamma)
     if loss_type == "robust" and not 0 <= eps < 0.5:
         raise ValueError(f"{op}: label_smoothing must lie in [0, 0.5) for loss_type='robust', got {eps}")
     if loss_type in ("sigmoid", "simpo") and not 0 <= eps <= 1:
@@ -170,9 +160,9 @@ def reward_loss(
     if isinstance(margin, torch.Tensor) and margin.numel() != 1:
         _check_vector(op, "margin", margin, n, device)
     elif margin is not None:
-        margin = _number(op, "margin", margin)
+        margin = number(op, "margin", margin)
     if center_rewards_coef is not None:
-        center_rewards_coef = _number(op, "center_rewards_coef", center_rewards_coef)
+        center_rewards_coef = number(op, "center_rewards_coef", center_rewards_coef)
         if center_rewards_coef < 0:
             raise ValueError(f"{op}: center_rewards_coef must be >= 0, got {center_rewards_coef}")
     return ref.reward_loss(chosen_rewards, rejected_rewards, margin=margin, center_rewards_coef=center_rewards_coef)

@@ -13,12 +13,12 @@ and passing them with ``requires_grad`` raises on every backend.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from fastalign.ops._checks import in_unit, number, positive
 from fastalign import _backend
 from fastalign.reference import rl as ref
 
@@ -61,30 +61,6 @@ def _check_grid(op: str, mask, **tensors) -> tuple[int, int]:
         if mask.device != first.device:
             raise ValueError(f"{op}: mask is on {mask.device} but {first_name} is on {first.device}")
     return first.shape[0], first.shape[1]
-
-
-def _number(op: str, name: str, value) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{op}: {name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _in_unit(op: str, name: str, value) -> float:
-    value = _number(op, name, value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{op}: {name} must lie in [0, 1], got {value}")
-    return value
-
-
-def _positive(op: str, name: str, value, *, allow_none: bool = False, above: float = 0.0) -> float | None:
-    if value is None and allow_none:
-        return None
-    value = _number(op, name, value)
-    if value <= above:
-        raise ValueError(f"{op}: {name} must be > {above:g}, got {value}")
-    return value
 
 
 def _check_agg(op: str, agg, norm_len, length: int) -> tuple[str, float]:
@@ -245,8 +221,8 @@ def gae(
     """
     op = "gae"
     _check_grid(op, mask, rewards=rewards, values=values)
-    gamma = _in_unit(op, "gamma", gamma)
-    lam = _in_unit(op, "lam", lam)
+    gamma = in_unit(op, "gamma", gamma)
+    lam = in_unit(op, "lam", lam)
     dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
     needs_grad = torch.is_grad_enabled() and (rewards.requires_grad or values.requires_grad)
     if needs_grad and backend == "auto":
@@ -299,7 +275,7 @@ def group_advantages(
         raise ValueError(f"{op}: the batch size B={rewards.numel()} must be a multiple of group_size={group_size}")
     if scale not in ref.GROUP_SCALES:
         raise ValueError(f"{op}: scale must be one of {ref.GROUP_SCALES}, got {scale!r}")
-    eps = _number(op, "eps", eps)
+    eps = number(op, "eps", eps)
     if eps < 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
     _backend.resolve(backend, (rewards,), op=op, supports=("torch",))
@@ -471,9 +447,9 @@ def ppo_policy_loss(
                          f"{tuple(advantages.shape)}")
     if advantages.device != logprobs.device:
         raise ValueError(f"{op}: advantages is on {advantages.device} but logprobs is on {logprobs.device}")
-    clip_low = _positive(op, "clip_low", clip_low)
-    clip_high = _positive(op, "clip_high", clip_high, allow_none=True)
-    dual_clip = _positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0)
+    clip_low = positive(op, "clip_low", clip_low)
+    clip_high = positive(op, "clip_high", clip_high, allow_none=True)
+    dual_clip = positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0)
     agg, norm = _check_agg(op, agg, norm_len, length)
     _check_constants(op, old_logprobs=old_logprobs, advantages=advantages)
     dtype = torch.float64 if torch.float64 in (logprobs.dtype, old_logprobs.dtype, advantages.dtype) else (
@@ -520,7 +496,7 @@ def value_loss(
     """
     op = "value_loss"
     _, length = _check_grid(op, mask, values=values, old_values=old_values, returns=returns)
-    clip = _positive(op, "clip", clip, allow_none=True)
+    clip = positive(op, "clip", clip, allow_none=True)
     agg, norm = _check_agg(op, agg, norm_len, length)
     _check_constants(op, old_values=old_values, returns=returns)
     dtype = torch.float64 if torch.float64 in (values.dtype, old_values.dtype, returns.dtype) else torch.float32
