@@ -1,4 +1,4 @@
-"""The ``fastalign`` command: ``train <algo>``, ``demo``, ``plot``, ``env``, ``bench``.
+"""The ``fastalign`` command: ``train <algo>``, ``demo``, ``plot``, ``env``, ``ext``, ``bench``.
 
     fastalign train sft                                   # embedded tiny model + shipped tiny data
     fastalign train dpo --config c.yaml --beta 0.05       # YAML, then flags override it
@@ -115,44 +115,17 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
     sub.add_parser("env", help="print the backends present, and why the others are not")
+    ext = sub.add_parser("ext", help="build the optional compiled extension fastalign._C, or show its status",
+                         add_help=False)
+    ext.add_argument("rest", nargs=argparse.REMAINDER)
     bench = sub.add_parser("bench", help="run the benchmarks (fastalign.benchmarks)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
-def env_report() -> str:
-    import platform
-
-    import torch
-
-    from fastalign import __version__, _backend
-
-    lines = [f"fastalign {__version__} on Python {platform.python_version()}, torch {torch.__version__}"]
-    cuda = torch.cuda.is_available()
-    lines.append(f"cuda: {torch.cuda.get_device_name(0) if cuda else 'no CUDA device'}")
-    ok, why = _backend.triton_status()
-    lines.append(f"triton: {'yes' if ok else 'no'} ({why})"
-                 + ("; kernels run in the CPU interpreter (TRITON_INTERPRET=1)" if ok and _backend.interpreting() else ""))
-    try:
-        ok, why = _backend.extension_status()
-    except Exception as exc:  # a broken extension must not break `env`
-        ok, why = False, f"{type(exc).__name__}: {exc}"
-    lines.append(f"extension fastalign._C: {'yes' if ok else 'no'} ({why})")
-    lines.append("torch reference: yes (always)")
-    for pkg in ("transformers", "peft", "trl", "datasets", "flash_attn"):
-        try:
-            mod = importlib.import_module(pkg)
-            lines.append(f"{pkg}: {getattr(mod, '__version__', 'present')}")
-        except ImportError:
-            lines.append(f"{pkg}: not installed")
-    lines.append(f"default backend on this machine: {'triton' if cuda and _backend.triton_status()[0] else 'torch'}"
-                 " (FASTALIGN_BACKEND overrides)")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["demo"], ["bench"]):  # they parse their own flags (argparse's REMAINDER drops a leading -x)
+    if argv[:1] in (["demo"], ["bench"], ["ext"]):  # they parse their own flags (argparse's REMAINDER drops a leading -x)
         return _delegate(argv[0], argv[1:])
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -181,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         return 0
     if args.command == "env":
+        from fastalign.env import env_report
+
         print(env_report())
         return 0
     parser.print_help()
@@ -188,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _delegate(command: str, rest: list[str]) -> int:
-    """``demo`` -> fastalign.train.demo.main(rest); ``bench`` -> fastalign.benchmarks.__main__.main(rest)."""
-    module = {"demo": "fastalign.train.demo", "bench": "fastalign.benchmarks.__main__"}[command]
+    """``demo`` / ``bench`` / ``ext`` -> the ``main(rest)`` of fastalign.train.demo, fastalign.benchmarks.__main__,
+    fastalign.ext."""
+    module = {"demo": "fastalign.train.demo", "bench": "fastalign.benchmarks.__main__", "ext": "fastalign.ext"}[command]
     try:
         target = importlib.import_module(module)
     except ImportError as exc:

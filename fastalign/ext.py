@@ -1,5 +1,6 @@
-"""``python -m fastalign.ext build|status``: build the optional compiled extension ``fastalign._C`` ahead of time,
-or say whether it is available and why not. See :mod:`fastalign._ext` for the cache and the environment flags."""
+"""``fastalign ext build|status`` (or ``python -m fastalign.ext build|status``): build the optional compiled
+extension ``fastalign._C`` ahead of time, or say whether it is available and why not. See :mod:`fastalign._ext`
+for the cache and the environment flags."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ import time
 def main(argv: list[str] | None = None) -> int:
     from fastalign import _ext
 
-    parser = argparse.ArgumentParser(prog="python -m fastalign.ext", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastalign ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="compile fastalign._C into the cache (a no-op when a matching build exists)")
     build.add_argument("--no-cuda", action="store_true", help="leave the CUDA kernels out even where nvcc exists")
