@@ -9,7 +9,7 @@ import functools
 import importlib
 from typing import Any
 
-from .harness import error_text
+from .runner import error_text
 
 
 @functools.lru_cache(maxsize=None)

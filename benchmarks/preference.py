@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import peers
 from .logprobs import LOGIT_STD, truth_logprobs
 from .runner import Case, Impl, Prepared
+from .timing import measure_time
 
 DPO_BETA = 0.1
 GRPO_BETA = 0.04
@@ -295,11 +296,9 @@ def grpo_impls(device) -> list[Impl]:
     return impls
 
 
-def gemm_floor(x: dict, valid: torch.Tensor, *, with_ref: bool) -> dict:
+def gemm_floor(x: dict, valid: torch.Tensor, timer: str, *, with_ref: bool) -> dict:
     """The GEMMs any exact implementation must run over the scored tokens, measured now: the policy's logits,
     dh and dW (3), plus the reference pass's logits for DPO (1)."""
-    from .harness import measure_time
-
     h = x["hidden"][valid]  # (tokens scored, D)
     w = x["weight"]
     logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
@@ -313,7 +312,7 @@ def gemm_floor(x: dict, valid: torch.Tensor, *, with_ref: bool) -> dict:
         torch.mm(dz, w, out=dh)
         torch.mm(dz.T, h, out=dw)
 
-    t = measure_time(run, h.device, budget_s=1.0)
+    t = measure_time(run, h.device, budget_s=1.0, timer=timer)
     n = 4 if with_ref else 3
     what = " (reference logits + policy logits, dh, dW)" if with_ref else " (logits, dh, dW)"
     return {"ms": t.min_ms, "median_ms": t.median_ms,
@@ -331,7 +330,7 @@ def cases(dpo_specs: list[dict], grpo_specs: list[dict], device) -> list[Case]:
             device=device, dtype=dt, tokens=2 * p * t,
             make_inputs=lambda p=p, t=t, d=d, v=v, dt=dt: dpo_inputs(p, t, d, v, dt, device),
             truth=dpo_truth, impls=dpo_impls(device), check=s.get("check", True),
-            floor=lambda x: gemm_floor(x, x["labels"] != IGNORE, with_ref=True),
+            floor=lambda x, timer: gemm_floor(x, x["labels"] != IGNORE, timer, with_ref=True),
             notes=["reference pass (no grad) + policy forward/backward + sigmoid DPO, beta 0.1"]))
     for s in grpo_specs:
         b, t, d, v, dt = s["b"], s["t"], s["d"], s["v"], s["dtype"]
@@ -342,6 +341,6 @@ def cases(dpo_specs: list[dict], grpo_specs: list[dict], device) -> list[Case]:
             device=device, dtype=dt, tokens=b * t,
             make_inputs=lambda b=b, t=t, d=d, v=v, dt=dt: grpo_inputs(b, t, d, v, dt, device),
             truth=grpo_truth, impls=grpo_impls(device), check=s.get("check", True),
-            floor=lambda x: gemm_floor(x, x["mask"] != 0, with_ref=False),
+            floor=lambda x, timer: gemm_floor(x, x["mask"] != 0, timer, with_ref=False),
             notes=["clipped surrogate eps 0.2 + k3 KL beta 0.04, token-mean (TRL bnpo)"]))
     return out

@@ -17,6 +17,7 @@ HEADS = {  # name: (D, V)
 }
 
 bf16, fp32 = torch.bfloat16, torch.float32
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}  # --dtype
 
 
 def _lp(n, head=None, d=None, v=None, dtype=bf16, **kw):

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from . import harness, peers
+from . import peers
 from .runner import Case, Impl, Prepared
+from .timing import measure_time
 
 GAMMA, LAM, CLIP = 1.0, 0.95, 0.2
 
@@ -188,10 +189,19 @@ def loss_impls(device, op: str, eager, *, compile_peers: bool) -> list[Impl]:
     return impls
 
 
-def _bytes_floor(nbytes: int, device, bw_cache: dict) -> dict:
+def copy_bandwidth(device: torch.device, nbytes: int, timer: str) -> float:
+    """Measured device copy bandwidth in bytes/s, counting bytes read + written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = measure_time(lambda: dst.copy_(src), device, budget_s=0.5, max_reps=20, timer=timer)
+    del src, dst
+    return 2 * nbytes / (t.min_ms / 1000.0)
+
+
+def _bytes_floor(nbytes: int, device, bw_cache: dict, timer: str) -> dict:
     if "bw" not in bw_cache:  # the best copy rate seen: a floor must not be inflated by a noisy neighbour
         size = 1 << 30 if device.type == "cuda" else 1 << 27
-        bw_cache["bw"] = harness.copy_bandwidth(device, size)
+        bw_cache["bw"] = copy_bandwidth(device, size, timer)
     bw = bw_cache["bw"]
     return {"ms": 1000.0 * nbytes / bw, "what": f"{nbytes / 2**20:.1f} MiB moved / measured copy bandwidth "
                                                  f"{bw / 1e9:.1f} GB/s", "bandwidth_gbs": bw / 1e9}
@@ -206,7 +216,7 @@ def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers
             suite="ops", name="gae", params={"B": b, "T": t, "dtype": "float32"}, device=device,
             dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
             truth=gae_truth, impls=gae_impls(device),
-            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache),
+            floor=lambda x, timer, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache, timer),
             notes=["torch.compile not applied: a compiled T-step loop unrolls T"]))
     for s in ppo_specs:
         b, t = s["b"], s["t"]
@@ -214,7 +224,7 @@ def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers
             suite="ops", name="ppo_policy_loss.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
             dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
             truth=ppo_truth, impls=ppo_impls(device, compile_peers=compile_peers),
-            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache)))
+            floor=lambda x, timer, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache, timer)))
     for s in value_specs or ():
         b, t = s["b"], s["t"]
         out.append(Case(
@@ -222,7 +232,7 @@ def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers
             dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
             truth=_scalar_truth(value_formula),
             impls=loss_impls(device, "value_loss", value_formula, compile_peers=compile_peers),
-            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache),
+            floor=lambda x, timer, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache, timer),
             notes=["clip 0.2, token-mean; reads values, old values, returns, mask, writes the values' gradient"]))
     for s in kl_specs or ():
         b, t = s["b"], s["t"]
@@ -232,6 +242,6 @@ def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers
             truth=_scalar_truth(lambda lp, ref, _unused, m: kl_formula(lp, ref, m)),
             impls=loss_impls(device, "kl_penalty", lambda lp, ref, _unused, m: kl_formula(lp, ref, m),
                              compile_peers=compile_peers),
-            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 4, device, bw_cache),
+            floor=lambda x, timer, b=b, t=t: _bytes_floor(b * t * 4 * 4, device, bw_cache, timer),
             notes=["k3 estimator, masked token-mean (the mean is eager torch in every row)"]))
     return out

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from . import harness, logprobs, preference, rl
+from . import logprobs, preference, rl
+from .agreement import agreement
 from .runner import Case
 
 CPU = torch.device("cpu")
@@ -57,7 +58,7 @@ def test_op(benchmark, case, impl):
             t.grad = None
 
     if truth is not None:
-        devs, _ = harness.agreement(outputs, truth, None, case.dtype)
+        devs, _ = agreement(outputs, truth, None, case.dtype)
         benchmark.extra_info["max_abs_deviation"] = devs
         # a loose sanity bound (fp32 inputs): this suite times, the runner and tests/ judge accuracy strictly
         assert all(v < 1e-2 * max(1.0, float(truth[k].abs().max())) for k, v in devs.items()), devs
