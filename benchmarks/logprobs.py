@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+import fastalign as fa
+
 from . import peers
 from .runner import Case, Impl, Prepared
 from .timing import measure_time
@@ -101,14 +103,9 @@ def _wrap(fn, with_grad: bool):
 
 def implementations(device: torch.device, with_grad: bool, *, compile_peers: bool) -> list[Impl]:
     impls: list[Impl] = []
-    fa_fn, why = peers.fastalign_op("linear_logprobs")
-    for backend, unavailable in (peers.fastalign_backends(device.type, op_family="logprobs") if fa_fn else
-                                 [("torch", why), ("triton", why)]):
-        label = f"fastalign[{backend}]"
-        if backend == "triton" and device.type != "cuda" and not unavailable:
-            label += " (interpreter)"
-        fn = (lambda b: (lambda h, w, y: fa_fn(h, w, y, backend=b).logprobs))(backend)
-        impls.append(Impl(label, "fastalign", _wrap(fn, with_grad), missing=unavailable))
+    for backend in peers.fastalign_backends(device.type, op_family="logprobs"):
+        fn = (lambda b: (lambda h, w, y: fa.linear_logprobs(h, w, y, backend=b).logprobs))(backend)
+        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", _wrap(fn, with_grad)))
     impls.append(Impl("naive torch: (h@W.T).float().log_softmax", "naive", _wrap(_naive, with_grad),
                       is_baseline=True))
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import fastalign as fa
+
 from . import peers
 from .logprobs import LOGIT_STD, truth_logprobs
 from .runner import Case, Impl, Prepared
@@ -110,30 +112,25 @@ def _sls_token_logp(sls, h, w, labels):
 
 def dpo_impls(device) -> list[Impl]:
     impls = []
-    lin_dpo, why_fused = peers.fastalign_op("linear_dpo_loss")
-    lp, why_lp = peers.fastalign_op("linear_logprobs")
-    dpo, why_dpo = peers.fastalign_op("dpo_loss")
-
     def fa_ref(x):
         with torch.no_grad():
-            return lp(x["ref_hidden"], x["weight"], x["labels"]).logprobs.sum(-1)
+            return fa.linear_logprobs(x["ref_hidden"], x["weight"], x["labels"]).logprobs.sum(-1)
 
     def fused(x):
         rc, rr = fa_ref(x).chunk(2)
-        return _loss_step(x, lambda h, w: lin_dpo(h, w, x["labels"], rc, rr, beta=DPO_BETA)[0])
+        return _loss_step(x, lambda h, w: fa.linear_dpo_loss(h, w, x["labels"], rc, rr, beta=DPO_BETA)[0])
 
     def unfused(x):
         rc, rr = fa_ref(x).chunk(2)
 
         def loss(h, w):
-            pc, pr = lp(h, w, x["labels"]).logprobs.sum(-1).chunk(2)
-            return dpo(pc, pr, rc, rr, beta=DPO_BETA)[0]
+            pc, pr = fa.linear_logprobs(h, w, x["labels"]).logprobs.sum(-1).chunk(2)
+            return fa.dpo_loss(pc, pr, rc, rr, beta=DPO_BETA)[0]
 
         return _loss_step(x, loss)
 
-    impls.append(Impl("fastalign linear_dpo_loss (fused)", "fastalign", fused, missing=why_fused or why_lp))
-    impls.append(Impl("fastalign linear_logprobs + dpo_loss", "fastalign", unfused,
-                      missing=why_lp or why_dpo))
+    impls.append(Impl("fastalign linear_dpo_loss (fused)", "fastalign", fused))
+    impls.append(Impl("fastalign linear_logprobs + dpo_loss", "fastalign", unfused))
 
     def naive(x):
         with torch.no_grad():
@@ -222,17 +219,13 @@ def grpo_truth(x: dict) -> dict:
 
 def grpo_impls(device) -> list[Impl]:
     impls = []
-    lin_pol, why_fused = peers.fastalign_op("linear_policy_loss")
-    lp, why_lp = peers.fastalign_op("linear_logprobs")
-    ppo, why_ppo = peers.fastalign_op("ppo_policy_loss")
-    klp, why_kl = peers.fastalign_op("kl_penalty")
 
     def adv_bt(x):
         return x["advantages"][:, None].expand_as(x["mask"]).contiguous()
 
     def fused(x):
         a = adv_bt(x)
-        return _loss_step(x, lambda h, w: lin_pol(
+        return _loss_step(x, lambda h, w: fa.linear_policy_loss(
             h, w, x["labels"], x["old_logprobs"], a, x["mask"], ref_logprobs=x["ref_logprobs"], kl_coef=GRPO_BETA,
             kl_kind="k3", clip_low=EPS, clip_high=EPS, agg="token-mean")[0])
 
@@ -241,16 +234,15 @@ def grpo_impls(device) -> list[Impl]:
         m = x["mask"]
 
         def loss(h, w):
-            logp = lp(h, w, x["labels"]).logprobs
-            pg = ppo(logp, x["old_logprobs"], a, m, clip_low=EPS, clip_high=EPS, agg="token-mean")[0]
-            kl = klp(logp, x["ref_logprobs"], kind="k3")
+            logp = fa.linear_logprobs(h, w, x["labels"]).logprobs
+            pg = fa.ppo_policy_loss(logp, x["old_logprobs"], a, m, clip_low=EPS, clip_high=EPS, agg="token-mean")[0]
+            kl = fa.kl_penalty(logp, x["ref_logprobs"], kind="k3")
             return pg + GRPO_BETA * (kl * m).sum() / m.sum().clamp(min=1.0)
 
         return _loss_step(x, loss)
 
-    impls.append(Impl("fastalign linear_policy_loss (fused)", "fastalign", fused, missing=why_fused or why_lp))
-    impls.append(Impl("fastalign linear_logprobs + ppo_policy_loss + kl_penalty", "fastalign", unfused,
-                      missing=why_lp or why_ppo or why_kl))
+    impls.append(Impl("fastalign linear_policy_loss (fused)", "fastalign", fused))
+    impls.append(Impl("fastalign linear_logprobs + ppo_policy_loss + kl_penalty", "fastalign", unfused))
 
     def naive(x):
         labels = x["labels"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+import fastalign as fa
+
 from . import peers
 from .runner import Case, Impl, Prepared
 from .timing import measure_time
@@ -62,21 +64,17 @@ def gae_truth(x: dict) -> dict:
 
 def gae_impls(device) -> list[Impl]:
     impls = []
-    gae, why = peers.fastalign_op("gae")
-    backends = peers.fastalign_backends(device.type, op_family="rl") if gae else [("torch", why), ("triton", why)]
-    for backend, unavailable in backends:
+    for backend in peers.fastalign_backends(device.type, op_family="rl"):
         def prep(x, b=backend):
             m = x["mask"]
 
             def step():
-                adv, ret = gae(x["rewards"], x["values"], m, gamma=GAMMA, lam=LAM, backend=b)
+                adv, ret = fa.gae(x["rewards"], x["values"], m, gamma=GAMMA, lam=LAM, backend=b)
                 return {"advantages": adv * m, "returns": ret * m}
 
             return Prepared(step)
 
-        label = f"fastalign[{backend}]" + (" (interpreter)" if backend == "triton" and device.type != "cuda"
-                                           and not unavailable else "")
-        impls.append(Impl(label, "fastalign", prep, missing=unavailable))
+        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", prep))
 
     def loop(x):
         m = x["mask"]
@@ -121,14 +119,10 @@ def _ppo_prep(loss_fn):
 
 def ppo_impls(device, *, compile_peers: bool) -> list[Impl]:
     impls = []
-    ppo, why = peers.fastalign_op("ppo_policy_loss")
-    backends = peers.fastalign_backends(device.type, op_family="rl") if ppo else [("torch", why), ("triton", why)]
-    for backend, unavailable in backends:
-        fn = (lambda b: (lambda lp, old, a, m: ppo(lp, old, a, m, clip_low=CLIP, agg="token-mean",
-                                                    backend=b)[0]))(backend)
-        label = f"fastalign[{backend}]" + (" (interpreter)" if backend == "triton" and device.type != "cuda"
-                                           and not unavailable else "")
-        impls.append(Impl(label, "fastalign", _ppo_prep(fn), missing=unavailable))
+    for backend in peers.fastalign_backends(device.type, op_family="rl"):
+        fn = (lambda b: (lambda lp, old, a, m: fa.ppo_policy_loss(lp, old, a, m, clip_low=CLIP, agg="token-mean",
+                                                                backend=b)[0]))(backend)
+        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", _ppo_prep(fn)))
     impls.append(Impl("eager torch formula", "naive", _ppo_prep(ppo_formula), is_baseline=True))
     if compile_peers:
         compiled = torch.compile(ppo_formula)
@@ -174,13 +168,10 @@ def _kl_via_ops(klp, backend):
 def loss_impls(device, op: str, eager, *, compile_peers: bool) -> list[Impl]:
     """Implementations of a per-token loss ``f(a, b, c, mask) -> scalar`` differentiated w.r.t. ``a``."""
     impls = []
-    fn, why = peers.fastalign_op(op)
-    backends = peers.fastalign_backends(device.type, op_family="rl") if fn else [("torch", why), ("triton", why)]
+    fn = getattr(fa, op)
     wrap = _value_via_ops if op == "value_loss" else _kl_via_ops
-    for backend, unavailable in backends:
-        label = f"fastalign[{backend}]" + (" (interpreter)" if backend == "triton" and device.type != "cuda"
-                                           and not unavailable else "")
-        impls.append(Impl(label, "fastalign", _ppo_prep(wrap(fn, backend)) if fn else None, missing=unavailable))
+    for backend in peers.fastalign_backends(device.type, op_family="rl"):
+        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", _ppo_prep(wrap(fn, backend))))
     impls.append(Impl("eager torch formula", "naive", _ppo_prep(eager), is_baseline=True))
     if compile_peers:
         impls.append(Impl("torch.compile(eager formula)", "compile", _ppo_prep(torch.compile(eager))))

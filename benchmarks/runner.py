@@ -2,13 +2,15 @@
 
 A case module (logprobs.py, preference.py, rl.py, e2e.py) returns :class:`Case` objects; each holds its inputs
 factory, a truth function and a list of :class:`Impl`. An Impl that is unavailable carries ``missing`` (the import
-error or the absent op) and is reported with that reason. An Impl's ``prepare(inputs)`` returns a zero-argument
+error) and is reported with that reason; a fastalign backend that is unavailable here is reported missing with the
+reason its op gives when asked for it (:func:`backend_refused`). An Impl's ``prepare(inputs)`` returns a zero-argument
 ``step`` that does one full unit of work (e.g. forward + backward) and returns a dict of outputs for the check.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import signal
 import threading
 import time
@@ -103,6 +105,18 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
+# fastalign's dispatcher, asked for one backend explicitly: "<op>: backend='<name>' is not implemented for this
+# op ..." (ValueError), "... needs CUDA tensors ...", "... needs the compiled extension ...", "... requested but
+# triton is not importable ..." (RuntimeError)
+_REFUSAL = re.compile(r"\w+: backend='\w+' (is not implemented for this op|needs |requested but )")
+
+
+def backend_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is fastalign's dispatcher refusing a requested backend (not implemented for that op, or
+    unavailable here): the row is then missing, with the op's reason, rather than failed."""
+    return isinstance(exc, (ValueError, RuntimeError)) and _REFUSAL.match(str(exc)) is not None
+
+
 def run_case(case: Case, *, budget_s: float, impl_timeout_s: float | None, timer: str = "events",
              log=print) -> dict:
     """Run every implementation of ``case``; never raises for an implementation's failure.
@@ -185,8 +199,8 @@ def _run_impl(case, impl, inputs, truth, baseline_dev, budget_s, impl_timeout_s,
         row.status, row.detail = "timeout", f"{stage}: {exc}"
     except Exception as exc:  # noqa: BLE001 - one failing implementation must not stop the run
         row.status, row.detail = "error", f"{stage}: {error_text(exc)}"
-        if isinstance(exc, ValueError) and "is not implemented for this op" in str(exc):
-            row.status, row.detail = "missing", error_text(exc)  # fastalign's dispatcher: no such backend
+        if backend_refused(exc):
+            row.status, row.detail = "missing", error_text(exc)
     return row
 
 
