@@ -127,7 +127,7 @@ def _specs(args, preset: dict, dtype) -> dict:
 def _build_cases(names: list[str], specs: dict, device, compile_peers: bool, compile_logprobs: bool | None = None):
     """Cases in priority order, so that a run deadline cuts the least important ones: the first logprobs shape,
     GAE/PPO, the fused DPO/GRPO losses, the e2e steps, the other logprobs shapes, value/KL losses, the sweep."""
-    from . import e2e, logprobs, preference, rl
+    from . import e2e, linear_losses, logprobs, rl
 
     lp_compile = compile_peers if compile_logprobs is None else compile_logprobs
     lp = logprobs.cases(specs["logprobs"], device, compile_peers=lp_compile) if "linear_logprobs" in names else []
@@ -136,8 +136,8 @@ def _build_cases(names: list[str], specs: dict, device, compile_peers: bool, com
     cases = first_shape
     cases += rl.cases(specs["gae"] if "gae" in names else [], specs["ppo"] if "ppo" in names else [], device,
                       compile_peers=compile_peers)
-    cases += preference.cases(specs["dpo"] if "dpo" in names else [], specs["grpo"] if "grpo" in names else [],
-                              device)
+    cases += linear_losses.cases(specs["dpo"] if "dpo" in names else [], specs["grpo"] if "grpo" in names else [],
+                                 device)
     cases += e2e.cases(specs["e2e_dpo"] if "dpo_step" in names else [],
                        specs["e2e_grpo"] if "grpo_step" in names else [], device)
     cases += rest_shapes

@@ -36,10 +36,10 @@ except ImportError:  # merge: drop the fallback
     from fastalign.train.rollout import actor_loss
 
 from . import peers
-from .preference import DPO_BETA, EPS, GRPO_BETA, _dpo_formula, _grpo_formula
+from .logprobs import IGNORE
+from .preference import DPO_BETA, dpo_truth_loss, sigmoid_dpo_loss
+from .rl import CLIP, GRPO_BETA, grpo_bnpo_loss, grpo_truth_loss
 from .runner import Case, Impl, Prepared
-
-IGNORE = -100
 
 # Qwen2.5-0.5B's shape (config values, no download); random init
 QWEN05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -203,8 +203,8 @@ def dpo_case(spec: dict, device, dtype) -> Case:
 
     def truth(b):
         with torch.no_grad():
-            return {"loss": _dpo_formula(_truth_seq_logps(shared.model, b),
-                                         torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]))}
+            return {"loss": dpo_truth_loss(_truth_seq_logps(shared.model, b),
+                                           torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]))}
 
     def fastalign_step(fused_on: bool):
         def prepare(b):  # the trainer's own loss function, its `fused` switch on or off
@@ -223,7 +223,7 @@ def dpo_case(spec: dict, device, dtype) -> Case:
     def plain(b):
         model = shared.model
         ref = torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]])
-        return _params_prepared(model, lambda: _dpo_formula(_plain_seq_logps(model, b), ref))
+        return _params_prepared(model, lambda: sigmoid_dpo_loss(_plain_seq_logps(model, b), ref))
 
     trainers, why_trl = peers.load("trl.trainers")
 
@@ -291,16 +291,16 @@ def grpo_case(spec: dict, device, dtype) -> Case:
         x["ref_per_token_logps"] = (cur + 0.05 * torch.randn(cur.shape, generator=g).to(cur)) * m
         return x
 
-    def formula(logp, x):
-        return _grpo_formula(logp, x["old_per_token_logps"], x["ref_per_token_logps"], x["advantages"],
-                             x["completion_mask"].float())
+    def formula(loss_fn, logp, x):
+        return loss_fn(logp, x["old_per_token_logps"], x["ref_per_token_logps"], x["advantages"],
+                       x["completion_mask"].float())
 
     def truth(x):
         ids, mask = ids_mask(x)
         with torch.no_grad():
             logits = _fp32_head_logits(shared.model, ids, mask)[:, prompt - 1:-1]
             logp = logits.log_softmax(-1).gather(-1, x["completion_ids"][..., None])[..., 0]
-            return {"loss": formula(logp, x)}
+            return {"loss": formula(grpo_truth_loss, logp, x)}
 
     def ids_mask(x):
         return (torch.cat([x["prompt_ids"], x["completion_ids"]], 1),
@@ -321,7 +321,7 @@ def grpo_case(spec: dict, device, dtype) -> Case:
             model = shared.model
             mb = trainer_batch(x)
             prepared = _params_prepared(model, lambda: actor_loss(
-                model, mb, fused=fused_on, clip_low=EPS, clip_high=EPS, agg="token-mean", kl_coef=GRPO_BETA,
+                model, mb, fused=fused_on, clip_low=CLIP, clip_high=CLIP, agg="token-mean", kl_coef=GRPO_BETA,
                 kl_kind="k3")[0])
             prepared.extra["path"] = _path(actor_loss)
             return prepared
@@ -332,7 +332,7 @@ def grpo_case(spec: dict, device, dtype) -> Case:
 
     def plain(x):
         model = shared.model
-        return _params_prepared(model, lambda: formula(plain_logp(model, x), x))
+        return _params_prepared(model, lambda: formula(grpo_bnpo_loss, plain_logp(model, x), x))
 
     trainers, why_trl = peers.load("trl.trainers")
 
@@ -342,7 +342,7 @@ def grpo_case(spec: dict, device, dtype) -> Case:
         _, _, GRPOConfig, GRPOTrainer = trainers
         with _quiet():
             args = GRPOConfig(output_dir=os.path.join(shared.saved_dir(), "trl-grpo"), beta=GRPO_BETA,
-                              loss_type="bnpo", epsilon=EPS, per_device_train_batch_size=b_size,
+                              loss_type="bnpo", epsilon=CLIP, per_device_train_batch_size=b_size,
                               num_generations=min(8, b_size), max_completion_length=t, **shared.trl_kwargs())
             trainer = GRPOTrainer(model=shared.saved_dir(), reward_funcs=lambda completions, **kw: [0.0] * len(
                 completions), args=args, train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * b_size}),

@@ -22,6 +22,7 @@ from .runner import Case, Impl, Prepared
 from .timing import measure_time
 
 LOGIT_STD = 3.0
+IGNORE = -100  # the labels' ignore_index: positions that are not scored (prompt tokens, padding)
 
 
 def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:

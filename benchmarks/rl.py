@@ -17,12 +17,14 @@ from __future__ import annotations
 import torch
 
 import fastalign as fa
+from fastalign.reference import rl as reference
 
 from . import peers
 from .runner import Case, Impl, Prepared
 from .timing import measure_time
 
 GAMMA, LAM, CLIP = 1.0, 0.95, 0.2
+GRPO_BETA = 0.04  # the k3 KL coefficient of the GRPO losses (linear_losses.py, e2e.py)
 
 
 def rl_inputs(b: int, t: int, device, seed: int = 2) -> dict:
@@ -130,6 +132,37 @@ def ppo_impls(device, *, compile_peers: bool) -> list[Impl]:
     else:
         impls.append(Impl("torch.compile(eager formula)", "compile", missing="not in this preset (compile time)"))
     return impls
+
+
+def grpo_bnpo_loss(logp, old, ref, adv, mask, beta: float = GRPO_BETA, clip: float = CLIP):
+    """TRL GRPOTrainer's loss, loss_type="bnpo", token-level ratio, k3 KL (trl/trainer/grpo_trainer.py
+    `_compute_loss`): the loss the non-fastalign rows (plain PyTorch, TRL) end with.
+
+    Equal to :func:`grpo_truth_loss` (fastalign's reference) up to rounding, without the reference's
+    sanitising and stats, which cost two to three times this formula on CPU in every peer's timed step.
+
+    Args:
+        logp, old, ref: (B, T) float per-token log-probs (policy, old policy, reference); adv: (B,) or (B, T);
+        mask: (B, T) 0/1 float.
+    Returns:
+        () loss: the token-mean over the masked-in tokens.
+    """
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - clip, 1 + clip)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    per_token = per_token + beta * kl
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def grpo_truth_loss(logp, old, ref, adv, mask, beta: float = GRPO_BETA, clip: float = CLIP):
+    """The truth's GRPO loss from fastalign's reference: ``ppo_policy_loss`` (symmetric clip, token-mean) plus
+    ``beta`` times the token-mean of the k3 ``kl_penalty``; same arguments as :func:`grpo_bnpo_loss`."""
+    valid = mask != 0
+    pg = reference.ppo_policy_loss(logp, old, adv, mask, clip_low=clip, clip_high=clip, agg="token-mean")[0]
+    kl = reference.aggregate(reference.kl_penalty(logp, ref, kind="k3"), valid, "token-mean")
+    return pg + beta * kl
 
 
 def value_formula(values, old, returns, mask, clip: float = CLIP):

@@ -1,6 +1,6 @@
 """Run cases: build inputs once, check every implementation against the truth, then time and measure it.
 
-A case module (logprobs.py, preference.py, rl.py, e2e.py) returns :class:`Case` objects; each holds its inputs
+A case module (logprobs.py, rl.py, linear_losses.py, e2e.py) returns :class:`Case` objects; each holds its inputs
 factory, a truth function and a list of :class:`Impl`. An Impl that is unavailable carries ``missing`` (the import
 error) and is reported with that reason; a fastalign backend that is unavailable here is reported missing with the
 reason its op gives when asked for it (:func:`backend_refused`). An Impl's ``prepare(inputs)`` returns a zero-argument

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from . import logprobs, preference, rl
+from . import linear_losses, logprobs, rl
 from .agreement import agreement
 from .runner import Case, backend_refused
 
@@ -25,8 +25,8 @@ def _params(cases: list[Case]):
 
 CASES = (
     logprobs.cases([dict(n=256, d=128, v=8000, dtype=torch.float32)], CPU, compile_peers=False)
-    + preference.cases([dict(pairs=2, t=64, d=128, v=8000, dtype=torch.float32)],
-                       [dict(b=4, t=64, d=128, v=8000, dtype=torch.float32)], CPU)
+    + linear_losses.cases([dict(pairs=2, t=64, d=128, v=8000, dtype=torch.float32)],
+                          [dict(b=4, t=64, d=128, v=8000, dtype=torch.float32)], CPU)
     + rl.cases([dict(b=64, t=512)], [dict(b=64, t=512)], CPU, compile_peers=False,
                value_specs=[dict(b=64, t=512)], kl_specs=[dict(b=64, t=512)])
 )
