@@ -2,12 +2,14 @@
 penalty (the last three forward + backward).
 
 GAE inputs: rewards ~ N(0, 1), values ~ N(0, 1), a response mask whose last positions (random length per row)
-are 0; gamma 1.0, lam 0.95 (DESIGN.md defaults). Baseline: the Python loop over T that TRL/verl-style trainers
-run, with verl's masking (masked positions carry the running advantage and the next value). Only masked-in
-positions are compared. torch.compile is not applied to GAE: a compiled T-step loop unrolls T (2048-4096).
+are 0; gamma 1.0, lam 0.95 (the defaults in docs/architecture.md, *The math*). Baseline: the Python loop over T
+that TRL/verl-style trainers run, with verl's masking (masked positions carry the running advantage and the next
+value). Only masked-in positions are compared. torch.compile is not applied to GAE: a compiled T-step loop
+unrolls T (2048-4096).
 
 PPO inputs: logp = old + N(0, 0.1) so ratios sit near 1 and a share are clipped, per-token advantages, the same
-mask; clip 0.2, token-mean. Baselines: the eager PyTorch formula and its ``torch.compile`` (as in DESIGN.md).
+mask; clip 0.2, token-mean. Baselines: the eager PyTorch formula and its ``torch.compile`` (the PPO target in
+docs/architecture.md, *Targets*, is against it).
 
 Floor: bytes moved / copy bandwidth measured in the same run (fp32 everywhere; GAE reads rewards, values, mask
 and writes advantages and returns; PPO fwd+bwd reads logp, old, advantages, mask and writes the logp gradient).

@@ -186,12 +186,13 @@ def test_readme_update_touches_only_the_benchmark_section(ci_run, tmp_path):
     text = readme.read_text()
     assert text.startswith(before + report.README_BEGIN) and text.endswith(report.README_END + after)
     assert "old table" not in text and "| case | shape |" in text and "not the GPU targets" in text
-    assert "every GPU target in DESIGN.md is open" in text
+    assert "every GPU target in docs/architecture.md (*Targets*) is open" in text
 
 
 def test_gpu_preset_builds_design_shapes_without_a_gpu():
     """The GPU preset's cases are only described until run (inputs are built lazily): check they are the
-    DESIGN.md shapes, with every peer listed, without touching a device."""
+    shapes of the GPU targets in docs/architecture.md (*Targets*), with every peer listed, without touching a
+    device."""
     from fastalign.benchmarks import __main__ as cli
     from fastalign.benchmarks.presets import PRESETS
 
