@@ -135,11 +135,6 @@ class Shared:
                     model_init_kwargs={"dtype": self.dtype})
 
 
-def _path(fn) -> str:
-    """Where a trainer function lives, for the row's ``path``."""
-    return f"{fn.__module__}.{fn.__qualname__}"
-
-
 def _params_prepared(model, step_fn) -> Prepared:
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -149,6 +144,22 @@ def _params_prepared(model, step_fn) -> Prepared:
         return {"loss": loss.detach().float().reshape(())}
 
     return Prepared(step, grad_to_none=params)
+
+
+def _trainer_impls(shared: Shared, loss_fn, bind, fused_ops: str, unfused_ops: str) -> list[Impl]:
+    """The two fastalign rows of an e2e case: the trainer's own loss function ``loss_fn`` with its ``fused`` switch
+    on and off. ``bind(inputs, fused)`` lays the batch out as the trainer wants it (outside the timed step) and
+    returns the zero-argument call that computes the loss."""
+    def prepare(fused_on: bool):
+        def prep(inputs):
+            prepared = _params_prepared(shared.model, bind(inputs, fused_on))
+            prepared.extra["path"] = f"{loss_fn.__module__}.{loss_fn.__qualname__}"
+            return prepared
+
+        return prep
+
+    return [Impl(f"fastalign trainer loss, fused ops on ({fused_ops})", "fastalign", prepare(True)),
+            Impl(f"fastalign trainer loss, fused ops off ({unfused_ops})", "fastalign", prepare(False))]
 
 
 # -------------------------------------------------------------------------------------------------------- DPO
@@ -206,19 +217,11 @@ def dpo_case(spec: dict, device, dtype) -> Case:
             return {"loss": dpo_truth_loss(_truth_seq_logps(shared.model, b),
                                            torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]))}
 
-    def fastalign_step(fused_on: bool):
-        def prepare(b):  # the trainer's own loss function, its `fused` switch on or off
-            model = shared.model
-            cfg = FaDPOConfig(beta=DPO_BETA, loss_type="sigmoid", fused=fused_on)
-            batch = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
-                     "ref_chosen": b["ref_chosen_logps"], "ref_rejected": b["ref_rejected_logps"]}
-            prepared = _params_prepared(model, lambda: trainer_dpo_loss(model, batch, cfg)[0])
-            prepared.extra["path"] = _path(trainer_dpo_loss)
-            return prepared
-
-        return prepare
-
-    fused, unfused = fastalign_step(True), fastalign_step(False)
+    def bind(b, fused_on: bool):
+        cfg = FaDPOConfig(beta=DPO_BETA, loss_type="sigmoid", fused=fused_on)
+        batch = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
+                 "ref_chosen": b["ref_chosen_logps"], "ref_rejected": b["ref_rejected_logps"]}
+        return lambda: trainer_dpo_loss(shared.model, batch, cfg)[0]
 
     def plain(b):
         model = shared.model
@@ -248,8 +251,7 @@ def dpo_case(spec: dict, device, dtype) -> Case:
         return prepared
 
     impls = [
-        Impl("fastalign trainer loss, fused ops on (linear_dpo_loss)", "fastalign", fused),
-        Impl("fastalign trainer loss, fused ops off (logits + dpo_loss)", "fastalign", unfused),
+        *_trainer_impls(shared, trainer_dpo_loss, bind, "linear_dpo_loss", "logits + dpo_loss"),
         Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
         Impl("TRL DPOTrainer.compute_loss", "trl", trl if trainers else None, missing=why_trl),
     ]
@@ -266,9 +268,12 @@ def grpo_case(spec: dict, device, dtype) -> Case:
     shared = Shared(spec, device, dtype)
     b_size, t, prompt = spec["b"], spec["t"], spec.get("prompt", max(1, spec["t"] // 8))
 
+    def ids_mask(x):
+        return (torch.cat([x["prompt_ids"], x["completion_ids"]], 1),
+                torch.cat([x["prompt_mask"], x["completion_mask"]], 1))
+
     def plain_logp(model, x):
-        ids = torch.cat([x["prompt_ids"], x["completion_ids"]], 1)
-        mask = torch.cat([x["prompt_mask"], x["completion_mask"]], 1)
+        ids, mask = ids_mask(x)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, prompt - 1:-1]
         return logits.float().log_softmax(-1).gather(-1, x["completion_ids"][..., None])[..., 0]
 
@@ -302,10 +307,6 @@ def grpo_case(spec: dict, device, dtype) -> Case:
             logp = logits.log_softmax(-1).gather(-1, x["completion_ids"][..., None])[..., 0]
             return {"loss": formula(grpo_truth_loss, logp, x)}
 
-    def ids_mask(x):
-        return (torch.cat([x["prompt_ids"], x["completion_ids"]], 1),
-                torch.cat([x["prompt_mask"], x["completion_mask"]], 1))
-
     def trainer_batch(x):
         """The trainer's micro-batch layout: token columns aligned with input_ids (column t scores token t)."""
         ids, mask = ids_mask(x)
@@ -316,19 +317,10 @@ def grpo_case(spec: dict, device, dtype) -> Case:
                 "old_logprobs": torch.cat([pad, x["old_per_token_logps"]], 1),
                 "ref_logprobs": torch.cat([pad, x["ref_per_token_logps"]], 1), "advantages": x["advantages"]}
 
-    def fastalign_step(fused_on: bool):
-        def prepare(x):  # the trainer's own GRPO/PPO actor loss, its `fused` switch on or off
-            model = shared.model
-            mb = trainer_batch(x)
-            prepared = _params_prepared(model, lambda: actor_loss(
-                model, mb, fused=fused_on, clip_low=CLIP, clip_high=CLIP, agg="token-mean", kl_coef=GRPO_BETA,
-                kl_kind="k3")[0])
-            prepared.extra["path"] = _path(actor_loss)
-            return prepared
-
-        return prepare
-
-    fused, unfused = fastalign_step(True), fastalign_step(False)
+    def bind(x, fused_on: bool):  # the trainer's GRPO/PPO actor loss
+        mb = trainer_batch(x)
+        return lambda: actor_loss(shared.model, mb, fused=fused_on, clip_low=CLIP, clip_high=CLIP, agg="token-mean",
+                                  kl_coef=GRPO_BETA, kl_kind="k3")[0]
 
     def plain(x):
         model = shared.model
@@ -354,8 +346,7 @@ def grpo_case(spec: dict, device, dtype) -> Case:
         return _params_prepared(model, lambda: trainer.compute_loss(model, x))
 
     impls = [
-        Impl("fastalign trainer loss, fused ops on (linear_policy_loss)", "fastalign", fused),
-        Impl("fastalign trainer loss, fused ops off (logits + ppo_policy_loss)", "fastalign", unfused),
+        *_trainer_impls(shared, actor_loss, bind, "linear_policy_loss", "logits + ppo_policy_loss"),
         Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
         Impl("TRL GRPOTrainer.compute_loss", "trl", trl if trainers else None, missing=why_trl),
     ]

@@ -66,32 +66,34 @@ def gae_truth(x: dict) -> dict:
     return {"advantages": a * m, "returns": r * m}
 
 
-def gae_impls(device) -> list[Impl]:
-    impls = []
-    for backend in peers.fastalign_backends(device.type, op_family="rl"):
-        def prep(x, b=backend):
-            m = x["mask"]
-
-            def step():
-                adv, ret = fa.gae(x["rewards"], x["values"], m, gamma=GAMMA, lam=LAM, backend=b)
-                return {"advantages": adv * m, "returns": ret * m}
-
-            return Prepared(step)
-
-        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", prep))
-
-    def loop(x):
+def _gae_prep(gae_fn):
+    """Impl.prepare for ``gae_fn(rewards, values, mask) -> (advantages, returns)``; compared where masked in."""
+    def prep(x):
         m = x["mask"]
 
         def step():
-            a, r = gae_python_loop(x["rewards"], x["values"], m)
-            return {"advantages": a * m, "returns": r * m}
+            adv, ret = gae_fn(x["rewards"], x["values"], m)
+            return {"advantages": adv * m, "returns": ret * m}
 
         return Prepared(step)
 
-    impls.append(Impl("Python loop over T (eager torch)", "python-loop", loop, is_baseline=True))
+    return prep
+
+
+def gae_impls(device) -> list[Impl]:
+    impls = []
+    for backend in peers.fastalign_backends(device.type, op_family="rl"):
+        fn = (lambda b: (lambda r, v, m: fa.gae(r, v, m, gamma=GAMMA, lam=LAM, backend=b)))(backend)
+        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", _gae_prep(fn)))
+    impls.append(Impl("Python loop over T (eager torch)", "python-loop", _gae_prep(gae_python_loop),
+                      is_baseline=True))
     return impls
 
+
+# ------------------------------------------------------------------------------- per-token losses, fwd + bwd
+# Every loss below is f(a, b, c, mask) -> scalar on the PPO input layout, differentiated w.r.t. a = logprobs:
+# PPO reads (logprobs, old_logprobs, advantages), the value loss reads them as (values, old values, returns),
+# the KL penalty as (logprobs, ref_logprobs) and ignores the third.
 
 def ppo_formula(logp, old, adv, mask, clip: float = CLIP):
     ratio = torch.exp(logp - old)
@@ -99,15 +101,48 @@ def ppo_formula(logp, old, adv, mask, clip: float = CLIP):
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def ppo_truth(x: dict) -> dict:
-    hp = torch.float64
-    logp = x["logprobs"].to(hp).requires_grad_()
-    loss = ppo_formula(logp, x["old_logprobs"].to(hp), x["advantages"].to(hp), x["mask"].to(hp))
-    (g,) = torch.autograd.grad(loss, logp)
-    return {"loss": loss.detach(), "grad_logprobs": g}
+def value_formula(values, old, returns, mask, clip: float = CLIP):
+    """Clipped value loss (verl compute_value_loss / TRL PPO vf_loss), token-mean."""
+    v_clipped = old + torch.clamp(values - old, -clip, clip)
+    per_token = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _ppo_prep(loss_fn):
+def kl_formula(logp, ref, mask):
+    """k3 = exp(ref - logp) - (ref - logp) - 1 (TRL GRPO's per_token_kl), token-mean."""
+    d = ref - logp
+    return ((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _kl_loss(logp, ref, _unused, mask):
+    return kl_formula(logp, ref, mask)
+
+
+def _fastalign_loss(op: str, backend: str):
+    """fastalign's public op ``op`` as f(a, b, c, mask) on the PPO layout, on one backend."""
+    if op == "ppo_policy_loss":
+        return lambda lp, old, adv, m: fa.ppo_policy_loss(lp, old, adv, m, clip_low=CLIP, agg="token-mean",
+                                                          backend=backend)[0]
+    if op == "value_loss":
+        return lambda v, old, ret, m: fa.value_loss(v, old, ret, m, clip=CLIP, agg="token-mean", backend=backend)[0]
+    # the masked token-mean is eager torch in every row: the op is per-token
+    return lambda lp, ref, _unused, m: ((fa.kl_penalty(lp, ref, kind="k3", backend=backend) * m).sum()
+                                        / m.sum().clamp(min=1.0))
+
+
+def _scalar_truth(formula):
+    """fp64 loss and its gradient w.r.t. ``a`` (the ``logprobs`` input)."""
+    def truth(x: dict) -> dict:
+        hp = torch.float64
+        a = x["logprobs"].to(hp).requires_grad_()
+        loss = formula(a, x["old_logprobs"].to(hp), x["advantages"].to(hp), x["mask"].to(hp))
+        (g,) = torch.autograd.grad(loss, a)
+        return {"loss": loss.detach(), "grad_logprobs": g}
+
+    return truth
+
+
+def _loss_prep(loss_fn):
     def prep(x):
         logp = x["logprobs"].detach().clone().requires_grad_()
 
@@ -121,20 +156,22 @@ def _ppo_prep(loss_fn):
     return prep
 
 
-def ppo_impls(device, *, compile_peers: bool) -> list[Impl]:
+def loss_impls(device, op: str, eager, *, compile_peers: bool) -> list[Impl]:
+    """Implementations of the per-token loss ``op``: fastalign on each backend, the eager formula ``eager`` (the
+    same-dtype baseline) and its torch.compile."""
     impls = []
     for backend in peers.fastalign_backends(device.type, op_family="rl"):
-        fn = (lambda b: (lambda lp, old, a, m: fa.ppo_policy_loss(lp, old, a, m, clip_low=CLIP, agg="token-mean",
-                                                                backend=b)[0]))(backend)
-        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", _ppo_prep(fn)))
-    impls.append(Impl("eager torch formula", "naive", _ppo_prep(ppo_formula), is_baseline=True))
+        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign",
+                          _loss_prep(_fastalign_loss(op, backend))))
+    impls.append(Impl("eager torch formula", "naive", _loss_prep(eager), is_baseline=True))
     if compile_peers:
-        compiled = torch.compile(ppo_formula)
-        impls.append(Impl("torch.compile(eager formula)", "compile", _ppo_prep(compiled)))
+        impls.append(Impl("torch.compile(eager formula)", "compile", _loss_prep(torch.compile(eager))))
     else:
         impls.append(Impl("torch.compile(eager formula)", "compile", missing="not in this preset (compile time)"))
     return impls
 
+
+# --------------------------------------------------------------------------------------------- GRPO (shared)
 
 def grpo_bnpo_loss(logp, old, ref, adv, mask, beta: float = GRPO_BETA, clip: float = CLIP):
     """TRL GRPOTrainer's loss, loss_type="bnpo", token-level ratio, k3 KL (trl/trainer/grpo_trainer.py
@@ -167,53 +204,7 @@ def grpo_truth_loss(logp, old, ref, adv, mask, beta: float = GRPO_BETA, clip: fl
     return pg + beta * kl
 
 
-def value_formula(values, old, returns, mask, clip: float = CLIP):
-    """Clipped value loss (verl compute_value_loss / TRL PPO vf_loss), token-mean."""
-    v_clipped = old + torch.clamp(values - old, -clip, clip)
-    per_token = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def kl_formula(logp, ref, mask):
-    """k3 = exp(ref - logp) - (ref - logp) - 1 (TRL GRPO's per_token_kl), token-mean."""
-    d = ref - logp
-    return ((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def _scalar_truth(formula):
-    def truth(x: dict) -> dict:
-        hp = torch.float64
-        a = x["logprobs"].to(hp).requires_grad_()
-        loss = formula(a, x["old_logprobs"].to(hp), x["advantages"].to(hp), x["mask"].to(hp))
-        (g,) = torch.autograd.grad(loss, a)
-        return {"loss": loss.detach(), "grad_logprobs": g}
-
-    return truth
-
-
-def _value_via_ops(vl, backend):
-    # inputs reuse the PPO layout: logprobs -> values, old_logprobs -> old values, advantages -> returns
-    return lambda v, old, ret, m: vl(v, old, ret, m, clip=CLIP, agg="token-mean", backend=backend)[0]
-
-
-def _kl_via_ops(klp, backend):
-    return lambda lp, ref, _unused, m: (klp(lp, ref, kind="k3", backend=backend) * m).sum() / m.sum().clamp(min=1.0)
-
-
-def loss_impls(device, op: str, eager, *, compile_peers: bool) -> list[Impl]:
-    """Implementations of a per-token loss ``f(a, b, c, mask) -> scalar`` differentiated w.r.t. ``a``."""
-    impls = []
-    fn = getattr(fa, op)
-    wrap = _value_via_ops if op == "value_loss" else _kl_via_ops
-    for backend in peers.fastalign_backends(device.type, op_family="rl"):
-        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", _ppo_prep(wrap(fn, backend))))
-    impls.append(Impl("eager torch formula", "naive", _ppo_prep(eager), is_baseline=True))
-    if compile_peers:
-        impls.append(Impl("torch.compile(eager formula)", "compile", _ppo_prep(torch.compile(eager))))
-    else:
-        impls.append(Impl("torch.compile(eager formula)", "compile", missing="not in this preset (compile time)"))
-    return impls
-
+# ----------------------------------------------------------------------------------------------------- cases
 
 def copy_bandwidth(device: torch.device, nbytes: int, timer: str) -> float:
     """Measured device copy bandwidth in bytes/s, counting bytes read + written."""
@@ -235,39 +226,26 @@ def _bytes_floor(nbytes: int, device, bw_cache: dict, timer: str) -> dict:
 
 def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers: bool,
           value_specs: list[dict] | None = None, kl_specs: list[dict] | None = None) -> list[Case]:
-    out, bw_cache = [], {}
-    for s in gae_specs:
-        b, t = s["b"], s["t"]
-        out.append(Case(
-            suite="ops", name="gae", params={"B": b, "T": t, "dtype": "float32"}, device=device,
-            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
-            truth=gae_truth, impls=gae_impls(device),
-            floor=lambda x, timer, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache, timer),
-            notes=["torch.compile not applied: a compiled T-step loop unrolls T"]))
-    for s in ppo_specs:
-        b, t = s["b"], s["t"]
-        out.append(Case(
-            suite="ops", name="ppo_policy_loss.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
-            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
-            truth=ppo_truth, impls=ppo_impls(device, compile_peers=compile_peers),
-            floor=lambda x, timer, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache, timer)))
-    for s in value_specs or ():
-        b, t = s["b"], s["t"]
-        out.append(Case(
-            suite="ops", name="value_loss.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
-            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
-            truth=_scalar_truth(value_formula),
-            impls=loss_impls(device, "value_loss", value_formula, compile_peers=compile_peers),
-            floor=lambda x, timer, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache, timer),
-            notes=["clip 0.2, token-mean; reads values, old values, returns, mask, writes the values' gradient"]))
-    for s in kl_specs or ():
-        b, t = s["b"], s["t"]
-        out.append(Case(
-            suite="ops", name="kl_penalty.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
-            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
-            truth=_scalar_truth(lambda lp, ref, _unused, m: kl_formula(lp, ref, m)),
-            impls=loss_impls(device, "kl_penalty", lambda lp, ref, _unused, m: kl_formula(lp, ref, m),
-                             compile_peers=compile_peers),
-            floor=lambda x, timer, b=b, t=t: _bytes_floor(b * t * 4 * 4, device, bw_cache, timer),
-            notes=["k3 estimator, masked token-mean (the mean is eager torch in every row)"]))
+    bw_cache: dict = {}
+
+    def case(name: str, spec: dict, truth, impls: list[Impl], arrays: int, notes: tuple[str, ...] = ()) -> Case:
+        """``arrays``: the fp32 [B, T] arrays read or written, for the bytes floor."""
+        b, t = spec["b"], spec["t"]
+        return Case(suite="ops", name=name, params={"B": b, "T": t, "dtype": "float32"}, device=device,
+                    dtype=torch.float32, tokens=b * t, make_inputs=lambda: rl_inputs(b, t, device), truth=truth,
+                    impls=impls, floor=lambda x, timer: _bytes_floor(b * t * 4 * arrays, device, bw_cache, timer),
+                    notes=list(notes))
+
+    def losses(op: str, eager) -> tuple:
+        return _scalar_truth(eager), loss_impls(device, op, eager, compile_peers=compile_peers)
+
+    out = [case("gae", s, gae_truth, gae_impls(device), 5,
+                ("torch.compile not applied: a compiled T-step loop unrolls T",)) for s in gae_specs]
+    out += [case("ppo_policy_loss.fwd_bwd", s, *losses("ppo_policy_loss", ppo_formula), 5) for s in ppo_specs]
+    out += [case("value_loss.fwd_bwd", s, *losses("value_loss", value_formula), 5,
+                 ("clip 0.2, token-mean; reads values, old values, returns, mask, writes the values' gradient",))
+            for s in value_specs or ()]
+    out += [case("kl_penalty.fwd_bwd", s, *losses("kl_penalty", _kl_loss), 4,
+                 ("k3 estimator, masked token-mean (the mean is eager torch in every row)",))
+            for s in kl_specs or ()]
     return out
