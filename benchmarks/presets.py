@@ -2,9 +2,10 @@
 
 - ``ci``: tiny shapes, every case and every available implementation, agreement checked; seconds.
 - ``cpu``: small shapes that finish in a couple of minutes on 2 cores, plus a small N/V sweep for the plots.
-- ``gpu``: the shapes of the GPU targets in docs/architecture.md (*Targets*) — linear_logprobs at (32768, 3584, 151936) and (8192, 4096, 128256) in bf16,
-  DPO 8 pairs x 2048 tokens and GRPO 16 x 2048 on a Qwen2.5-7B head, GAE/PPO/value/KL at 512x2048 and 1024x4096, the e2e
-  DPO/GRPO step on a Qwen2.5-0.5B-shaped model at 8 x 1024 tokens — plus an N and a V sweep.
+- ``gpu``: the shapes of the GPU targets in docs/architecture.md (*Targets*) — linear_logprobs at
+  (32768, 3584, 151936) and (8192, 4096, 128256) in bf16, DPO 8 pairs x 2048 tokens and GRPO 16 x 2048 on a
+  Qwen2.5-7B head, GAE/PPO/value/KL at 512x2048 and 1024x4096, the e2e DPO/GRPO step on a Qwen2.5-0.5B-shaped
+  model at 8 x 1024 tokens — plus an N and a V sweep.
 """
 from __future__ import annotations
 
