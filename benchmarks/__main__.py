@@ -127,7 +127,7 @@ def _specs(args, preset: dict, dtype) -> dict:
 def _build_cases(names: list[str], specs: dict, device, compile_peers: bool, compile_logprobs: bool | None = None):
     """Cases in priority order, so that a run deadline cuts the least important ones: the first logprobs shape,
     GAE/PPO, the fused DPO/GRPO losses, the e2e steps, the other logprobs shapes, value/KL losses, the sweep."""
-    from . import e2e, logprobs, preference, rl
+    from . import e2e, linear_losses, logprobs, rl
 
     lp_compile = compile_peers if compile_logprobs is None else compile_logprobs
     lp = logprobs.cases(specs["logprobs"], device, compile_peers=lp_compile) if "linear_logprobs" in names else []
@@ -136,8 +136,8 @@ def _build_cases(names: list[str], specs: dict, device, compile_peers: bool, com
     cases = first_shape
     cases += rl.cases(specs["gae"] if "gae" in names else [], specs["ppo"] if "ppo" in names else [], device,
                       compile_peers=compile_peers)
-    cases += preference.cases(specs["dpo"] if "dpo" in names else [], specs["grpo"] if "grpo" in names else [],
-                              device)
+    cases += linear_losses.cases(specs["dpo"] if "dpo" in names else [], specs["grpo"] if "grpo" in names else [],
+                                 device)
     cases += e2e.cases(specs["e2e_dpo"] if "dpo_step" in names else [],
                        specs["e2e_grpo"] if "grpo_step" in names else [], device)
     cases += rest_shapes
@@ -155,8 +155,9 @@ def _run(args, argv: list[str]) -> int:
     t_start = time.perf_counter()
     import torch
 
-    from . import harness, peers, report
-    from .presets import PRESETS
+    from . import environment, peers, report
+    from .presets import DTYPES, PRESETS
+    from .runner import run_case
 
     preset_name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[preset_name]
@@ -165,8 +166,7 @@ def _run(args, argv: list[str]) -> int:
         print(f"preset {preset_name!r} needs CUDA, and no CUDA device is available here; use --preset cpu",
               file=sys.stderr)
         return 2
-    dtype = harness.DTYPES[args.dtype] if args.dtype else None
-    harness.GPU_TIMER = args.timer
+    dtype = DTYPES[args.dtype] if args.dtype else None
     names = _select(args)
     specs = _specs(args, preset, dtype)
     budget = args.budget if args.budget is not None else preset["budget_s"]
@@ -181,9 +181,9 @@ def _run(args, argv: list[str]) -> int:
     meta = {
         "schema": 1,
         "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv),
-        "preset": preset_name, "date": harness.now_utc(), "commit": harness.git_commit(),
-        "machine": harness.machine(),
-        "versions": harness.versions(), "extension": ext_status, "device": str(device),
+        "preset": preset_name, "date": environment.now_utc(), "commit": environment.git_commit(),
+        "machine": environment.machine(),
+        "versions": environment.versions(), "extension": ext_status, "device": str(device),
         "timing_method": ("cpu-wall-clock" if device.type != "cuda" else
                           "triton.testing.do_bench (return_mode='all')" if args.timer == "do_bench" else
                           "CUDA events per call, L2 flushed before each (as triton.testing.do_bench)"),
@@ -207,7 +207,7 @@ def _run(args, argv: list[str]) -> int:
             log(f"  {case.name} {case.params}: skipped (deadline {args.deadline:.0f} s reached)")
             continue
         log(f"- {case.suite}/{case.name} {case.params}")
-        results.append(runner_run(case, budget, impl_timeout, log))
+        results.append(run_case(case, budget_s=budget, impl_timeout_s=impl_timeout, timer=args.timer, log=log))
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
     meta["skipped_for_deadline"] = skipped
     data = {**meta, "cases": results}
@@ -228,12 +228,6 @@ def _run(args, argv: list[str]) -> int:
     if bad:
         log("WARNING: fastalign disagrees with the truth in: " + "; ".join(bad))
     return 0
-
-
-def runner_run(case, budget, impl_timeout, log):
-    from .runner import run_case
-
-    return run_case(case, budget_s=budget, impl_timeout_s=impl_timeout, log=log)
 
 
 # ---------------------------------------------------------------------------------------------------- report

@@ -4,11 +4,10 @@ The same model weights (random init from a config: a tiny Llama on CPU, a Qwen2.
 vocab 151936), the same batch and the same hyperparameters for every row:
 
 - ``fastalign, fused ops on``: the trainer's own loss function (``fastalign.train.dpo.dpo_loss``,
-  ``fastalign.train.rollout.actor_loss``) with ``fused=True``: backbone hidden states, then ``fa.linear_dpo_loss``
-  / ``fa.linear_policy_loss`` on the LM-head weight; no [tokens, V] logits.
+  ``fastalign.train.actor.actor_loss``) with ``fused=True``: backbone hidden states, then ``fa.linear_dpo_loss``
+  / ``fa.linear_policy_loss`` on the LM-head weight; no [tokens, V] logits (the row's ``path`` names the function).
 - ``fastalign, fused ops off``: the same functions with ``fused=False`` (full logits + log_softmax, then
-  ``fa.dpo_loss`` / ``fa.ppo_policy_loss`` + ``fa.kl_penalty``). Where the trainer is absent, the same
-  computation composed from ``fastalign.train.models`` and the ops (the row's ``path`` says which).
+  ``fa.dpo_loss`` / ``fa.ppo_policy_loss`` + ``fa.kl_penalty``).
 - ``plain PyTorch``: ``model(...).logits`` -> log_softmax -> the loss formula (what a hand-written loop does).
 - ``TRL DPOTrainer.compute_loss`` / ``TRL GRPOTrainer.compute_loss``: TRL's own trainer on the same saved model,
   called on the same batch (its default path: its chunked fused LM head).
@@ -28,11 +27,19 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from . import peers
-from .preference import DPO_BETA, EPS, GRPO_BETA, _dpo_formula, _grpo_formula
-from .runner import Case, Impl, Prepared
+from fastalign.train.config import DPOConfig as FaDPOConfig
+from fastalign.train.dpo import dpo_loss as trainer_dpo_loss
 
-IGNORE = -100
+try:
+    from fastalign.train.actor import actor_loss
+except ImportError:  # merge: drop the fallback
+    from fastalign.train.rollout import actor_loss
+
+from . import peers
+from .logprobs import IGNORE
+from .preference import DPO_BETA, dpo_truth_loss, sigmoid_dpo_loss
+from .rl import CLIP, GRPO_BETA, grpo_bnpo_loss, grpo_truth_loss
+from .runner import Case, Impl, Prepared
 
 # Qwen2.5-0.5B's shape (config values, no download); random init
 QWEN05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -128,16 +135,6 @@ class Shared:
                     model_init_kwargs={"dtype": self.dtype})
 
 
-def _trainer_fn(module: str, name: str):
-    """A function of fastalign's trainer, or (None, why) when this checkout does not have it yet."""
-    try:
-        import importlib
-
-        return getattr(importlib.import_module(module), name), ""
-    except Exception as exc:  # noqa: BLE001
-        return None, f"{module}.{name} unavailable: {type(exc).__name__}: {exc}"
-
-
 def _params_prepared(model, step_fn) -> Prepared:
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -147,6 +144,22 @@ def _params_prepared(model, step_fn) -> Prepared:
         return {"loss": loss.detach().float().reshape(())}
 
     return Prepared(step, grad_to_none=params)
+
+
+def _trainer_impls(shared: Shared, loss_fn, bind, fused_ops: str, unfused_ops: str) -> list[Impl]:
+    """The two fastalign rows of an e2e case: the trainer's own loss function ``loss_fn`` with its ``fused`` switch
+    on and off. ``bind(inputs, fused)`` lays the batch out as the trainer wants it (outside the timed step) and
+    returns the zero-argument call that computes the loss."""
+    def prepare(fused_on: bool):
+        def prep(inputs):
+            prepared = _params_prepared(shared.model, bind(inputs, fused_on))
+            prepared.extra["path"] = f"{loss_fn.__module__}.{loss_fn.__qualname__}"
+            return prepared
+
+        return prep
+
+    return [Impl(f"fastalign trainer loss, fused ops on ({fused_ops})", "fastalign", prepare(True)),
+            Impl(f"fastalign trainer loss, fused ops off ({unfused_ops})", "fastalign", prepare(False))]
 
 
 # -------------------------------------------------------------------------------------------------------- DPO
@@ -189,12 +202,6 @@ def _truth_seq_logps(model, batch):
 
 def dpo_case(spec: dict, device, dtype) -> Case:
     shared = Shared(spec, device, dtype)
-    fa, why_fa = peers.load("fastalign")
-    try:
-        from fastalign.train import models as fam
-        why_train = ""
-    except Exception as exc:  # noqa: BLE001
-        fam, why_train = None, f"fastalign.train.models: {exc}"
 
     def make_inputs():
         model = shared.model
@@ -207,48 +214,19 @@ def dpo_case(spec: dict, device, dtype) -> Case:
 
     def truth(b):
         with torch.no_grad():
-            return {"loss": _dpo_formula(_truth_seq_logps(shared.model, b),
-                                         torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]))}
+            return {"loss": dpo_truth_loss(_truth_seq_logps(shared.model, b),
+                                           torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]))}
 
-    trainer_dpo, why_trainer = _trainer_fn("fastalign.train.dpo", "dpo_loss")
-
-    def fastalign_step(fused_on: bool):
-        def prepare(b):
-            model = shared.model
-            if trainer_dpo is not None:  # the trainer's own loss function, its `fused` switch on or off
-                from fastalign.train.config import DPOConfig as FaDPOConfig
-
-                cfg = FaDPOConfig(beta=DPO_BETA, loss_type="sigmoid", fused=fused_on)
-                batch = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
-                         "ref_chosen": b["ref_chosen_logps"], "ref_rejected": b["ref_rejected_logps"]}
-                prepared = _params_prepared(model, lambda: trainer_dpo(model, batch, cfg)[0])
-                prepared.extra["path"] = "fastalign.train.dpo.dpo_loss"
-                return prepared
-            if fused_on:  # the same computation from the trainer's building blocks
-                weight, bias = fam.lm_head_weight(model)
-
-                def step():
-                    hidden = fam.backbone_hidden(model, b["input_ids"], b["attention_mask"])
-                    return fa.linear_dpo_loss(hidden[:, :-1], weight, b["labels"][:, 1:], b["ref_chosen_logps"],
-                                              b["ref_rejected_logps"], bias=bias, beta=DPO_BETA)[0]
-            else:
-                def step():
-                    logp = fam.token_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"],
-                                              fused=False).logprobs
-                    pc, pr = logp.sum(-1).chunk(2)
-                    return fa.dpo_loss(pc, pr, b["ref_chosen_logps"], b["ref_rejected_logps"], beta=DPO_BETA)[0]
-            prepared = _params_prepared(model, step)
-            prepared.extra["path"] = f"ops composition ({why_trainer})"
-            return prepared
-
-        return prepare
-
-    fused, unfused = fastalign_step(True), fastalign_step(False)
+    def bind(b, fused_on: bool):
+        cfg = FaDPOConfig(beta=DPO_BETA, loss_type="sigmoid", fused=fused_on)
+        batch = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
+                 "ref_chosen": b["ref_chosen_logps"], "ref_rejected": b["ref_rejected_logps"]}
+        return lambda: trainer_dpo_loss(shared.model, batch, cfg)[0]
 
     def plain(b):
         model = shared.model
         ref = torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]])
-        return _params_prepared(model, lambda: _dpo_formula(_plain_seq_logps(model, b), ref))
+        return _params_prepared(model, lambda: sigmoid_dpo_loss(_plain_seq_logps(model, b), ref))
 
     trainers, why_trl = peers.load("trl.trainers")
 
@@ -273,10 +251,7 @@ def dpo_case(spec: dict, device, dtype) -> Case:
         return prepared
 
     impls = [
-        Impl("fastalign trainer loss, fused ops on (linear_dpo_loss)", "fastalign", fused,
-             missing=why_fa or why_train or ("" if hasattr(fa, "linear_dpo_loss") else "fa.linear_dpo_loss absent")),
-        Impl("fastalign trainer loss, fused ops off (logits + dpo_loss)", "fastalign", unfused,
-             missing=why_fa or why_train or ("" if hasattr(fa, "dpo_loss") else "fa.dpo_loss absent")),
+        *_trainer_impls(shared, trainer_dpo_loss, bind, "linear_dpo_loss", "logits + dpo_loss"),
         Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
         Impl("TRL DPOTrainer.compute_loss", "trl", trl if trainers else None, missing=why_trl),
     ]
@@ -291,17 +266,14 @@ def dpo_case(spec: dict, device, dtype) -> Case:
 
 def grpo_case(spec: dict, device, dtype) -> Case:
     shared = Shared(spec, device, dtype)
-    fa, why_fa = peers.load("fastalign")
-    try:
-        from fastalign.train import models as fam
-        why_train = ""
-    except Exception as exc:  # noqa: BLE001
-        fam, why_train = None, f"fastalign.train.models: {exc}"
     b_size, t, prompt = spec["b"], spec["t"], spec.get("prompt", max(1, spec["t"] // 8))
 
+    def ids_mask(x):
+        return (torch.cat([x["prompt_ids"], x["completion_ids"]], 1),
+                torch.cat([x["prompt_mask"], x["completion_mask"]], 1))
+
     def plain_logp(model, x):
-        ids = torch.cat([x["prompt_ids"], x["completion_ids"]], 1)
-        mask = torch.cat([x["prompt_mask"], x["completion_mask"]], 1)
+        ids, mask = ids_mask(x)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, prompt - 1:-1]
         return logits.float().log_softmax(-1).gather(-1, x["completion_ids"][..., None])[..., 0]
 
@@ -324,22 +296,16 @@ def grpo_case(spec: dict, device, dtype) -> Case:
         x["ref_per_token_logps"] = (cur + 0.05 * torch.randn(cur.shape, generator=g).to(cur)) * m
         return x
 
-    def formula(logp, x):
-        return _grpo_formula(logp, x["old_per_token_logps"], x["ref_per_token_logps"], x["advantages"],
-                             x["completion_mask"].float())
+    def formula(loss_fn, logp, x):
+        return loss_fn(logp, x["old_per_token_logps"], x["ref_per_token_logps"], x["advantages"],
+                       x["completion_mask"].float())
 
     def truth(x):
         ids, mask = ids_mask(x)
         with torch.no_grad():
             logits = _fp32_head_logits(shared.model, ids, mask)[:, prompt - 1:-1]
             logp = logits.log_softmax(-1).gather(-1, x["completion_ids"][..., None])[..., 0]
-            return {"loss": formula(logp, x)}
-
-    def ids_mask(x):
-        return (torch.cat([x["prompt_ids"], x["completion_ids"]], 1),
-                torch.cat([x["prompt_mask"], x["completion_mask"]], 1))
-
-    actor_loss, why_trainer = _trainer_fn("fastalign.train.rollout", "actor_loss")
+            return {"loss": formula(grpo_truth_loss, logp, x)}
 
     def trainer_batch(x):
         """The trainer's micro-batch layout: token columns aligned with input_ids (column t scores token t)."""
@@ -351,49 +317,14 @@ def grpo_case(spec: dict, device, dtype) -> Case:
                 "old_logprobs": torch.cat([pad, x["old_per_token_logps"]], 1),
                 "ref_logprobs": torch.cat([pad, x["ref_per_token_logps"]], 1), "advantages": x["advantages"]}
 
-    def fastalign_step(fused_on: bool):
-        def prepare(x):
-            model = shared.model
-            if actor_loss is not None:  # the trainer's own GRPO/PPO actor loss, its `fused` switch on or off
-                mb = trainer_batch(x)
-                prepared = _params_prepared(model, lambda: actor_loss(
-                    model, mb, fused=fused_on, clip_low=EPS, clip_high=EPS, agg="token-mean", kl_coef=GRPO_BETA,
-                    kl_kind="k3")[0])
-                prepared.extra["path"] = "fastalign.train.rollout.actor_loss"
-                return prepared
-            ids, mask = ids_mask(x)
-            adv = x["advantages"][:, None].expand(-1, t).contiguous()
-            m = x["completion_mask"].float()
-            if fused_on:
-                weight, bias = fam.lm_head_weight(model)
-
-                def step():
-                    hidden = fam.backbone_hidden(model, ids, mask)[:, prompt - 1:-1]
-                    return fa.linear_policy_loss(hidden, weight, x["completion_ids"], x["old_per_token_logps"], adv,
-                                                 x["completion_mask"], ref_logprobs=x["ref_per_token_logps"],
-                                                 kl_coef=GRPO_BETA, kl_kind="k3", clip_low=EPS, clip_high=EPS,
-                                                 agg="token-mean", bias=bias)[0]
-            else:
-                labels = torch.full_like(ids, IGNORE)
-                labels[:, prompt:] = x["completion_ids"]
-
-                def step():
-                    logp = fam.token_logprobs(model, ids, mask, labels, fused=False).logprobs[:, prompt:]
-                    pg = fa.ppo_policy_loss(logp, x["old_per_token_logps"], adv, m, clip_low=EPS, clip_high=EPS,
-                                            agg="token-mean")[0]
-                    kl = fa.kl_penalty(logp, x["ref_per_token_logps"], kind="k3")
-                    return pg + GRPO_BETA * (kl * m).sum() / m.sum().clamp(min=1.0)
-            prepared = _params_prepared(model, step)
-            prepared.extra["path"] = f"ops composition ({why_trainer})"
-            return prepared
-
-        return prepare
-
-    fused, unfused = fastalign_step(True), fastalign_step(False)
+    def bind(x, fused_on: bool):  # the trainer's GRPO/PPO actor loss
+        mb = trainer_batch(x)
+        return lambda: actor_loss(shared.model, mb, fused=fused_on, clip_low=CLIP, clip_high=CLIP, agg="token-mean",
+                                  kl_coef=GRPO_BETA, kl_kind="k3")[0]
 
     def plain(x):
         model = shared.model
-        return _params_prepared(model, lambda: formula(plain_logp(model, x), x))
+        return _params_prepared(model, lambda: formula(grpo_bnpo_loss, plain_logp(model, x), x))
 
     trainers, why_trl = peers.load("trl.trainers")
 
@@ -403,7 +334,7 @@ def grpo_case(spec: dict, device, dtype) -> Case:
         _, _, GRPOConfig, GRPOTrainer = trainers
         with _quiet():
             args = GRPOConfig(output_dir=os.path.join(shared.saved_dir(), "trl-grpo"), beta=GRPO_BETA,
-                              loss_type="bnpo", epsilon=EPS, per_device_train_batch_size=b_size,
+                              loss_type="bnpo", epsilon=CLIP, per_device_train_batch_size=b_size,
                               num_generations=min(8, b_size), max_completion_length=t, **shared.trl_kwargs())
             trainer = GRPOTrainer(model=shared.saved_dir(), reward_funcs=lambda completions, **kw: [0.0] * len(
                 completions), args=args, train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * b_size}),
@@ -415,11 +346,7 @@ def grpo_case(spec: dict, device, dtype) -> Case:
         return _params_prepared(model, lambda: trainer.compute_loss(model, x))
 
     impls = [
-        Impl("fastalign trainer loss, fused ops on (linear_policy_loss)", "fastalign", fused,
-             missing=why_fa or why_train or ("" if hasattr(fa, "linear_policy_loss") else
-                                             "fa.linear_policy_loss absent")),
-        Impl("fastalign trainer loss, fused ops off (logits + ppo_policy_loss)", "fastalign", unfused,
-             missing=why_fa or why_train or ("" if hasattr(fa, "ppo_policy_loss") else "fa.ppo_policy_loss absent")),
+        *_trainer_impls(shared, actor_loss, bind, "linear_policy_loss", "logits + ppo_policy_loss"),
         Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
         Impl("TRL GRPOTrainer.compute_loss", "trl", trl if trainers else None, missing=why_trl),
     ]

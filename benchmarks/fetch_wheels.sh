@@ -8,7 +8,8 @@
 # pandas, pyarrow, xxhash, fsspec, huggingface-hub, requests, tqdm, filelock, packaging, psutil, pyyaml, rich.
 # `import trl` pulls in `datasets` (trl.trainer.utils imports it), and `datasets` needs `dill` and `multiprocess`;
 # fastalign's own trainer reads data through `datasets` too. Liger-Kernel and CCE need only torch + triton.
-# Everything is pinned to the versions DESIGN.md's targets were measured with. Total: well under 40 MiB.
+# Everything is pinned to the peer versions the GPU targets in docs/architecture.md (*Targets*) are measured
+# against. Total: well under 40 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.whl}

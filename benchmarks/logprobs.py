@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import torch
 
+import fastalign as fa
+
 from . import peers
 from .runner import Case, Impl, Prepared
+from .timing import measure_time
 
 LOGIT_STD = 3.0
+IGNORE = -100  # the labels' ignore_index: positions that are not scored (prompt tokens, padding)
 
 
 def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
@@ -100,14 +104,9 @@ def _wrap(fn, with_grad: bool):
 
 def implementations(device: torch.device, with_grad: bool, *, compile_peers: bool) -> list[Impl]:
     impls: list[Impl] = []
-    fa_fn, why = peers.fastalign_op("linear_logprobs")
-    for backend, unavailable in (peers.fastalign_backends(device.type, op_family="logprobs") if fa_fn else
-                                 [("torch", why), ("triton", why)]):
-        label = f"fastalign[{backend}]"
-        if backend == "triton" and device.type != "cuda" and not unavailable:
-            label += " (interpreter)"
-        fn = (lambda b: (lambda h, w, y: fa_fn(h, w, y, backend=b).logprobs))(backend)
-        impls.append(Impl(label, "fastalign", _wrap(fn, with_grad), missing=unavailable))
+    for backend in peers.fastalign_backends(device.type, op_family="logprobs"):
+        fn = (lambda b: (lambda h, w, y: fa.linear_logprobs(h, w, y, backend=b).logprobs))(backend)
+        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", _wrap(fn, with_grad)))
     impls.append(Impl("naive torch: (h@W.T).float().log_softmax", "naive", _wrap(_naive, with_grad),
                       is_baseline=True))
 
@@ -144,15 +143,13 @@ def implementations(device: torch.device, with_grad: bool, *, compile_peers: boo
     return impls
 
 
-def gemm_floor(inputs: dict, with_grad: bool) -> dict:
+def gemm_floor(inputs: dict, with_grad: bool, timer: str) -> dict:
     """Time of the cuBLAS/MKL GEMMs of this shape, measured now on this device."""
-    from .harness import measure_time
-
     h, w = inputs["hidden"], inputs["weight"]
     dev = h.device
     logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=dev)
     if not with_grad:
-        t = measure_time(lambda: torch.mm(h, w.T, out=logits), dev, budget_s=1.0)
+        t = measure_time(lambda: torch.mm(h, w.T, out=logits), dev, budget_s=1.0, timer=timer)
         return {"ms": t.min_ms, "median_ms": t.median_ms,
                 "what": f"1 GEMM (N x D) @ (D x V), fastest of {t.reps} calls in this run"}
     dz = torch.randn_like(logits)
@@ -164,7 +161,7 @@ def gemm_floor(inputs: dict, with_grad: bool) -> dict:
         torch.mm(dz, w, out=dh)
         torch.mm(dz.T, h, out=dw)
 
-    t = measure_time(three, dev, budget_s=1.0)
+    t = measure_time(three, dev, budget_s=1.0, timer=timer)
     return {"ms": t.min_ms, "median_ms": t.median_ms,
             "what": f"3 GEMMs (logits, dh, dW), fastest of {t.reps} calls in this run; the floor if logits were "
                     "free to keep"}
@@ -187,7 +184,7 @@ def cases(specs: list[dict], device: torch.device, *, compile_peers: bool) -> li
                 truth=(lambda x, wg=with_grad: truth_logprobs(x["hidden"], x["weight"], x["labels"],
                                                               x["grad"] if wg else None)),
                 impls=implementations(device, with_grad, compile_peers=compile_peers),
-                floor=(lambda x, wg=with_grad: gemm_floor(x, wg)),
+                floor=(lambda x, timer, wg=with_grad: gemm_floor(x, wg, timer)),
                 check=spec.get("check", True), headline=spec.get("headline", True),
             ))
     return out

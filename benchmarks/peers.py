@@ -1,15 +1,19 @@
 """The implementations fastalign is measured against, imported once, each with the reason it is missing.
 
 A peer that cannot be imported is never skipped silently: every case lists it with ``status="missing"`` and the
-import error. Functions are looked up on the installed packages (no code from them is copied here).
+import error. Functions are looked up on the installed packages (no code from them is copied here). fastalign
+itself is reached only through its public entry points: the ops, ``fastalign.reference``, the trainer's loss
+functions and ``python -m fastalign.ext``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import importlib
+import io
 from typing import Any
 
-from .harness import error_text
+from .environment import triton_interpret
+from .runner import error_text
 
 
 @functools.lru_cache(maxsize=None)
@@ -19,12 +23,6 @@ def load(name: str) -> tuple[Any | None, str]:
         return _LOADERS[name](), ""
     except Exception as exc:  # noqa: BLE001 - ImportError, or a peer that breaks on import
         return None, error_text(exc)
-
-
-def _fastalign():
-    import fastalign
-
-    return fastalign
 
 
 def _trl_selective_log_softmax():
@@ -73,7 +71,6 @@ def _trl_trainers():
 
 
 _LOADERS = {
-    "fastalign": _fastalign,
     "trl.selective_log_softmax": _trl_selective_log_softmax,
     "trl.chunked": _trl_chunked,
     "liger.flce": _liger_flce,
@@ -84,45 +81,47 @@ _LOADERS = {
 }
 
 
-def fastalign_op(name: str) -> tuple[Any | None, str]:
-    """A public fastalign op, or why it is absent (ops are added by separate issues)."""
-    fa, why = load("fastalign")
-    if fa is None:
-        return None, why
-    fn = getattr(fa, name, None)
-    if fn is None:
-        return None, f"fastalign.{name} is not implemented in this checkout"
-    return fn, ""
+def fastalign_backends(device_type: str, *, op_family: str) -> list[str]:
+    """The backends fastalign's ops of ``op_family`` ("logprobs" | "rl") offer on this device type: torch and
+    triton, and for the RL ops the compiled extension (cuda for CUDA tensors, cpp for CPU tensors).
 
-
-def fastalign_backends(device_type: str, *, op_family: str) -> list[tuple[str, str]]:
-    """(backend, why-unavailable or "") for every backend of ``op_family`` ("logprobs" | "rl") on this device."""
-    from fastalign import _backend
-
-    out = []
-    ok, why = _backend.triton_status()
-    if ok and device_type != "cuda" and not _backend.interpreting():
-        ok, why = False, "needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-    out.append(("torch", ""))
-    out.append(("triton", "" if ok else why))
+    Whether one is usable here is the op's own answer: a row asks for its backend explicitly, and the runner reports
+    the dispatcher's refusal (not implemented for that op, Triton or the extension unavailable) as missing, with
+    the op's message (:func:`benchmarks.runner.backend_refused`)."""
+    backends = ["torch", "triton"]
     if op_family == "rl":
-        ext = "cuda" if device_type == "cuda" else "cpp"
-        ok, why = _backend.extension_status()
-        out.append((ext, "" if ok else why))
-    return out
+        backends.append("cuda" if device_type == "cuda" else "cpp")
+    return backends
+
+
+def backend_label(backend: str, device_type: str) -> str:
+    """Row name of one fastalign backend; Triton on CPU runs in its interpreter (``TRITON_INTERPRET=1``)."""
+    interpreted = backend == "triton" and device_type != "cuda" and triton_interpret()
+    return f"fastalign[{backend}]" + (" (interpreter)" if interpreted else "")
 
 
 def ensure_extension(build: bool) -> str:
-    """Load (building if asked and possible) the optional compiled extension; returns a one-line status."""
+    """Load (building if asked) the optional compiled extension through ``python -m fastalign.ext``'s entry point;
+    returns a one-line status: ``loaded: ...``, ``unavailable: ...`` or ``build/load failed: ...``."""
     try:
-        from fastalign import _ext
+        from fastalign import ext
     except ImportError as exc:
-        return f"fastalign._ext missing ({exc})"
+        return f"fastalign.ext missing ({exc})"
     try:
-        ok, why = _ext.status()
-        if not ok and build and hasattr(_ext, "load"):
-            _ext.load(build=True)  # JIT build into fastalign's cache (~1 min the first time), then reused
-            ok, why = _ext.status()
-        return f"{'loaded' if ok else 'unavailable'}: {why}"
+        if build:  # JIT build into fastalign's cache (~1 min the first time), then reused
+            rc, text = _quiet_call(ext.main, ["build"])
+            if rc != 0:
+                return f"build/load failed: {text.strip().splitlines()[-1] if text.strip() else f'exit {rc}'}"
+        rc, text = _quiet_call(ext.main, ["status"])
     except Exception as exc:  # noqa: BLE001 - a failed build is reported, never fatal
         return f"build/load failed: {error_text(exc)}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    why = first.split(": ", 2)[-1]  # "fastalign._C: available: WHY"
+    return f"{'loaded' if rc == 0 else 'unavailable'}: {why}"
+
+
+def _quiet_call(main, argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        rc = main(argv)
+    return rc, out.getvalue()

@@ -2,9 +2,10 @@
 
 - ``ci``: tiny shapes, every case and every available implementation, agreement checked; seconds.
 - ``cpu``: small shapes that finish in a couple of minutes on 2 cores, plus a small N/V sweep for the plots.
-- ``gpu``: DESIGN.md's shapes — linear_logprobs at (32768, 3584, 151936) and (8192, 4096, 128256) in bf16,
-  DPO 8 pairs x 2048 tokens and GRPO 16 x 2048 on a Qwen2.5-7B head, GAE/PPO/value/KL at 512x2048 and 1024x4096, the e2e
-  DPO/GRPO step on a Qwen2.5-0.5B-shaped model at 8 x 1024 tokens — plus an N and a V sweep.
+- ``gpu``: the shapes of the GPU targets in docs/architecture.md (*Targets*) — linear_logprobs at
+  (32768, 3584, 151936) and (8192, 4096, 128256) in bf16, DPO 8 pairs x 2048 tokens and GRPO 16 x 2048 on a
+  Qwen2.5-7B head, GAE/PPO/value/KL at 512x2048 and 1024x4096, the e2e DPO/GRPO step on a Qwen2.5-0.5B-shaped
+  model at 8 x 1024 tokens — plus an N and a V sweep.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ HEADS = {  # name: (D, V)
 }
 
 bf16, fp32 = torch.bfloat16, torch.float32
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}  # --dtype
 
 
 def _lp(n, head=None, d=None, v=None, dtype=bf16, **kw):
@@ -62,8 +64,8 @@ PRESETS: dict[str, dict] = {
         "ppo": [dict(b=512, t=2048), dict(b=1024, t=4096)],
         "e2e_dpo": [dict(model="qwen2.5-0.5b", pairs=4, t=1024, dtype=bf16)],
         "e2e_grpo": [dict(model="qwen2.5-0.5b", b=8, t=1024, dtype=bf16)],
-        # torch.compile rows: PPO/value/KL (DESIGN.md's PPO target is against it); not CCE's torch_compile impl at
-        # 32768 x 151936, which materialises the logits and spends the lease compiling
+        # torch.compile rows: PPO/value/KL (the PPO target in docs/architecture.md, *Targets*, is against it); not
+        # CCE's torch_compile impl at 32768 x 151936, which materialises the logits and spends the lease compiling
         "compile": True, "compile_logprobs": False, "budget_s": 0.4, "impl_timeout_s": 60, "build_ext": True,
     },
 }

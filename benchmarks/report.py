@@ -9,10 +9,10 @@ import math
 import re
 from pathlib import Path
 
-GPU_DISCLAIMER = ("**CPU run — these timings are not the GPU targets.** DESIGN.md's targets are for one "
-                  "H100/H200 in bf16 at large shapes; CPU wall-clock numbers at tiny shapes only show that every "
-                  "implementation runs and agrees, and how the code scales on this machine; on a shared 2-core machine they are "
-                  "also noisy.")
+GPU_DISCLAIMER = ("**CPU run — these timings are not the GPU targets.** The GPU targets in docs/architecture.md "
+                  "(*Targets*) are for one H100/H200 in bf16 at large shapes; CPU wall-clock numbers at tiny shapes "
+                  "only show that every implementation runs and agrees, and how the code scales on this machine; on a "
+                  "shared 2-core machine they are also noisy.")
 
 
 # ------------------------------------------------------------------------------------------------- formatting
@@ -146,7 +146,8 @@ def _row(c, pred):
 
 
 def targets(run: dict) -> list[tuple[str, str, str]]:
-    """(target, status, evidence) for DESIGN.md / the issues' targets, judged on this run."""
+    """(target, status, evidence) for the targets in docs/architecture.md (*Targets*) and the issues, judged on
+    this run."""
     out = []
     gpu = not _is_cpu(run)
     fa_pred = lambda r: _fam(r) == "fastalign" and "fused ops off" not in r["impl"]  # noqa: E731
@@ -352,8 +353,9 @@ def render(runs: list[dict], *, plot_paths: list[str] = (), title: str = "Benchm
         L.append(n)
         L.append("")
     if not any(not _is_cpu(r) for r in runs):
-        L.append("**No GPU run is included here: every GPU target of DESIGN.md is still open.** "
-                 "Run `bash benchmarks/gpu_check.sh` on a lent H100/H200 and regenerate this file with both JSONs.")
+        L.append("**No GPU run is included here: every GPU target in docs/architecture.md (*Targets*) is still "
+                 "open.** Run `bash benchmarks/gpu_check.sh` on a lent H100/H200 and regenerate this file with both "
+                 "JSONs.")
         L.append("")
     for run in runs:
         L.append(f"## {_card(run)} — {run.get('date')} (preset `{run.get('preset')}`)")
@@ -415,8 +417,9 @@ pytest benchmarks/ --benchmark-only                 # pytest-benchmark suites of
 python -m benchmarks report bench_out/results.json --out BENCHMARKS.md --readme README.md   # regenerate the report
 ```
 
-On a lent H100/H200, one command runs the GPU tests, builds the CUDA extension and runs `--preset gpu` (DESIGN.md's
-shapes plus an N/V sweep) in about 8 minutes; fetch the peers' wheels first on a machine with PyPI:
+On a lent H100/H200, one command runs the GPU tests, builds the CUDA extension and runs `--preset gpu` (the shapes
+of the GPU targets in docs/architecture.md, *Targets*, plus an N/V sweep) in about 8 minutes; fetch the peers'
+wheels first on a machine with PyPI:
 
 ```bash
 bash benchmarks/fetch_wheels.sh    # TRL, Liger-Kernel, Cut Cross-Entropy (+ datasets, dill, multiprocess) -> .whl/
@@ -432,8 +435,8 @@ README.md`. Headline:
 def readme_section(runs: list[dict]) -> str:
     lines = [README_BEGIN, README_HOWTO, headline_table(runs).rstrip(), ""]
     if not any(not _is_cpu(r) for r in runs):
-        lines.append("No GPU has been measured yet: every GPU target in DESIGN.md is open, and no speed-up on a GPU "
-                     "is claimed.")
+        lines.append("No GPU has been measured yet: every GPU target in docs/architecture.md (*Targets*) is open, "
+                     "and no speed-up on a GPU is claimed.")
         lines.append("")
     lines.append(README_END)
     return "\n".join(lines)

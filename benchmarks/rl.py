@@ -2,12 +2,14 @@
 penalty (the last three forward + backward).
 
 GAE inputs: rewards ~ N(0, 1), values ~ N(0, 1), a response mask whose last positions (random length per row)
-are 0; gamma 1.0, lam 0.95 (DESIGN.md defaults). Baseline: the Python loop over T that TRL/verl-style trainers
-run, with verl's masking (masked positions carry the running advantage and the next value). Only masked-in
-positions are compared. torch.compile is not applied to GAE: a compiled T-step loop unrolls T (2048-4096).
+are 0; gamma 1.0, lam 0.95 (the defaults in docs/architecture.md, *The math*). Baseline: the Python loop over T
+that TRL/verl-style trainers run, with verl's masking (masked positions carry the running advantage and the next
+value). Only masked-in positions are compared. torch.compile is not applied to GAE: a compiled T-step loop
+unrolls T (2048-4096).
 
 PPO inputs: logp = old + N(0, 0.1) so ratios sit near 1 and a share are clipped, per-token advantages, the same
-mask; clip 0.2, token-mean. Baselines: the eager PyTorch formula and its ``torch.compile`` (as in DESIGN.md).
+mask; clip 0.2, token-mean. Baselines: the eager PyTorch formula and its ``torch.compile`` (the PPO target in
+docs/architecture.md, *Targets*, is against it).
 
 Floor: bytes moved / copy bandwidth measured in the same run (fp32 everywhere; GAE reads rewards, values, mask
 and writes advantages and returns; PPO fwd+bwd reads logp, old, advantages, mask and writes the logp gradient).
@@ -16,10 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from . import harness, peers
+import fastalign as fa
+from fastalign.reference import rl as reference
+
+from . import peers
 from .runner import Case, Impl, Prepared
+from .timing import measure_time
 
 GAMMA, LAM, CLIP = 1.0, 0.95, 0.2
+GRPO_BETA = 0.04  # the k3 KL coefficient of the GRPO losses (linear_losses.py, e2e.py)
 
 
 def rl_inputs(b: int, t: int, device, seed: int = 2) -> dict:
@@ -59,82 +66,39 @@ def gae_truth(x: dict) -> dict:
     return {"advantages": a * m, "returns": r * m}
 
 
-def gae_impls(device) -> list[Impl]:
-    impls = []
-    gae, why = peers.fastalign_op("gae")
-    backends = peers.fastalign_backends(device.type, op_family="rl") if gae else [("torch", why), ("triton", why)]
-    for backend, unavailable in backends:
-        def prep(x, b=backend):
-            m = x["mask"]
-
-            def step():
-                adv, ret = gae(x["rewards"], x["values"], m, gamma=GAMMA, lam=LAM, backend=b)
-                return {"advantages": adv * m, "returns": ret * m}
-
-            return Prepared(step)
-
-        label = f"fastalign[{backend}]" + (" (interpreter)" if backend == "triton" and device.type != "cuda"
-                                           and not unavailable else "")
-        impls.append(Impl(label, "fastalign", prep, missing=unavailable))
-
-    def loop(x):
+def _gae_prep(gae_fn):
+    """Impl.prepare for ``gae_fn(rewards, values, mask) -> (advantages, returns)``; compared where masked in."""
+    def prep(x):
         m = x["mask"]
 
         def step():
-            a, r = gae_python_loop(x["rewards"], x["values"], m)
-            return {"advantages": a * m, "returns": r * m}
+            adv, ret = gae_fn(x["rewards"], x["values"], m)
+            return {"advantages": adv * m, "returns": ret * m}
 
         return Prepared(step)
 
-    impls.append(Impl("Python loop over T (eager torch)", "python-loop", loop, is_baseline=True))
+    return prep
+
+
+def gae_impls(device) -> list[Impl]:
+    impls = []
+    for backend in peers.fastalign_backends(device.type, op_family="rl"):
+        fn = (lambda b: (lambda r, v, m: fa.gae(r, v, m, gamma=GAMMA, lam=LAM, backend=b)))(backend)
+        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign", _gae_prep(fn)))
+    impls.append(Impl("Python loop over T (eager torch)", "python-loop", _gae_prep(gae_python_loop),
+                      is_baseline=True))
     return impls
 
+
+# ------------------------------------------------------------------------------- per-token losses, fwd + bwd
+# Every loss below is f(a, b, c, mask) -> scalar on the PPO input layout, differentiated w.r.t. a = logprobs:
+# PPO reads (logprobs, old_logprobs, advantages), the value loss reads them as (values, old values, returns),
+# the KL penalty as (logprobs, ref_logprobs) and ignores the third.
 
 def ppo_formula(logp, old, adv, mask, clip: float = CLIP):
     ratio = torch.exp(logp - old)
     per_token = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip))
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def ppo_truth(x: dict) -> dict:
-    hp = torch.float64
-    logp = x["logprobs"].to(hp).requires_grad_()
-    loss = ppo_formula(logp, x["old_logprobs"].to(hp), x["advantages"].to(hp), x["mask"].to(hp))
-    (g,) = torch.autograd.grad(loss, logp)
-    return {"loss": loss.detach(), "grad_logprobs": g}
-
-
-def _ppo_prep(loss_fn):
-    def prep(x):
-        logp = x["logprobs"].detach().clone().requires_grad_()
-
-        def step():
-            loss = loss_fn(logp, x["old_logprobs"], x["advantages"], x["mask"])
-            loss.backward()
-            return {"loss": loss.detach().reshape(()), "grad_logprobs": logp.grad}
-
-        return Prepared(step, grad_to_none=[logp])
-
-    return prep
-
-
-def ppo_impls(device, *, compile_peers: bool) -> list[Impl]:
-    impls = []
-    ppo, why = peers.fastalign_op("ppo_policy_loss")
-    backends = peers.fastalign_backends(device.type, op_family="rl") if ppo else [("torch", why), ("triton", why)]
-    for backend, unavailable in backends:
-        fn = (lambda b: (lambda lp, old, a, m: ppo(lp, old, a, m, clip_low=CLIP, agg="token-mean",
-                                                    backend=b)[0]))(backend)
-        label = f"fastalign[{backend}]" + (" (interpreter)" if backend == "triton" and device.type != "cuda"
-                                           and not unavailable else "")
-        impls.append(Impl(label, "fastalign", _ppo_prep(fn), missing=unavailable))
-    impls.append(Impl("eager torch formula", "naive", _ppo_prep(ppo_formula), is_baseline=True))
-    if compile_peers:
-        compiled = torch.compile(ppo_formula)
-        impls.append(Impl("torch.compile(eager formula)", "compile", _ppo_prep(compiled)))
-    else:
-        impls.append(Impl("torch.compile(eager formula)", "compile", missing="not in this preset (compile time)"))
-    return impls
 
 
 def value_formula(values, old, returns, mask, clip: float = CLIP):
@@ -150,7 +114,24 @@ def kl_formula(logp, ref, mask):
     return ((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _kl_loss(logp, ref, _unused, mask):
+    return kl_formula(logp, ref, mask)
+
+
+def _fastalign_loss(op: str, backend: str):
+    """fastalign's public op ``op`` as f(a, b, c, mask) on the PPO layout, on one backend."""
+    if op == "ppo_policy_loss":
+        return lambda lp, old, adv, m: fa.ppo_policy_loss(lp, old, adv, m, clip_low=CLIP, agg="token-mean",
+                                                          backend=backend)[0]
+    if op == "value_loss":
+        return lambda v, old, ret, m: fa.value_loss(v, old, ret, m, clip=CLIP, agg="token-mean", backend=backend)[0]
+    # the masked token-mean is eager torch in every row: the op is per-token
+    return lambda lp, ref, _unused, m: ((fa.kl_penalty(lp, ref, kind="k3", backend=backend) * m).sum()
+                                        / m.sum().clamp(min=1.0))
+
+
 def _scalar_truth(formula):
+    """fp64 loss and its gradient w.r.t. ``a`` (the ``logprobs`` input)."""
     def truth(x: dict) -> dict:
         hp = torch.float64
         a = x["logprobs"].to(hp).requires_grad_()
@@ -161,37 +142,83 @@ def _scalar_truth(formula):
     return truth
 
 
-def _value_via_ops(vl, backend):
-    # inputs reuse the PPO layout: logprobs -> values, old_logprobs -> old values, advantages -> returns
-    return lambda v, old, ret, m: vl(v, old, ret, m, clip=CLIP, agg="token-mean", backend=backend)[0]
+def _loss_prep(loss_fn):
+    def prep(x):
+        logp = x["logprobs"].detach().clone().requires_grad_()
 
+        def step():
+            loss = loss_fn(logp, x["old_logprobs"], x["advantages"], x["mask"])
+            loss.backward()
+            return {"loss": loss.detach().reshape(()), "grad_logprobs": logp.grad}
 
-def _kl_via_ops(klp, backend):
-    return lambda lp, ref, _unused, m: (klp(lp, ref, kind="k3", backend=backend) * m).sum() / m.sum().clamp(min=1.0)
+        return Prepared(step, grad_to_none=[logp])
+
+    return prep
 
 
 def loss_impls(device, op: str, eager, *, compile_peers: bool) -> list[Impl]:
-    """Implementations of a per-token loss ``f(a, b, c, mask) -> scalar`` differentiated w.r.t. ``a``."""
+    """Implementations of the per-token loss ``op``: fastalign on each backend, the eager formula ``eager`` (the
+    same-dtype baseline) and its torch.compile."""
     impls = []
-    fn, why = peers.fastalign_op(op)
-    backends = peers.fastalign_backends(device.type, op_family="rl") if fn else [("torch", why), ("triton", why)]
-    wrap = _value_via_ops if op == "value_loss" else _kl_via_ops
-    for backend, unavailable in backends:
-        label = f"fastalign[{backend}]" + (" (interpreter)" if backend == "triton" and device.type != "cuda"
-                                           and not unavailable else "")
-        impls.append(Impl(label, "fastalign", _ppo_prep(wrap(fn, backend)) if fn else None, missing=unavailable))
-    impls.append(Impl("eager torch formula", "naive", _ppo_prep(eager), is_baseline=True))
+    for backend in peers.fastalign_backends(device.type, op_family="rl"):
+        impls.append(Impl(peers.backend_label(backend, device.type), "fastalign",
+                          _loss_prep(_fastalign_loss(op, backend))))
+    impls.append(Impl("eager torch formula", "naive", _loss_prep(eager), is_baseline=True))
     if compile_peers:
-        impls.append(Impl("torch.compile(eager formula)", "compile", _ppo_prep(torch.compile(eager))))
+        impls.append(Impl("torch.compile(eager formula)", "compile", _loss_prep(torch.compile(eager))))
     else:
         impls.append(Impl("torch.compile(eager formula)", "compile", missing="not in this preset (compile time)"))
     return impls
 
 
-def _bytes_floor(nbytes: int, device, bw_cache: dict) -> dict:
+# --------------------------------------------------------------------------------------------- GRPO (shared)
+
+def grpo_bnpo_loss(logp, old, ref, adv, mask, beta: float = GRPO_BETA, clip: float = CLIP):
+    """TRL GRPOTrainer's loss, loss_type="bnpo", token-level ratio, k3 KL (trl/trainer/grpo_trainer.py
+    `_compute_loss`): the loss the non-fastalign rows (plain PyTorch, TRL) end with.
+
+    Equal to :func:`grpo_truth_loss` (fastalign's reference) up to rounding, without the reference's
+    sanitising and stats, which cost two to three times this formula on CPU in every peer's timed step.
+
+    Args:
+        logp, old, ref: (B, T) float per-token log-probs (policy, old policy, reference); adv: (B,) or (B, T);
+        mask: (B, T) 0/1 float.
+    Returns:
+        () loss: the token-mean over the masked-in tokens.
+    """
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - clip, 1 + clip)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    per_token = per_token + beta * kl
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def grpo_truth_loss(logp, old, ref, adv, mask, beta: float = GRPO_BETA, clip: float = CLIP):
+    """The truth's GRPO loss from fastalign's reference: ``ppo_policy_loss`` (symmetric clip, token-mean) plus
+    ``beta`` times the token-mean of the k3 ``kl_penalty``; same arguments as :func:`grpo_bnpo_loss`."""
+    valid = mask != 0
+    pg = reference.ppo_policy_loss(logp, old, adv, mask, clip_low=clip, clip_high=clip, agg="token-mean")[0]
+    kl = reference.aggregate(reference.kl_penalty(logp, ref, kind="k3"), valid, "token-mean")
+    return pg + beta * kl
+
+
+# ----------------------------------------------------------------------------------------------------- cases
+
+def copy_bandwidth(device: torch.device, nbytes: int, timer: str) -> float:
+    """Measured device copy bandwidth in bytes/s, counting bytes read + written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = measure_time(lambda: dst.copy_(src), device, budget_s=0.5, max_reps=20, timer=timer)
+    del src, dst
+    return 2 * nbytes / (t.min_ms / 1000.0)
+
+
+def _bytes_floor(nbytes: int, device, bw_cache: dict, timer: str) -> dict:
     if "bw" not in bw_cache:  # the best copy rate seen: a floor must not be inflated by a noisy neighbour
         size = 1 << 30 if device.type == "cuda" else 1 << 27
-        bw_cache["bw"] = harness.copy_bandwidth(device, size)
+        bw_cache["bw"] = copy_bandwidth(device, size, timer)
     bw = bw_cache["bw"]
     return {"ms": 1000.0 * nbytes / bw, "what": f"{nbytes / 2**20:.1f} MiB moved / measured copy bandwidth "
                                                  f"{bw / 1e9:.1f} GB/s", "bandwidth_gbs": bw / 1e9}
@@ -199,39 +226,26 @@ def _bytes_floor(nbytes: int, device, bw_cache: dict) -> dict:
 
 def cases(gae_specs: list[dict], ppo_specs: list[dict], device, *, compile_peers: bool,
           value_specs: list[dict] | None = None, kl_specs: list[dict] | None = None) -> list[Case]:
-    out, bw_cache = [], {}
-    for s in gae_specs:
-        b, t = s["b"], s["t"]
-        out.append(Case(
-            suite="ops", name="gae", params={"B": b, "T": t, "dtype": "float32"}, device=device,
-            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
-            truth=gae_truth, impls=gae_impls(device),
-            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache),
-            notes=["torch.compile not applied: a compiled T-step loop unrolls T"]))
-    for s in ppo_specs:
-        b, t = s["b"], s["t"]
-        out.append(Case(
-            suite="ops", name="ppo_policy_loss.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
-            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
-            truth=ppo_truth, impls=ppo_impls(device, compile_peers=compile_peers),
-            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache)))
-    for s in value_specs or ():
-        b, t = s["b"], s["t"]
-        out.append(Case(
-            suite="ops", name="value_loss.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
-            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
-            truth=_scalar_truth(value_formula),
-            impls=loss_impls(device, "value_loss", value_formula, compile_peers=compile_peers),
-            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 5, device, bw_cache),
-            notes=["clip 0.2, token-mean; reads values, old values, returns, mask, writes the values' gradient"]))
-    for s in kl_specs or ():
-        b, t = s["b"], s["t"]
-        out.append(Case(
-            suite="ops", name="kl_penalty.fwd_bwd", params={"B": b, "T": t, "dtype": "float32"}, device=device,
-            dtype=torch.float32, tokens=b * t, make_inputs=lambda b=b, t=t: rl_inputs(b, t, device),
-            truth=_scalar_truth(lambda lp, ref, _unused, m: kl_formula(lp, ref, m)),
-            impls=loss_impls(device, "kl_penalty", lambda lp, ref, _unused, m: kl_formula(lp, ref, m),
-                             compile_peers=compile_peers),
-            floor=lambda x, b=b, t=t: _bytes_floor(b * t * 4 * 4, device, bw_cache),
-            notes=["k3 estimator, masked token-mean (the mean is eager torch in every row)"]))
+    bw_cache: dict = {}
+
+    def case(name: str, spec: dict, truth, impls: list[Impl], arrays: int, notes: tuple[str, ...] = ()) -> Case:
+        """``arrays``: the fp32 [B, T] arrays read or written, for the bytes floor."""
+        b, t = spec["b"], spec["t"]
+        return Case(suite="ops", name=name, params={"B": b, "T": t, "dtype": "float32"}, device=device,
+                    dtype=torch.float32, tokens=b * t, make_inputs=lambda: rl_inputs(b, t, device), truth=truth,
+                    impls=impls, floor=lambda x, timer: _bytes_floor(b * t * 4 * arrays, device, bw_cache, timer),
+                    notes=list(notes))
+
+    def losses(op: str, eager) -> tuple:
+        return _scalar_truth(eager), loss_impls(device, op, eager, compile_peers=compile_peers)
+
+    out = [case("gae", s, gae_truth, gae_impls(device), 5,
+                ("torch.compile not applied: a compiled T-step loop unrolls T",)) for s in gae_specs]
+    out += [case("ppo_policy_loss.fwd_bwd", s, *losses("ppo_policy_loss", ppo_formula), 5) for s in ppo_specs]
+    out += [case("value_loss.fwd_bwd", s, *losses("value_loss", value_formula), 5,
+                 ("clip 0.2, token-mean; reads values, old values, returns, mask, writes the values' gradient",))
+            for s in value_specs or ()]
+    out += [case("kl_penalty.fwd_bwd", s, *losses("kl_penalty", _kl_loss), 4,
+                 ("k3 estimator, masked token-mean (the mean is eager torch in every row)",))
+            for s in kl_specs or ()]
     return out

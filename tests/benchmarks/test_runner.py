@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastalign.benchmarks import harness, report
-from fastalign.benchmarks.runner import Case, Impl, Prepared, run_case
+from fastalign.benchmarks import report
+from fastalign.benchmarks.agreement import agreement
+from fastalign.benchmarks.runner import Case, CaseTimeout, Impl, Prepared, run_case, time_limit
 
 ROOT = Path(__file__).resolve().parents[2]
 STATUSES = {"ok", "missing", "error", "timeout", "skipped"}
@@ -141,19 +142,19 @@ def test_missing_and_failing_implementations_are_reported_not_skipped():
 
 def test_agreement_rule_uses_same_dtype_baseline_and_catches_nan():
     truth = {"y": torch.tensor([1.0, 2.0])}
-    devs, ok = harness.agreement({"y": torch.tensor([1.0, 2.3])}, truth, {"y": 0.2}, torch.bfloat16)
+    devs, ok = agreement({"y": torch.tensor([1.0, 2.3])}, truth, {"y": 0.2}, torch.bfloat16)
     assert ok and devs["y"] == pytest.approx(0.3, abs=1e-6)  # 0.3 <= 2 * 0.2 + 1e-2 * 2
-    _, ok = harness.agreement({"y": torch.tensor([1.0, 2.3])}, truth, {"y": 0.01}, torch.bfloat16)
+    _, ok = agreement({"y": torch.tensor([1.0, 2.3])}, truth, {"y": 0.01}, torch.bfloat16)
     assert not ok
-    _, ok = harness.agreement({"y": torch.tensor([1.0, float("nan")])}, truth, None, torch.float32)
+    _, ok = agreement({"y": torch.tensor([1.0, float("nan")])}, truth, None, torch.float32)
     assert not ok
 
 
 def test_time_limit_interrupts_a_slow_implementation():
     import time
 
-    with pytest.raises(harness.CaseTimeout):
-        with harness.time_limit(0.2):
+    with pytest.raises(CaseTimeout):
+        with time_limit(0.2):
             time.sleep(2)
 
 
@@ -185,12 +186,13 @@ def test_readme_update_touches_only_the_benchmark_section(ci_run, tmp_path):
     text = readme.read_text()
     assert text.startswith(before + report.README_BEGIN) and text.endswith(report.README_END + after)
     assert "old table" not in text and "| case | shape |" in text and "not the GPU targets" in text
-    assert "every GPU target in DESIGN.md is open" in text
+    assert "every GPU target in docs/architecture.md (*Targets*) is open" in text
 
 
 def test_gpu_preset_builds_design_shapes_without_a_gpu():
     """The GPU preset's cases are only described until run (inputs are built lazily): check they are the
-    DESIGN.md shapes, with every peer listed, without touching a device."""
+    shapes of the GPU targets in docs/architecture.md (*Targets*), with every peer listed, without touching a
+    device."""
     from fastalign.benchmarks import __main__ as cli
     from fastalign.benchmarks.presets import PRESETS
 
@@ -215,12 +217,12 @@ def test_gpu_preset_builds_design_shapes_without_a_gpu():
 
 def test_custom_shape_flags_replace_the_preset_shapes():
     from fastalign.benchmarks import __main__ as cli
-    from fastalign.benchmarks.presets import PRESETS
+    from fastalign.benchmarks.presets import DTYPES, PRESETS
 
     argv = ["--cases", "linear_logprobs,gae", "--n", "4096", "--d", "1024", "--v", "32000", "--dtype", "bf16",
             "--b", "8", "--t", "100"]
     args = cli._run_parser().parse_args(argv)
-    specs = cli._specs(args, PRESETS["cpu"], harness.DTYPES[args.dtype])
+    specs = cli._specs(args, PRESETS["cpu"], DTYPES[args.dtype])
     cases = cli._build_cases(cli._select(args), specs, torch.device("cpu"), compile_peers=False)
     assert {(c.name, c.params.get("N"), c.params.get("D"), c.params.get("V"), c.params["dtype"]) for c in cases
             if c.name.startswith("linear")} == {("linear_logprobs.fwd_bwd", 4096, 1024, 32000, "bfloat16"),
