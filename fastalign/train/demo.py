@@ -3,7 +3,7 @@
     fastalign demo                 # the full demo (a few minutes on 2 CPU cores)
     fastalign demo --quick         # a smoke run of every stage (seconds): what the tests run
 
-Builds a tiny Llama-style model from a config and the tiny tokenizer (``models.build_tiny_model_and_tokenizer``,
+Builds a tiny Llama-style model from a config and the tiny tokenizer (``tiny.build_tiny_model_and_tokenizer``,
 no download), then trains it with the library's own trainers on ``fastalign/data/demo/`` (``task.py``):
 SFT on ``sft.jsonl``, DPO on ``preference.jsonl`` (correct vs plausible wrong sums), GRPO on ``rl.jsonl`` with the
 exact-match reward. Held-out accuracy (greedy decoding, exact match on ``heldout.jsonl``, problems no stage
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastalign.train import data, dpo, grpo, models, sft, task
+from fastalign.train import data, dpo, grpo, models, sft, task, tiny
 from fastalign.train.config import DPOConfig, SFTConfig
 
 
@@ -82,7 +82,7 @@ def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo
         echo(f"[demo] {stage:<5} held-out accuracy {acc:6.1%}{change}  [{seconds:.1f}s]")
 
     t = time.perf_counter()
-    base = models.build_tiny_model_and_tokenizer(out / "base", hidden_size=plan.hidden_size,
+    base = tiny.build_tiny_model_and_tokenizer(out / "base", hidden_size=plan.hidden_size,
                                                  num_layers=plan.num_layers,
                                                  intermediate_size=plan.intermediate_size, seed=seed)
     record("init", base, t)

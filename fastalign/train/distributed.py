@@ -14,7 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastalign.train.models import HeadForward
+from fastalign.train.models import HeadForward, unwrap
+
+# how long a collective may wait for the other processes (a rank building the tiny model, saving a checkpoint)
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass
@@ -48,7 +51,7 @@ def setup(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+                                timeout=PROCESS_GROUP_TIMEOUT)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
@@ -58,8 +61,6 @@ def cleanup() -> None:
 
 
 def _layer_classes(model: nn.Module) -> set[str]:
-    from fastalign.train.models import unwrap
-
     return set(getattr(unwrap(model), "_no_split_modules", None) or [])
 
 

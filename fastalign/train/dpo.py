@@ -72,9 +72,7 @@ def dpo_loss(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
 
 
 def models_disable_adapter(model):
-    from fastalign.train.checkpoint import strip_wrappers
-
-    return strip_wrappers(model).disable_adapter()
+    return models.unwrap(model, keep_peft=True).disable_adapter()
 
 
 def load_reference(cfg: DPOConfig, run) -> torch.nn.Module:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastalign.train import checkpoint, config as config_mod, distributed, metrics as metrics_mod, models
+from fastalign.train import checkpoint, config as config_mod, distributed, metrics as metrics_mod, models, tiny
 
 log = logging.getLogger("fastalign.train")
 
@@ -81,7 +81,7 @@ def prepare(cfg) -> Run:
 
 
 def _tiny_model(info) -> Path:
-    path = models.default_tiny_model_dir() if info.is_main else None
+    path = tiny.default_tiny_model_dir() if info.is_main else None
     distributed.barrier()  # rank 0 builds it; the others then find it
     return Path(distributed.broadcast_object(str(path) if path else None)) if info.enabled else path
 

@@ -313,9 +313,7 @@ class Reference:
     def __init__(self, cfg, model_path, policy: nn.Module, device):
         self.policy, self.ctx = None, contextlib.nullcontext
         if cfg.ref_model is None and cfg.lora_r > 0:
-            from fastalign.train.checkpoint import strip_wrappers
-
-            self.policy, self.ctx = policy, lambda: strip_wrappers(self.policy).disable_adapter()
+            self.policy, self.ctx = policy, lambda: models.unwrap(self.policy, keep_peft=True).disable_adapter()
             self.model = None
         else:
             self.model = models.load_model(cfg.ref_model or model_path, dtype=cfg.dtype, device=device,
