@@ -14,6 +14,7 @@ from torch import nn
 
 import fastalign as fa
 from fastalign.ops.logprobs import LogprobsOutput
+from fastalign.reference.logprobs import logprobs_from_logits
 from fastalign.train import _moved, tiny
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -210,10 +211,8 @@ def _shifted_logprobs(model, hidden, *, labels, fused, temperature, ignore_index
         logits = torch.nn.functional.linear(h, weight, bias).float()
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        logprobs_all = torch.log_softmax(logits / temperature, dim=-1)
-        valid = y != ignore_index
-        logp = logprobs_all.gather(-1, y.clamp(min=0)[..., None])[..., 0] * valid
-        ent = -(logprobs_all.exp() * logprobs_all).sum(-1) * valid if return_entropy else None
+        logp, ent = logprobs_from_logits(logits, y, temperature=temperature, ignore_index=ignore_index,
+                                         return_entropy=return_entropy)
     pad = hidden.new_zeros(hidden.shape[0], 1, dtype=torch.float32)
     logp = torch.cat([pad, logp], dim=1)
     ent = torch.cat([pad, ent], dim=1) if ent is not None else None
