@@ -68,7 +68,7 @@ def _accuracy(path: Path, rows: list[dict]) -> float:
 def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo=print) -> list[dict]:
     """Build, evaluate, SFT, DPO, GRPO, evaluating after each stage. Returns one row per stage:
     ``{"stage", "accuracy", "seconds", "model"}`` (the first row is the untrained model)."""
-    files = task.demo_files()
+    files = data.demo_files()
     heldout = list(data.load_rows(files["heldout"], "rl", max_samples=plan.heldout))
     common = dict(seed=seed, progress=progress, dtype="float32", max_length=64, max_prompt_length=48)
     results: list[dict] = []
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bars would drown the stage lines
     started = time.perf_counter()
-    print(f"[demo] tiny Llama (hidden {plan.hidden_size}, {plan.num_layers} layers) on {task.DEMO_DATA_DIR}: "
+    print(f"[demo] tiny Llama (hidden {plan.hidden_size}, {plan.num_layers} layers) on {data.DEMO_DATA_DIR}: "
           f"SFT {plan.sft_steps} steps -> DPO {plan.dpo_steps} -> GRPO {plan.grpo_steps}; held-out accuracy = "
           f"greedy exact match on {plan.heldout} unseen problems", flush=True)
     with tempfile.TemporaryDirectory(prefix="fastalign-demo-") as tmp:

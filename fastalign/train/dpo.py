@@ -25,12 +25,6 @@ from fastalign.train.loop import TrainLoop, prepare
 log = logging.getLogger("fastalign.train")
 
 
-def response_mask(labels: torch.Tensor) -> torch.Tensor:
-    valid = labels != data.IGNORE
-    valid[:, 0] = False
-    return valid
-
-
 def _uses_lengths(cfg: DPOConfig) -> bool:
     return cfg.loss_type in ("ipo", "simpo")  # as fa.linear_dpo_loss's length_normalize=None default
 
@@ -41,7 +35,7 @@ def sequence_logps(model, batch: dict, cfg: DPOConfig) -> torch.Tensor:
     labels = batch["labels"]
     out = models.token_logprobs(model, batch["input_ids"], batch["attention_mask"], labels, fused=cfg.fused,
                                 backend=cfg.backend)
-    return fa.sequence_logprobs(out.logprobs, response_mask(labels))
+    return fa.sequence_logprobs(out.logprobs, data.response_mask(labels))
 
 
 def _dpo_from_hidden(model, hidden, *, labels, ref_c, ref_r, cfg):
@@ -61,7 +55,7 @@ def dpo_loss(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
         fn = lambda m, h: _dpo_from_hidden(m, h, labels=labels, ref_c=ref_c, ref_r=ref_r, cfg=cfg)  # noqa: E731
         return models.forward_head(model, batch["input_ids"], batch["attention_mask"], fn)
     out = models.token_logprobs(model, batch["input_ids"], batch["attention_mask"], labels, fused=False)
-    mask = response_mask(labels)
+    mask = data.response_mask(labels)
     seq = fa.sequence_logprobs(out.logprobs, mask)  # (2B,)
     pairs = seq.shape[0] // 2
     lengths = mask.sum(-1) if _uses_lengths(cfg) else None

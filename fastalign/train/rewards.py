@@ -137,7 +137,7 @@ class RewardModelScorer:
             seqs = [self.encode(p, c) for p, c in zip(prompts[start:start + self.batch_size],
                                                        completions[start:start + self.batch_size])]
             ids = data.pad_right(seqs, pad).to(self.device)
-            mask = data.pad_right([[1] * len(s) for s in seqs], 0).to(self.device)
+            mask = data.attention_mask(seqs).to(self.device)
             scores += models.sequence_scores(self.model, ids, mask).float().cpu().tolist()
         return scores
 
