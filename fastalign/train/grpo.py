@@ -25,15 +25,16 @@ import torch
 import fastalign as fa
 from fastalign.reference.rl import AGG_MODES
 from fastalign.train import data, metrics, models, rollout
-from fastalign.train.config import option
+from fastalign.train.config import RLConfig, RUN_DIR_HELP
+from fastalign.train.config_parsing import option
 from fastalign.train.loop import TrainLoop, prepare
 
 
 @dataclass
-class GRPOConfig(rollout.RLConfig):
+class GRPOConfig(RLConfig):
     """GRPO: G sampled completions per prompt, group-relative advantages, clipped policy gradient."""
 
-    output_dir: str = option("runs/grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    output_dir: str = option("runs/grpo", RUN_DIR_HELP)
     batch_size: int = option(4, "prompts per micro-batch, per process (each gives num_generations sequences)")
     num_generations: int = option(8, "G: completions sampled per prompt (the group)")
     generation_batch_size: int | None = option(None, "prompts x G sequences per generate call; none: all")

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastalign.train import checkpoint, config as config_mod, distributed, metrics as metrics_mod, models, tiny
+from fastalign.train import checkpoint, distributed, metrics as metrics_mod, models, tiny
+from fastalign.train.config_parsing import save_yaml
 
 log = logging.getLogger("fastalign.train")
 
@@ -74,7 +75,7 @@ def prepare(cfg) -> Run:
     run_dir = Path(cfg.output_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, run_dir / "config.yaml")
         if not cfg.model:
             log.info("no model given: using the embedded tiny model at %s", model_path)
     return Run(info=info, model_path=model_path, tokenizer=models.load_tokenizer(model_path), run_dir=run_dir)

@@ -16,6 +16,7 @@ import fastalign as fa
 from fastalign.ops.logprobs import LogprobsOutput
 from fastalign.reference.logprobs import logprobs_from_logits
 from fastalign.train import _moved, tiny
+from fastalign.train.config import DEFAULT_LORA_TARGET_MODULES
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -111,7 +112,7 @@ def load_model(
     if lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        targets = lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
+        targets = lora_target_modules or list(DEFAULT_LORA_TARGET_MODULES)
         modules_to_save = ["score"] if kind == "score" else None
         lcfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                           modules_to_save=modules_to_save, task_type="SEQ_CLS" if kind == "score" else "CAUSAL_LM")

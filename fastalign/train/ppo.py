@@ -23,15 +23,16 @@ import torch
 
 import fastalign as fa
 from fastalign.train import data, metrics, models, rollout
-from fastalign.train.config import option
+from fastalign.train.config import RLConfig, RUN_DIR_HELP
+from fastalign.train.config_parsing import option
 from fastalign.train.loop import TrainLoop, prepare
 
 
 @dataclass
-class PPOConfig(rollout.RLConfig):
+class PPOConfig(RLConfig):
     """PPO: policy + value model, GAE, clipped policy and value losses, KL penalty to a reference."""
 
-    output_dir: str = option("runs/ppo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    output_dir: str = option("runs/ppo", RUN_DIR_HELP)
     learning_rate: float = option(1e-6, "peak learning rate (AdamW), for the policy and the value model")
     value_model: str | None = option(None, "value-model checkpoint (loaded with a scalar head, e.g. the reward "
                                            "model); none: the policy checkpoint with a fresh head")

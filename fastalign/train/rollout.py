@@ -25,49 +25,9 @@ import torch
 from torch import nn
 
 import fastalign as fa
-from fastalign.reference.rl import AGG_MODES, aggregate
+from fastalign.reference.rl import aggregate
 from fastalign.train import data, distributed, models, rewards
-from fastalign.train.config import TrainConfig, option
-
-
-@dataclass
-class RLConfig(TrainConfig):
-    """Fields shared by the on-policy RL trainers (GRPO, PPO): sampling, rewards, the clipped policy loss."""
-
-    train_file: str | None = option(None, "RL prompts (.jsonl/.json/.parquet, field 'prompt' + fields for the "
-                                          "reward functions); none: the shipped addition task's rl.jsonl")
-    learning_rate: float = option(1e-6, "peak learning rate (AdamW)")
-    batch_size: int = option(8, "prompts per micro-batch, per process")
-    num_generations: int = option(1, "completions sampled per prompt")
-    max_new_tokens: int = option(64, "max completion tokens; generation also stops at EOS")
-    temperature: float = option(1.0, "sampling temperature (log-probs are taken at the same temperature)")
-    top_p: float = option(1.0, "nucleus sampling threshold")
-    top_k: int = option(0, "top-k sampling (0: off)")
-    generation_batch_size: int | None = option(None, "sequences per generate call; none: all")
-    reward_funcs: list[str] = option(["exact_match"], "reward functions: registered names (exact_match, format, "
-                                                      "numeric_closeness) or 'package.module:function'")
-    reward_weights: list[float] = option([], "one weight per reward function; empty: all 1")
-    reward_model: str | None = option(None, "reward-model checkpoint (RUN_DIR/final of `fastalign train rm`), "
-                                            "added to the reward functions")
-    reward_model_weight: float = option(1.0, "weight of the reward model's score")
-    agg: str = option("token-mean", "loss aggregation over response tokens", choices=AGG_MODES)
-    clip_low: float = option(0.2, "ratio clip below: 1 - clip_low")
-    clip_high: float | None = option(None, "ratio clip above: 1 + clip_high (DAPO clip-higher, e.g. 0.28); "
-                                           "none: clip_low")
-    dual_clip: float | None = option(None, "dual-clip constant c > 1 for negative advantages; none: off")
-    kl_coef: float = option(0.0, "KL weight (0: no reference model needed)")
-    kl_kind: str = option("k3", "KL estimator", choices=("k1", "k2", "k3"))
-    ref_model: str | None = option(None, "reference checkpoint; none: the initial policy (LoRA: adapters off)")
-    entropy_coef: float = option(0.0, "entropy bonus weight")
-    num_iterations: int = option(1, "optimizer steps per rollout batch; > 1 makes the clip active")
-
-    def __post_init__(self):
-        super().__post_init__()
-        name = type(self).__name__
-        if self.num_generations < 1 or self.num_iterations < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"{name}: num_generations, num_iterations and max_new_tokens must be >= 1")
-        if not [n for n in self.reward_funcs if n.strip() and n.strip().lower() != "none"] and not self.reward_model:
-            raise ValueError(f"{name}: give reward_funcs and/or reward_model")
+from fastalign.train.config import RLConfig
 
 
 def prompts_and_rewards(cfg: RLConfig, tokenizer, device) -> tuple[list, rewards.RewardFn]:
