@@ -105,6 +105,20 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def sum_over_processes(values: list[float], device: torch.device | None = None) -> list[float]:
+    """Each value summed over processes, in one float64 all-reduce on ``device`` (the values back for one process)."""
+    return all_reduce_sum(torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)).tolist()
+
+
+def mean_over_processes(stats: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average metrics over processes (each holds an equal share of the batch), so a logged value is the global
+    batch's; one small all-reduce."""
+    if not info.enabled:
+        return stats
+    sums = sum_over_processes(list(stats.values()), info.device)
+    return {k: v / info.world_size for k, v in zip(stats, sums)}
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

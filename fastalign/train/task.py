@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fastalign.train import _moved, data, rollout
+from fastalign.train import _moved, data, generation
 from fastalign.train.data import DEMO_SPLITS as SPLITS
 from fastalign.train.rewards import exact_match
 
@@ -92,7 +92,7 @@ def write_task_files(out_dir: str | Path, task: AdditionTask = AdditionTask()) -
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 8,
                       batch_size: int = 256, chat_template: str = "auto", max_prompt_length: int = 256,
-                      backend: rollout.GenerationBackend | None = None) -> float:
+                      backend: generation.GenerationBackend | None = None) -> float:
     """Exact-match accuracy of greedy completions on rows with ``prompt`` and ``answer`` (e.g. heldout.jsonl).
 
     Prompts are encoded by ``data.tokenize_prompts``, exactly as the trainers encode them (``chat_template``
@@ -101,13 +101,13 @@ def evaluate_accuracy(model: nn.Module, tokenizer, rows: Sequence[dict], *, max_
     rows = list(rows)
     if not rows:
         raise ValueError("evaluate_accuracy needs at least one row")
-    backend = backend or rollout.HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id,
+    backend = backend or generation.HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id,
                                                      eos_token_id=tokenizer.eos_token_id, batch_size=batch_size)
     encoded = data.tokenize_prompts(rows, tokenizer, max_prompt_length=max_prompt_length,
                                         chat_template=chat_template, name="eval")
     prompt_ids = [e["prompt_ids"] for e in encoded]
-    completions = backend.generate(prompt_ids, rollout.SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
-    texts = rollout.decode_completions(tokenizer, completions)
+    completions = backend.generate(prompt_ids, generation.SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
+    texts = generation.decode_completions(tokenizer, completions)
     scores = exact_match([r["prompt"] for r in rows], texts, answer=[r["answer"] for r in rows])
     return sum(scores) / len(scores)
 
