@@ -22,6 +22,11 @@ from fastalign.train import data, dpo, grpo, models, sft, task, tiny
 from fastalign.train.config import DPOConfig, SFTConfig
 
 
+ANSWER_TOKENS = 6  # completion budget: a sum up to 198 is at most 3 digit tokens + EOS
+SEQUENCE_LIMITS = dict(max_length=64, max_prompt_length=48)  # tokens; a chat-templated task row is under 20
+SFT_WARMUP_STEPS = 30  # at most a quarter of the SFT steps
+
+
 @dataclass(frozen=True)
 class DemoPlan:
     """Model size and the budget of each stage."""
@@ -62,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _accuracy(path: Path, rows: list[dict]) -> float:
     tokenizer = models.load_tokenizer(path)
     model = models.load_model(path, dtype="float32")
-    return task.evaluate_accuracy(model, tokenizer, rows, max_new_tokens=6)
+    return task.evaluate_accuracy(model, tokenizer, rows, max_new_tokens=ANSWER_TOKENS)
 
 
 def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo=print) -> list[dict]:
@@ -70,7 +75,7 @@ def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo
     ``{"stage", "accuracy", "seconds", "model"}`` (the first row is the untrained model)."""
     files = data.demo_files()
     heldout = list(data.load_rows(files["heldout"], "rl", max_samples=plan.heldout))
-    common = dict(seed=seed, progress=progress, dtype="float32", max_length=64, max_prompt_length=48)
+    common = dict(seed=seed, progress=progress, dtype="float32", **SEQUENCE_LIMITS)
     results: list[dict] = []
 
     def record(stage: str, path: Path, started: float) -> None:
@@ -90,7 +95,8 @@ def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo
     t = time.perf_counter()
     run_sft = sft.train(SFTConfig(model=str(base), train_file=str(files["sft"]), output_dir=str(out / "sft"),
                                   max_steps=plan.sft_steps, batch_size=plan.sft_batch, learning_rate=plan.sft_lr,
-                                  warmup_steps=min(30, plan.sft_steps // 4), lr_scheduler="constant", **common))
+                                  warmup_steps=min(SFT_WARMUP_STEPS, plan.sft_steps // 4), lr_scheduler="constant",
+                                  **common))
     record("sft", run_sft["final_dir"], t)
 
     t = time.perf_counter()
@@ -104,8 +110,8 @@ def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo
     run_grpo = grpo.train(grpo.GRPOConfig(
         model=str(run_dpo["final_dir"]), train_file=str(files["rl"]), output_dir=str(out / "grpo"),
         max_steps=plan.grpo_steps, batch_size=plan.grpo_prompts, num_generations=plan.grpo_group,
-        max_new_tokens=6, learning_rate=plan.grpo_lr, lr_scheduler="constant", reward_funcs=["exact_match"],
-        **common))
+        max_new_tokens=ANSWER_TOKENS, learning_rate=plan.grpo_lr, lr_scheduler="constant",
+        reward_funcs=["exact_match"], **common))
     record("grpo", run_grpo["final_dir"], t)
     return results
 
