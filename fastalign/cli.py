@@ -84,7 +84,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser for ``argv`` (without the program name): algorithm modules are imported only when ``argv``
     names one (or asks for ``train --help``)."""
     from fastalign import __version__
-    from fastalign.train.config import add_arguments
+    from fastalign.train.config_parsing import add_arguments
 
     parser = argparse.ArgumentParser(prog="fastalign", description="Fused ops and a minimal alignment trainer.")
     parser.add_argument("--version", action="version", version=f"fastalign {__version__}")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.algorithm:
             parser.parse_args(["train", "--help"])
             return 2
-        from fastalign.train.config import add_arguments, config_from_namespace
+        from fastalign.train.config_parsing import add_arguments, config_from_namespace
 
         cls, train_fn = load_algorithm(args.algorithm)
         sub = parser

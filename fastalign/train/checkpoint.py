@@ -24,20 +24,9 @@ import torch
 from torch import nn
 
 from fastalign.train import distributed
-from fastalign.train.models import HeadForward, unwrap
+from fastalign.train.models import unwrap
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def strip_wrappers(model: nn.Module) -> nn.Module:
-    """The transformers/peft model under DDP and HeadForward wrappers (peft is kept: it saves adapters)."""
-    while True:
-        if isinstance(model, HeadForward):
-            model = model.model
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -67,7 +56,7 @@ def save_model(model: nn.Module, path: str | Path, tokenizer=None, *, is_main: b
     state = full_state_dict(model)  # every rank joins the gather
     if not is_main:
         return
-    hf = strip_wrappers(model)
+    hf = unwrap(model, keep_peft=True)  # peft saves and loads its adapters
     kwargs = {"state_dict": state} if state is not None else {}
     hf.save_pretrained(str(path), safe_serialization=True, **kwargs)
     if tokenizer is not None:
@@ -79,7 +68,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     from safetensors.torch import load_file
 
     path = Path(path)
-    hf = strip_wrappers(model)
+    hf = unwrap(model, keep_peft=True)  # peft saves and loads its adapters
     if is_peft(hf):
         from peft import set_peft_model_state_dict
 

@@ -1,106 +1,44 @@
-"""Data: local JSONL/JSON/Parquet through ``datasets``, validated row by row, tokenized, batched.
+"""Data: rows of a local file (``formats``) -> tokenized examples -> padded batches, plus the shipped data sets.
 
-Formats (one JSON object per line, or Parquet columns):
-- SFT: ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", "content"}, ...]}`` (the last message
-  is the trained completion and must be the assistant's; earlier turns are the prompt).
-- preference (RM, DPO): ``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}``.
-- RL (GRPO, PPO): ``{"prompt": str | messages, ...}``; every other field is kept for the reward functions.
+    load_rows(path, kind)          validated rows (a ``datasets.Dataset``); path=None: the shipped tiny data set
+    tokenize_sft / _preference / _prompts      rows -> examples (lists of token ids), chat template applied
+    collate_sft / _preference / _prompts       examples -> (B, T) tensors; pack_sft; Sampler (which examples)
 
-A malformed row raises an error naming the file and line (row, for Parquet). Rows are never dropped silently:
-truncations and drops are counted and logged.
+Rows are never dropped silently: truncations and drops are counted and logged.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from fastalign.train.formats import DataError, read_rows, validate_row
+
 log = logging.getLogger("fastalign.train")
+
+IGNORE = -100  # the label of a position that takes no loss (prompt, padding), as in torch's cross-entropy
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SHIPPED = {"sft": DATA_DIR / "sft_tiny.jsonl", "preference": DATA_DIR / "preference_tiny.jsonl"}
-IGNORE = -100
+# the embedded addition task's splits (fastalign.train.task writes them; the demo and GRPO/PPO default to them)
+DEMO_DATA_DIR = DATA_DIR / "demo"
+DEMO_SPLITS = ("heldout", "sft", "preference", "rl")
+# a fresh permutation per epoch: generator seed = seed * EPOCH_SEED_STRIDE + epoch (a prime stride)
+EPOCH_SEED_STRIDE = 100003
 
 
-class DataError(ValueError):
-    """A malformed data file or row; the message names the file and line."""
+def demo_files() -> dict[str, Path]:
+    """The shipped split files of the addition task (``fastalign/data/demo/<split>.jsonl``)."""
+    return {name: DEMO_DATA_DIR / f"{name}.jsonl" for name in DEMO_SPLITS}
 
 
-# ------------------------------------------------------------------------------------------------- loading
-
-def _read_rows(path: Path) -> list[tuple[str, dict]]:
-    """(location, row) pairs; location is ``file:line N`` (JSONL), ``file:item N`` or ``file:row N``."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson") or (suffix == ".json" and not path.read_text(encoding="utf-8").lstrip()
-                                           .startswith("[")):
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{path}:line {lineno}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        return rows
-    if suffix == ".json":
-        try:
-            items = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:line {exc.lineno}: invalid JSON ({exc.msg})") from None
-        return [(f"{path}:item {i}", row) for i, row in enumerate(items)]
-    if suffix == ".parquet":
-        from datasets import Dataset
-
-        try:
-            ds = Dataset.from_parquet(str(path))
-        except Exception as exc:
-            raise DataError(f"{path}: cannot read Parquet ({type(exc).__name__}: {exc})") from None
-        return [(f"{path}:row {i}", row) for i, row in enumerate(ds)]
-    raise DataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
-
-
-def _is_messages(value) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    )
-
-
-def _check_text(where: str, row: dict, key: str, *, messages_ok: bool = True) -> None:
-    if key not in row or row[key] is None:
-        raise DataError(f"{where}: missing field {key!r} (has {sorted(row)})")
-    value = row[key]
-    if isinstance(value, str) or (messages_ok and _is_messages(value) and value):
-        return
-    raise DataError(f"{where}: field {key!r} must be a string" + (" or a non-empty list of {role, content} "
-                    "messages" if messages_ok else "") + f", got {type(value).__name__}")
-
-
-def validate_row(where: str, row: Any, kind: str) -> None:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if kind == "sft":
-        if "messages" in row and row["messages"] is not None:
-            _check_text(where, row, "messages")
-            if row["messages"][-1]["role"] != "assistant":
-                raise DataError(f"{where}: the last message must be the assistant's (the trained completion)")
-        else:
-            if "prompt" not in row and "completion" not in row:
-                raise DataError(f"{where}: an SFT row needs 'prompt' and 'completion', or 'messages' "
-                                f"(has {sorted(row)})")
-            _check_text(where, row, "prompt")
-            _check_text(where, row, "completion")
-    elif kind == "preference":
-        for key in ("prompt", "chosen", "rejected"):
-            _check_text(where, row, key)
-    elif kind == "rl":
-        _check_text(where, row, "prompt")
-    else:
-        raise ValueError(f"kind must be sft, preference or rl; got {kind!r}")
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions whose label is trained: not IGNORE, and never column 0 (nothing predicts it)."""
+    valid = labels != IGNORE
+    valid[:, 0] = False
+    return valid
 
 
 def load_rows(path: str | Path | None, kind: str, *, max_samples: int | None = None):
@@ -115,7 +53,7 @@ def load_rows(path: str | Path | None, kind: str, *, max_samples: int | None = N
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
-    rows = _read_rows(path)
+    rows = read_rows(path)
     for where, row in rows:
         validate_row(where, row, kind)
     if not rows:
@@ -270,12 +208,19 @@ def pad_left(seqs: list[list[int]], pad: int) -> torch.Tensor:
     return torch.tensor([[pad] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
 
 
+def attention_mask(seqs: list[list[int]], *, left: bool = False) -> torch.Tensor:
+    """(B, T) int64: 1 on each sequence's tokens, 0 on the padding :func:`pad_right` (``left``: :func:`pad_left`)
+    adds."""
+    ones = [[1] * len(s) for s in seqs]
+    return pad_left(ones, 0) if left else pad_right(ones, 0)
+
+
 def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (IGNORE on padding), all (B, T)."""
     ids = [e["input_ids"] for e in examples]
     return {
         "input_ids": pad_right(ids, pad_id),
-        "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+        "attention_mask": attention_mask(ids),
         "labels": pad_right([e["labels"] for e in examples], IGNORE),
     }
 
@@ -298,7 +243,7 @@ def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Ten
             labels.append([IGNORE] * len(e["prompt_ids"]) + e[key])
     return {
         "input_ids": pad_right(seqs, pad_id),
-        "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
+        "attention_mask": attention_mask(seqs),
         "labels": pad_right(labels, IGNORE),
     }
 
@@ -306,7 +251,7 @@ def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Ten
 def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts for generation: ``input_ids``, ``attention_mask`` (B, T)."""
     ids = [e["prompt_ids"] for e in examples]
-    return {"input_ids": pad_left(ids, pad_id), "attention_mask": pad_left([[1] * len(s) for s in ids], 0)}
+    return {"input_ids": pad_left(ids, pad_id), "attention_mask": attention_mask(ids, left=True)}
 
 
 class Sampler:
@@ -326,7 +271,7 @@ class Sampler:
     def _permutation(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.size))
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + self.epoch)
         return torch.randperm(self.size, generator=g).tolist()
 
     def next(self) -> list[int]:

@@ -3,7 +3,7 @@
     fastalign demo                 # the full demo (a few minutes on 2 CPU cores)
     fastalign demo --quick         # a smoke run of every stage (seconds): what the tests run
 
-Builds a tiny Llama-style model from a config and the tiny tokenizer (``models.build_tiny_model_and_tokenizer``,
+Builds a tiny Llama-style model from a config and the tiny tokenizer (``tiny.build_tiny_model_and_tokenizer``,
 no download), then trains it with the library's own trainers on ``fastalign/data/demo/`` (``task.py``):
 SFT on ``sft.jsonl``, DPO on ``preference.jsonl`` (correct vs plausible wrong sums), GRPO on ``rl.jsonl`` with the
 exact-match reward. Held-out accuracy (greedy decoding, exact match on ``heldout.jsonl``, problems no stage
@@ -18,8 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastalign.train import data, dpo, grpo, models, sft, task
+from fastalign.train import data, dpo, grpo, models, sft, task, tiny
 from fastalign.train.config import DPOConfig, SFTConfig
+
+
+ANSWER_TOKENS = 6  # completion budget: a sum up to 198 is at most 3 digit tokens + EOS
+SEQUENCE_LIMITS = dict(max_length=64, max_prompt_length=48)  # tokens; a chat-templated task row is under 20
+SFT_WARMUP_STEPS = 30  # at most a quarter of the SFT steps
 
 
 @dataclass(frozen=True)
@@ -62,15 +67,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _accuracy(path: Path, rows: list[dict]) -> float:
     tokenizer = models.load_tokenizer(path)
     model = models.load_model(path, dtype="float32")
-    return task.evaluate_accuracy(model, tokenizer, rows, max_new_tokens=6)
+    return task.evaluate_accuracy(model, tokenizer, rows, max_new_tokens=ANSWER_TOKENS)
 
 
 def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo=print) -> list[dict]:
     """Build, evaluate, SFT, DPO, GRPO, evaluating after each stage. Returns one row per stage:
     ``{"stage", "accuracy", "seconds", "model"}`` (the first row is the untrained model)."""
-    files = task.demo_files()
+    files = data.demo_files()
     heldout = list(data.load_rows(files["heldout"], "rl", max_samples=plan.heldout))
-    common = dict(seed=seed, progress=progress, dtype="float32", max_length=64, max_prompt_length=48)
+    common = dict(seed=seed, progress=progress, dtype="float32", **SEQUENCE_LIMITS)
     results: list[dict] = []
 
     def record(stage: str, path: Path, started: float) -> None:
@@ -82,7 +87,7 @@ def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo
         echo(f"[demo] {stage:<5} held-out accuracy {acc:6.1%}{change}  [{seconds:.1f}s]")
 
     t = time.perf_counter()
-    base = models.build_tiny_model_and_tokenizer(out / "base", hidden_size=plan.hidden_size,
+    base = tiny.build_tiny_model_and_tokenizer(out / "base", hidden_size=plan.hidden_size,
                                                  num_layers=plan.num_layers,
                                                  intermediate_size=plan.intermediate_size, seed=seed)
     record("init", base, t)
@@ -90,7 +95,8 @@ def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo
     t = time.perf_counter()
     run_sft = sft.train(SFTConfig(model=str(base), train_file=str(files["sft"]), output_dir=str(out / "sft"),
                                   max_steps=plan.sft_steps, batch_size=plan.sft_batch, learning_rate=plan.sft_lr,
-                                  warmup_steps=min(30, plan.sft_steps // 4), lr_scheduler="constant", **common))
+                                  warmup_steps=min(SFT_WARMUP_STEPS, plan.sft_steps // 4), lr_scheduler="constant",
+                                  **common))
     record("sft", run_sft["final_dir"], t)
 
     t = time.perf_counter()
@@ -104,8 +110,8 @@ def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo
     run_grpo = grpo.train(grpo.GRPOConfig(
         model=str(run_dpo["final_dir"]), train_file=str(files["rl"]), output_dir=str(out / "grpo"),
         max_steps=plan.grpo_steps, batch_size=plan.grpo_prompts, num_generations=plan.grpo_group,
-        max_new_tokens=6, learning_rate=plan.grpo_lr, lr_scheduler="constant", reward_funcs=["exact_match"],
-        **common))
+        max_new_tokens=ANSWER_TOKENS, learning_rate=plan.grpo_lr, lr_scheduler="constant",
+        reward_funcs=["exact_match"], **common))
     record("grpo", run_grpo["final_dir"], t)
     return results
 
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bars would drown the stage lines
     started = time.perf_counter()
-    print(f"[demo] tiny Llama (hidden {plan.hidden_size}, {plan.num_layers} layers) on {task.DEMO_DATA_DIR}: "
+    print(f"[demo] tiny Llama (hidden {plan.hidden_size}, {plan.num_layers} layers) on {data.DEMO_DATA_DIR}: "
           f"SFT {plan.sft_steps} steps -> DPO {plan.dpo_steps} -> GRPO {plan.grpo_steps}; held-out accuracy = "
           f"greedy exact match on {plan.heldout} unseen problems", flush=True)
     with tempfile.TemporaryDirectory(prefix="fastalign-demo-") as tmp:

@@ -14,7 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastalign.train.models import HeadForward
+from fastalign.train.models import HeadForward, unwrap
+
+# how long a collective may wait for the other processes (a rank building the tiny model, saving a checkpoint)
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass
@@ -48,7 +51,7 @@ def setup(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+                                timeout=PROCESS_GROUP_TIMEOUT)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
@@ -58,8 +61,6 @@ def cleanup() -> None:
 
 
 def _layer_classes(model: nn.Module) -> set[str]:
-    from fastalign.train.models import unwrap
-
     return set(getattr(unwrap(model), "_no_split_modules", None) or [])
 
 
@@ -102,6 +103,20 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def sum_over_processes(values: list[float], device: torch.device | None = None) -> list[float]:
+    """Each value summed over processes, in one float64 all-reduce on ``device`` (the values back for one process)."""
+    return all_reduce_sum(torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)).tolist()
+
+
+def mean_over_processes(stats: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average metrics over processes (each holds an equal share of the batch), so a logged value is the global
+    batch's; one small all-reduce."""
+    if not info.enabled:
+        return stats
+    sums = sum_over_processes(list(stats.values()), info.device)
+    return {k: v / info.world_size for k, v in zip(stats, sums)}
 
 
 def barrier() -> None:

@@ -12,7 +12,6 @@ before training; with LoRA and no ``ref_model`` the reference is the policy with
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -21,14 +20,9 @@ import fastalign as fa
 from fastalign.train import data, models
 from fastalign.train.config import DPOConfig
 from fastalign.train.loop import TrainLoop, prepare
+from fastalign.train.ref_model import ReferenceModel
 
 log = logging.getLogger("fastalign.train")
-
-
-def response_mask(labels: torch.Tensor) -> torch.Tensor:
-    valid = labels != data.IGNORE
-    valid[:, 0] = False
-    return valid
 
 
 def _uses_lengths(cfg: DPOConfig) -> bool:
@@ -41,7 +35,7 @@ def sequence_logps(model, batch: dict, cfg: DPOConfig) -> torch.Tensor:
     labels = batch["labels"]
     out = models.token_logprobs(model, batch["input_ids"], batch["attention_mask"], labels, fused=cfg.fused,
                                 backend=cfg.backend)
-    return fa.sequence_logprobs(out.logprobs, response_mask(labels))
+    return fa.sequence_logprobs(out.logprobs, data.response_mask(labels))
 
 
 def _dpo_from_hidden(model, hidden, *, labels, ref_c, ref_r, cfg):
@@ -61,7 +55,7 @@ def dpo_loss(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
         fn = lambda m, h: _dpo_from_hidden(m, h, labels=labels, ref_c=ref_c, ref_r=ref_r, cfg=cfg)  # noqa: E731
         return models.forward_head(model, batch["input_ids"], batch["attention_mask"], fn)
     out = models.token_logprobs(model, batch["input_ids"], batch["attention_mask"], labels, fused=False)
-    mask = response_mask(labels)
+    mask = data.response_mask(labels)
     seq = fa.sequence_logprobs(out.logprobs, mask)  # (2B,)
     pairs = seq.shape[0] // 2
     lengths = mask.sum(-1) if _uses_lengths(cfg) else None
@@ -69,19 +63,6 @@ def dpo_loss(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
                        label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
                        chosen_lengths=lengths[:pairs] if lengths is not None else None,
                        rejected_lengths=lengths[pairs:] if lengths is not None else None)
-
-
-def models_disable_adapter(model):
-    from fastalign.train.checkpoint import strip_wrappers
-
-    return strip_wrappers(model).disable_adapter()
-
-
-def load_reference(cfg: DPOConfig, run) -> torch.nn.Module:
-    ref = models.load_model(cfg.ref_model or run.model_path, dtype=cfg.dtype, device=run.info.device,
-                            attn=cfg.attn_implementation)
-    ref.eval().requires_grad_(False)
-    return ref
 
 
 def train(cfg: DPOConfig) -> dict:
@@ -94,37 +75,24 @@ def train(cfg: DPOConfig) -> dict:
                                         max_prompt_length=cfg.max_prompt_length, chat_template=cfg.chat_template)
     pad = tokenizer.pad_token_id
     need_ref = cfg.loss_type != "simpo"
+    reference = ReferenceModel(cfg, run.model_path, info.device,
+                               scored_before_training=cfg.precompute_ref) if need_ref else None
 
     def to_device(batch):
         return {k: v.to(info.device) for k, v in batch.items()}
 
-    # the reference: the policy with adapters off (LoRA), else a frozen copy of the initial policy / ref_model
-    ref_model, ref_ctx = None, None
-    if need_ref:
-        if cfg.ref_model is None and cfg.lora_r > 0:
-            ref_model, make_ctx = model, lambda: models_disable_adapter(model)
-        elif cfg.ref_model is None and cfg.precompute_ref:
-            ref_model, make_ctx = model, contextlib.nullcontext  # not trained yet: the policy *is* the reference
-        else:
-            ref_model, make_ctx = load_reference(cfg, run), contextlib.nullcontext
-        ref_ctx = make_ctx
-
     if need_ref and cfg.precompute_ref:
-        ref_model.eval()
-        with ref_ctx():
+        with reference.scoring(model) as ref_model:
+            ref_model.eval()  # no dropout in the reference pass; TrainLoop puts the policy back in train mode
             for start in range(0, len(examples), cfg.batch_size):
                 chunk = examples[start:start + cfg.batch_size]
                 seq = sequence_logps(ref_model, to_device(data.collate_preference(chunk, pad)), cfg).cpu()
                 for i, e in enumerate(chunk):
                     e["ref_chosen"], e["ref_rejected"] = float(seq[i]), float(seq[len(chunk) + i])
         log.info("reference log-probs precomputed for %d pairs", len(examples))
-        if ref_model is not model:
-            del ref_model
-        ref_model = None
+        reference = None  # frees a loaded reference copy
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
-    if ref_model is model:  # per-step reference through the (possibly wrapped) policy, adapters off
-        ref_model = loop.model
 
     def micro_batch() -> dict:
         chunk = [examples[i] for i in sampler.next()]
@@ -132,8 +100,8 @@ def train(cfg: DPOConfig) -> dict:
         if need_ref and cfg.precompute_ref:
             batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in chunk], device=info.device)
             batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in chunk], device=info.device)
-        elif need_ref:
-            with ref_ctx():
+        elif need_ref:  # per-step reference: a loaded copy, or the (possibly wrapped) policy with adapters off
+            with reference.scoring(loop.model) as ref_model:
                 seq = sequence_logps(ref_model, batch, cfg)
             batch["ref_chosen"], batch["ref_rejected"] = seq[:len(chunk)], seq[len(chunk):]
         return batch

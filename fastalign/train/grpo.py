@@ -20,20 +20,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import fastalign as fa
 from fastalign.reference.rl import AGG_MODES
-from fastalign.train import data, metrics, models, rollout
-from fastalign.train.config import option
+from fastalign.train import actor, data, distributed, generation, metrics, models, rollout
+from fastalign.train.config import RLConfig, RUN_DIR_HELP
+from fastalign.train.config_parsing import option
 from fastalign.train.loop import TrainLoop, prepare
+from fastalign.train.ref_model import ReferenceModel
 
 
 @dataclass
-class GRPOConfig(rollout.RLConfig):
+class GRPOConfig(RLConfig):
     """GRPO: G sampled completions per prompt, group-relative advantages, clipped policy gradient."""
 
-    output_dir: str = option("runs/grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    output_dir: str = option("runs/grpo", RUN_DIR_HELP)
     batch_size: int = option(4, "prompts per micro-batch, per process (each gives num_generations sequences)")
     num_generations: int = option(8, "G: completions sampled per prompt (the group)")
     generation_batch_size: int | None = option(None, "prompts x G sequences per generate call; none: all")
@@ -50,35 +50,13 @@ class GRPOConfig(rollout.RLConfig):
             raise ValueError("GRPOConfig: num_generations must be >= 2 (a group of one has no baseline)")
 
 
-def policy_loss(model, mb: dict, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
-    """The micro-batch's GRPO loss (see the module docstring) and its stats."""
-    loss, stats = rollout.actor_loss(
-        model, mb, fused=cfg.fused, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        agg=cfg.agg, norm_len=cfg.max_new_tokens, kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind,
-        entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, backend=cfg.backend)
-    if "kl" in stats:  # "kl" in the metrics is the per-sequence KL the monitor watches; this is per token
-        stats["kl_token"] = stats.pop("kl")
-    return loss, stats
-
-
-def loss_weight(mb: dict, agg: str) -> torch.Tensor:
-    """Units the micro-batch's loss is a mean over: response tokens for token-mean, else sequences."""
-    return mb["response_mask"].sum() if agg == "token-mean" else torch.tensor(mb["input_ids"].shape[0])
-
-
-def rollout_metrics(exp: rollout.Experience, group_size: int, kl_seq: torch.Tensor | None) -> dict:
-    """Reward, per-function rewards, completion length, truncation, reward/length correlation, KL, and the
-    fraction of groups whose rewards are all equal (they carry no GRPO signal)."""
-    lengths = exp.batch.completion_lengths.float()
+def rollout_metrics(exp: rollout.Experience, group_size: int, kl_seq) -> dict[str, float]:
+    """``rollout.rollout_metrics``, plus the reward's spread and the fraction of groups whose rewards are all equal
+    (they carry no GRPO signal)."""
     grouped = exp.rewards.view(-1, group_size)
-    out = {"reward": exp.rewards.mean(), "reward_std": exp.rewards.std() if len(exp.rewards) > 1 else 0.0,
-           "completion_length": lengths.mean(), "truncated_frac": exp.batch.truncated.float().mean(),
-           "reward_length_corr": metrics.reward_length_correlation(exp.rewards, lengths),
-           "uniform_group_frac": (grouped.max(1).values == grouped.min(1).values).float().mean()}
-    out.update({f"reward/{k}": v.mean() for k, v in exp.reward_parts.items()})
-    if kl_seq is not None:
-        out["kl"] = kl_seq.mean()
-    return {k: metrics.to_float(v) for k, v in out.items()}
+    group_stats = {"reward_std": exp.rewards.std() if len(exp.rewards) > 1 else 0.0,
+                   "uniform_group_frac": (grouped.max(1).values == grouped.min(1).values).float().mean()}
+    return {**rollout.rollout_metrics(exp, kl_seq), **{k: metrics.to_float(v) for k, v in group_stats.items()}}
 
 
 def train(cfg: GRPOConfig) -> dict:
@@ -88,33 +66,26 @@ def train(cfg: GRPOConfig) -> dict:
     model = models.load_trainable(run.model_path, cfg, device=info.device)
     examples, reward_fn = rollout.prompts_and_rewards(cfg, tokenizer, info.device)
     # the reference is needed for the KL term, and worth logging whenever one is named
-    reference = rollout.Reference(cfg, run.model_path, model, info.device) if cfg.kl_coef or cfg.ref_model else None
+    reference = ReferenceModel(cfg, run.model_path, info.device) if cfg.kl_coef or cfg.ref_model else None
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
-    backend = rollout.HFGenerationBackend(loop.model, pad_token_id=tokenizer.pad_token_id,
-                                          eos_token_id=tokenizer.eos_token_id,
-                                          batch_size=cfg.generation_batch_size)
-    sampling = rollout.SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, top_k=cfg.top_k)
+    backend, sampling = generation.build_sampler(cfg, loop.model, tokenizer)
     group, rows_per_micro = cfg.num_generations, cfg.batch_size * cfg.num_generations
 
     while not loop.done:
         prompts = [examples[i] for _ in range(cfg.grad_accum) for i in sampler.next()]
         exp = rollout.collect(backend, tokenizer, prompts, group_size=group, sampling=sampling, reward_fn=reward_fn)
         batch = exp.batch.to(info.device)
-        advantages = fa.group_advantages(exp.rewards, group, scale=cfg.scale_rewards).to(info.device)  # (B,)
-        score = dict(temperature=cfg.temperature, fused=cfg.fused, micro_batch_size=rows_per_micro)
-        per_row = {"old_logprobs": rollout.score_logprobs(loop.model, batch, **score), "advantages": advantages}
-        kl_seq = None
-        if reference is not None:
-            per_row["ref_logprobs"] = reference.logprobs(batch, **score)
-            kl_seq = ((per_row["old_logprobs"] - per_row["ref_logprobs"]) * batch.response_mask).sum(1).cpu()
-        stats = rollout.mean_over_processes(rollout_metrics(exp, group, kl_seq), info)
+        per_row, kl = rollout.score_rollout(loop.model, reference, batch, temperature=cfg.temperature,
+                                            fused=cfg.fused, micro_batch_size=rows_per_micro)
+        per_row["advantages"] = fa.group_advantages(exp.rewards, group, scale=cfg.scale_rewards).to(info.device)  # (B,)
+        kl_seq = kl.sum(1).cpu() if kl is not None else None
+        stats = distributed.mean_over_processes(rollout_metrics(exp, group, kl_seq), info)
         micro = rollout.micro_batches(batch, per_row, rows_per_micro)
         for _ in range(cfg.num_iterations):
             if loop.done:
                 break
-            loop.step(micro, lambda mb: policy_loss(loop.model, mb, cfg),
-                      weight_fn=lambda mb: loss_weight(mb, cfg.agg), extra_metrics=stats)
+            loop.step(micro, lambda mb: actor.actor_loss_from_config(loop.model, mb, cfg, kl_coef=cfg.kl_coef),
+                      weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=stats)
         backend.sync_weights(loop.model)
     return loop.finish()

@@ -31,9 +31,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastalign.train import checkpoint, config as config_mod, distributed, metrics as metrics_mod, models
+from fastalign.train import checkpoint, distributed, metrics as metrics_mod, models, tiny
+from fastalign.train.config_parsing import save_yaml
+from fastalign.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("fastalign.train")
+
+# a step whose micro-batches all weigh 0 divides by this, not by 0 (and is then skipped as bad)
+MIN_TOTAL_WEIGHT = 1e-12
+MIN_STEP_SECONDS = 1e-9  # tokens_per_s of a step the timer cannot resolve
 
 
 class TooManyBadSteps(RuntimeError):
@@ -74,43 +80,19 @@ def prepare(cfg) -> Run:
     run_dir = Path(cfg.output_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, run_dir / "config.yaml")
         if not cfg.model:
             log.info("no model given: using the embedded tiny model at %s", model_path)
     return Run(info=info, model_path=model_path, tokenizer=models.load_tokenizer(model_path), run_dir=run_dir)
 
 
 def _tiny_model(info) -> Path:
-    path = models.default_tiny_model_dir() if info.is_main else None
+    path = tiny.default_tiny_model_dir() if info.is_main else None
     distributed.barrier()  # rank 0 builds it; the others then find it
     return Path(distributed.broadcast_object(str(path) if path else None)) if info.enabled else path
 
 
-def build_optimizer(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms and biases)."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2))
-
-
-def build_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``warmup_steps``, then cosine / linear decay to 0 at ``max_steps``, or constant."""
-    warmup, total = cfg.warmup_steps, cfg.max_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_scheduler == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_scheduler == "cosine" else 1.0 - progress
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _tokens(micro_batch) -> int:
+def _attended_tokens(micro_batch) -> int:
     if isinstance(micro_batch, dict) and isinstance(micro_batch.get("attention_mask"), torch.Tensor):
         return int(micro_batch["attention_mask"].sum())
     return 0
@@ -134,19 +116,19 @@ class TrainLoop:
                  extra_state: dict | None = None, desc: str | None = None):
         self.cfg, self.run, self.info = cfg, run, run.info
         self.extra_state = dict(extra_state or {})
-        raw = {"model": model, **(extra_models or {})}
+        unwrapped = {"model": model, **(extra_models or {})}
         self.step_count, self.bad_steps, self.last_saved = 0, 0, -1
         self.history: list[dict] = []
         resume_from = checkpoint.latest_checkpoint(run.run_dir) if cfg.resume else None
         if cfg.resume and resume_from is None:
             log.info("resume: no complete checkpoint in %s/checkpoints, starting from scratch", run.run_dir)
         if resume_from is not None:  # weights go into the unsharded models, before wrapping
-            for name, m in raw.items():
+            for name, m in unwrapped.items():
                 checkpoint.load_weights(m, resume_from / name)
-        for m in raw.values():
+        for m in unwrapped.values():
             m.to(self.info.device)
             m.train()
-        self.models = {name: distributed.wrap(m, self.info, cfg.parallelism) for name, m in raw.items()}
+        self.models = {name: distributed.wrap(m, self.info, cfg.parallelism) for name, m in unwrapped.items()}
         self.model = self.models["model"]
         self.params = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
         if not self.params:
@@ -192,15 +174,6 @@ class TrainLoop:
         return self.step_count >= self.cfg.max_steps
 
     # ------------------------------------------------------------------------------------------------- step
-    def _no_sync(self, last: bool):
-        if last or not self.info.enabled:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        for m in self.models.values():
-            if hasattr(m, "no_sync"):  # DDP: reduce gradients on the last micro-batch only
-                stack.enter_context(m.no_sync())
-        return stack
-
     def step(self, micro_batches: list, loss_fn: Callable, weight_fn: Callable | None = None,
              extra_metrics: dict | None = None) -> dict:
         """One optimizer step over ``micro_batches`` (this process's share of the global batch).
@@ -208,54 +181,93 @@ class TrainLoop:
         Returns the step's metrics (global means): loss, the stats ``loss_fn`` returned, lr, grad_norm,
         tokens_per_s, skipped (1 when the NaN guard skipped the step), plus ``extra_metrics``.
         """
+        loss_sum, tokens, stat_sums, total = self._accumulate(micro_batches, loss_fn, weight_fn)
+        grad_norm = self._clip_gradients()
+        loss_sum, tokens, stat_sums = self._reduce(loss_sum, tokens, stat_sums)
+        loss = loss_sum / max(total, MIN_TOTAL_WEIGHT)
+        out = {"loss": loss, **{k: v / max(total, MIN_TOTAL_WEIGHT) for k, v in stat_sums.items()}}
+        skipped = self._apply_or_skip(loss, grad_norm, total)
+        lr = self._advance_schedule()
+        out.update(lr=lr, grad_norm=grad_norm, skipped=int(skipped), bad_steps=self.bad_steps,
+                   tokens_per_s=tokens / max(self.metrics.timer(), MIN_STEP_SECONDS), **(extra_metrics or {}))
+        return self._record(out)
+
+    def _accumulate(self, micro_batches: list, loss_fn: Callable,
+                    weight_fn: Callable | None) -> tuple[float, int, dict[str, float], float]:
+        """Backward of each micro-batch's loss, scaled so the gradients are those of the mean over every unit of
+        the global batch. Returns this process's weighted loss sum, token count and weighted stat sums, and the
+        global total weight."""
         weights = [float(weight_fn(mb)) if weight_fn is not None else 1.0 for mb in micro_batches]
         total = float(distributed.all_reduce_sum(torch.tensor(sum(weights), dtype=torch.float64)))
-        scale = self.info.world_size / max(total, 1e-12)  # DDP/FSDP average gradients over processes
+        scale = self.info.world_size / max(total, MIN_TOTAL_WEIGHT)  # DDP/FSDP average gradients over processes
         loss_sum, stat_sums, tokens = 0.0, {}, 0
         for i, (mb, w) in enumerate(zip(micro_batches, weights)):
-            last = i == len(micro_batches) - 1
-            for m in self.models.values():
-                if hasattr(m, "set_requires_gradient_sync"):  # FSDP2
-                    m.set_requires_gradient_sync(last)
-            with self._no_sync(last):
+            with self._gradient_sync(last=i == len(micro_batches) - 1):
                 loss, stats = loss_fn(mb)
                 if w > 0:
                     (loss * (w * scale)).backward()
             loss_sum += float(loss.detach()) * w
             for k, v in (stats or {}).items():
                 stat_sums[k] = stat_sums.get(k, 0.0) + metrics_mod.to_float(v) * w
-            tokens += _tokens(mb)
+            tokens += _attended_tokens(mb)
+        return loss_sum, tokens, stat_sums, total
+
+    def _gradient_sync(self, last: bool) -> contextlib.ExitStack:
+        """DDP and FSDP2 reduce gradients on the last micro-batch of a step only."""
+        stack = contextlib.ExitStack()
+        for m in self.models.values():
+            if hasattr(m, "set_requires_gradient_sync"):  # FSDP2
+                m.set_requires_gradient_sync(last)
+            if hasattr(m, "no_sync") and not last and self.info.enabled:  # DDP
+                stack.enter_context(m.no_sync())
+        return stack
+
+    @staticmethod
+    def _reduce(loss_sum: float, tokens: int, stat_sums: dict[str, float]) -> tuple[float, float, dict]:
+        """The weighted sums of every process, summed (one all-reduce)."""
+        names = sorted(stat_sums)
+        loss_sum, tokens, *values = distributed.sum_over_processes([loss_sum, tokens, *(stat_sums[k] for k in names)])
+        return loss_sum, tokens, dict(zip(names, values))
+
+    def _clip_gradients(self) -> float:
+        """Clip the global gradient norm to ``max_grad_norm`` (when set); returns the norm before clipping."""
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if hasattr(grad_norm, "full_tensor"):
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        names = sorted(stat_sums)
-        packed = torch.tensor([loss_sum, tokens, *[stat_sums[k] for k in names]], dtype=torch.float64)
-        packed = distributed.all_reduce_sum(packed)
-        loss_value = float(packed[0]) / max(total, 1e-12)
-        out = {"loss": loss_value, **{k: float(v) / max(total, 1e-12) for k, v in zip(names, packed[2:].tolist())}}
-        grad_norm = float(grad_norm)
-        bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm)) or total <= 0
+        return float(grad_norm)
+
+    def _apply_or_skip(self, loss: float, grad_norm: float, total: float) -> bool:
+        """The optimizer update, or, for a NaN/inf loss or gradient norm (or no weight at all), no update: the step
+        is counted as bad, and too many bad steps stop the run. Returns True when the step was skipped."""
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm)) or total <= 0
         self.step_count += 1
         if bad:
             self.bad_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             log.warning("step %d: loss %s, grad norm %s: step skipped (%d skipped so far, limit %d)",
-                        self.step_count, loss_value, grad_norm, self.bad_steps, self.cfg.max_bad_steps)
+                        self.step_count, loss, grad_norm, self.bad_steps, self.cfg.max_bad_steps)
             if self.bad_steps > self.cfg.max_bad_steps:
                 self.metrics.close()
                 raise TooManyBadSteps(f"{self.bad_steps} steps had a NaN/inf loss or gradient (max_bad_steps="
-                                      f"{self.cfg.max_bad_steps}); stopping. Lower the learning rate or check the data.")
+                                      f"{self.cfg.max_bad_steps}); stopping. Lower the learning rate or check the "
+                                      "data.")
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        return bad
+
+    def _advance_schedule(self) -> float:
+        """Step the learning-rate schedule; returns the rate this step used. A skipped step still advances it,
+        as it advances the data."""
         lr = self.scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():  # a skipped step still advances the schedule, like the data
+        with warnings.catch_warnings():  # torch warns when the optimizer did not step first (a skipped step)
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
-        elapsed = self.metrics.timer()
-        out.update(lr=lr, grad_norm=grad_norm, skipped=int(bad), bad_steps=self.bad_steps,
-                   tokens_per_s=float(packed[1]) / max(elapsed, 1e-9), **(extra_metrics or {}))
+        return lr
+
+    def _record(self, out: dict) -> dict:
+        """Monitors, history, metrics.jsonl and the progress bar, and a checkpoint when one is due."""
         out = {k: metrics_mod.to_float(v) for k, v in out.items()}
         for message in self.monitors.check(self.step_count, out):
             self.metrics.write(f"warning: {message}")

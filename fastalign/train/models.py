@@ -1,8 +1,5 @@
 """Models for the trainer: load local Hugging Face checkpoints, get last hidden states and the LM head, and
 compute per-token log-probs with the fused op (``fa.linear_logprobs``) so no step materializes [B, T, V] logits.
-
-Also builds the embedded tiny model: a Llama-style config and a byte-level BPE tokenizer trained on text shipped
-in ``fastalign/data/``, saved with ``save_pretrained`` so everything loads it like a real checkpoint.
 """
 from __future__ import annotations
 
@@ -17,18 +14,10 @@ from torch import nn
 
 import fastalign as fa
 from fastalign.ops.logprobs import LogprobsOutput
+from fastalign.reference.logprobs import logprobs_from_logits
+from fastalign.train import _moved, tiny
+from fastalign.train.config import DEFAULT_LORA_TARGET_MODULES
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-TINY_CORPUS = DATA_DIR / "tiny_corpus.txt"
-
-# The tiny tokenizer's specials and chat format. The template is prefix-stable: rendering messages[:-1] with
-# add_generation_prompt=True is a prefix of rendering all messages, which the data code relies on for masks.
-PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
-    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -123,7 +112,7 @@ def load_model(
     if lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        targets = lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
+        targets = lora_target_modules or list(DEFAULT_LORA_TARGET_MODULES)
         modules_to_save = ["score"] if kind == "score" else None
         lcfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                           modules_to_save=modules_to_save, task_type="SEQ_CLS" if kind == "score" else "CAUSAL_LM")
@@ -133,9 +122,6 @@ def load_model(
     return model
 
 
-# ----------------------------------------------------------------------------------------- hidden states, head
-
-
 def load_trainable(path: str | os.PathLike, cfg, *, device: str | torch.device, kind: str = "causal") -> nn.Module:
     """:func:`load_model` with a trainer config's dtype, attention, gradient-checkpointing and LoRA settings."""
     return load_model(path, kind=kind, dtype=cfg.dtype, device=device, attn=cfg.attn_implementation,
@@ -143,14 +129,17 @@ def load_trainable(path: str | os.PathLike, cfg, *, device: str | torch.device, 
                       lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/FSDP/HeadForward/peft wrappers (peft's LoRA layers stay injected)."""
+# ----------------------------------------------------------------------------------------- hidden states, head
+
+def unwrap(model: nn.Module, *, keep_peft: bool = False) -> nn.Module:
+    """The transformers model under the DDP/FSDP and HeadForward wrappers, and under peft's unless ``keep_peft``
+    (peft's LoRA layers stay injected either way; keep the peft model to save adapters or disable them)."""
     while True:
         if isinstance(model, HeadForward):
             model = model.model
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP
             model = model.module
-        elif hasattr(model, "get_base_model"):  # peft
+        elif not keep_peft and hasattr(model, "get_base_model"):  # peft
             model = model.get_base_model()
         else:
             return model
@@ -223,10 +212,8 @@ def _shifted_logprobs(model, hidden, *, labels, fused, temperature, ignore_index
         logits = torch.nn.functional.linear(h, weight, bias).float()
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        logprobs_all = torch.log_softmax(logits / temperature, dim=-1)
-        valid = y != ignore_index
-        logp = logprobs_all.gather(-1, y.clamp(min=0)[..., None])[..., 0] * valid
-        ent = -(logprobs_all.exp() * logprobs_all).sum(-1) * valid if return_entropy else None
+        logp, ent = logprobs_from_logits(logits, y, temperature=temperature, ignore_index=ignore_index,
+                                         return_entropy=return_entropy)
     pad = hidden.new_zeros(hidden.shape[0], 1, dtype=torch.float32)
     logp = torch.cat([pad, logp], dim=1)
     ent = torch.cat([pad, ent], dim=1) if ent is not None else None
@@ -286,80 +273,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# ------------------------------------------------------------------------------------------------ tiny model
-
-def build_tiny_tokenizer(corpus: str | os.PathLike = TINY_CORPUS, vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained on ``corpus`` (digits kept one per token), with pad/bos/eos, role
-    tokens and a chat template. Offline and deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    text = Path(corpus).read_text(encoding="utf-8").splitlines()
-    tok.train_from_iterator(text, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   additional_special_tokens=list(ROLE_TOKENS))
-    fast.chat_template = TINY_CHAT_TEMPLATE
-    fast.padding_side = "right"
-    return fast
-
-
-def build_tiny_model_and_tokenizer(
-    out_dir: str | os.PathLike,
-    *,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    max_positions: int = 512,
-    vocab_size: int = 384,
-    tie_word_embeddings: bool = True,
-    seed: int = 0,
-) -> Path:
-    """Build a tiny Llama-style model (random init, ``seed``) and the tiny tokenizer; save both to ``out_dir``
-    (safetensors). Returns the directory, loadable by :func:`load_model` / :func:`load_tokenizer`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = Path(out_dir)
-    tokenizer = build_tiny_tokenizer(vocab_size=vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, rms_norm_eps=1e-6,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def default_tiny_model_dir() -> Path:
-    """The embedded model, built once per user into a cache directory (``FASTALIGN_CACHE`` overrides)."""
-    root = Path(os.environ.get("FASTALIGN_CACHE", Path.home() / ".cache" / "fastalign"))
-    path = root / "tiny-llama"
-    if not (path / "config.json").is_file():
-        tmp = root / f".tiny-llama-tmp-{os.getpid()}"
-        build_tiny_model_and_tokenizer(tmp)
-        try:
-            os.rename(tmp, path)  # atomic: concurrent builders race harmlessly
-        except OSError:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+# the tiny model's builder moved to fastalign.train.tiny
+__getattr__ = _moved.moved_names(__name__, {"build_tiny_tokenizer": tiny, "build_tiny_model_and_tokenizer": tiny,
+                                            "default_tiny_model_dir": tiny})

@@ -22,16 +22,18 @@ from dataclasses import dataclass
 import torch
 
 import fastalign as fa
-from fastalign.train import data, metrics, models, rollout
-from fastalign.train.config import option
+from fastalign.train import actor, data, distributed, generation, models, rollout
+from fastalign.train.config import RLConfig, RUN_DIR_HELP
+from fastalign.train.config_parsing import option
 from fastalign.train.loop import TrainLoop, prepare
+from fastalign.train.ref_model import ReferenceModel
 
 
 @dataclass
-class PPOConfig(rollout.RLConfig):
+class PPOConfig(RLConfig):
     """PPO: policy + value model, GAE, clipped policy and value losses, KL penalty to a reference."""
 
-    output_dir: str = option("runs/ppo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    output_dir: str = option("runs/ppo", RUN_DIR_HELP)
     learning_rate: float = option(1e-6, "peak learning rate (AdamW), for the policy and the value model")
     value_model: str | None = option(None, "value-model checkpoint (loaded with a scalar head, e.g. the reward "
                                            "model); none: the policy checkpoint with a fresh head")
@@ -66,8 +68,7 @@ def rollout_values(value_model, batch: rollout.RolloutBatch, micro_batch_size: i
 
 def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float) -> torch.Tensor:
     """(B, T) fp32: the sequence score on each row's last response token, minus ``kl_coef * kl`` per token."""
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = (mask.long() * (positions + 1)).argmax(1)  # (B,) index of the last response token
+    last = models.last_token_index(mask)  # (B,) index of the last response token
     rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     rewards[torch.arange(mask.shape[0], device=mask.device), last] = scores.float().to(mask.device)
     if kl is not None and kl_coef:
@@ -77,12 +78,7 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | N
 
 def ppo_loss(policy, value_model, mb: dict, cfg: PPOConfig) -> tuple[torch.Tensor, dict]:
     """Policy loss (+ KL term when not in the reward) + vf_coef * clipped value loss, and their stats."""
-    pg, stats = rollout.actor_loss(
-        policy, mb, fused=cfg.fused, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        agg=cfg.agg, norm_len=cfg.max_new_tokens, kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef,
-        kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, backend=cfg.backend)
-    if "kl" in stats:
-        stats["kl_token"] = stats.pop("kl")
+    pg, stats = actor.actor_loss_from_config(policy, mb, cfg, kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef)
     values = shifted_values(value_model, mb["input_ids"], mb["attention_mask"])
     vf, vstats = fa.value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], clip=cfg.cliprange_value,
                                agg=cfg.agg, norm_len=cfg.max_new_tokens, backend=cfg.backend)
@@ -98,14 +94,11 @@ def train(cfg: PPOConfig) -> dict:
     policy = models.load_trainable(run.model_path, cfg, device=info.device)
     value_model = models.load_trainable(cfg.value_model or run.model_path, cfg, device=info.device, kind="score")
     examples, reward_fn = rollout.prompts_and_rewards(cfg, tokenizer, info.device)
-    reference = rollout.Reference(cfg, run.model_path, policy, info.device) if cfg.kl_coef or cfg.ref_model else None
+    reference = ReferenceModel(cfg, run.model_path, info.device) if cfg.kl_coef or cfg.ref_model else None
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, policy, run, extra_models={"value": value_model}, extra_state={"sampler": sampler})
     policy, value_model = loop.model, loop.models["value"]
-    backend = rollout.HFGenerationBackend(policy, pad_token_id=tokenizer.pad_token_id,
-                                          eos_token_id=tokenizer.eos_token_id, batch_size=cfg.generation_batch_size)
-    sampling = rollout.SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, top_k=cfg.top_k)
+    backend, sampling = generation.build_sampler(cfg, policy, tokenizer)
     rows_per_micro = cfg.batch_size * cfg.num_generations
 
     while not loop.done:
@@ -114,31 +107,20 @@ def train(cfg: PPOConfig) -> dict:
                               reward_fn=reward_fn)
         batch = exp.batch.to(info.device)
         mask = batch.response_mask
-        score = dict(temperature=cfg.temperature, fused=cfg.fused, micro_batch_size=rows_per_micro)
-        per_row = {"old_logprobs": rollout.score_logprobs(policy, batch, **score)}
-        kl = None
-        if reference is not None:
-            per_row["ref_logprobs"] = reference.logprobs(batch, **score)
-            kl = (per_row["old_logprobs"] - per_row["ref_logprobs"]) * mask  # (B, T) k1 per token
+        per_row, kl = rollout.score_rollout(policy, reference, batch, temperature=cfg.temperature, fused=cfg.fused,
+                                            micro_batch_size=rows_per_micro)  # kl: (B, T) k1 per token
         old_values = rollout_values(value_model, batch, rows_per_micro)  # (B, T), no grad
         rewards_t = token_rewards(exp.rewards, mask, kl if cfg.kl_in_reward else None, cfg.kl_coef)
         advantages, returns = fa.gae(rewards_t, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
                                      whiten=cfg.whiten_advantages)
         per_row.update(advantages=advantages, returns=returns, old_values=old_values)
-        stats = {"reward": exp.rewards.mean(), "completion_length": exp.batch.completion_lengths.float().mean(),
-                 "truncated_frac": exp.batch.truncated.float().mean(),
-                 "reward_length_corr": metrics.reward_length_correlation(exp.rewards, exp.batch.completion_lengths),
-                 **{f"reward/{k}": v.mean() for k, v in exp.reward_parts.items()}}
-        if kl is not None:
-            stats["kl"] = kl.sum(1).mean()
-        stats = rollout.mean_over_processes({k: metrics.to_float(v) for k, v in stats.items()}, info)
+        kl_seq = kl.sum(1) if kl is not None else None
+        stats = distributed.mean_over_processes(rollout.rollout_metrics(exp, kl_seq), info)
         micro = rollout.micro_batches(batch, per_row, rows_per_micro)
         for _ in range(cfg.num_iterations):
             if loop.done:
                 break
             loop.step(micro, lambda mb: ppo_loss(policy, value_model, mb, cfg),
-                      weight_fn=lambda mb: mb["response_mask"].sum() if cfg.agg == "token-mean"
-                      else torch.tensor(mb["input_ids"].shape[0]), extra_metrics=stats)
+                      weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=stats)
         backend.sync_weights(policy)
     return loop.finish()
-

@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+from fastalign.train import data, models
+from fastalign.train.config import reward_function_names
+
 RewardFn = Callable[..., list[float]]
 REWARD_FUNCTIONS: dict[str, RewardFn] = {}
 
@@ -109,8 +112,6 @@ class RewardModelScorer:
 
     def __init__(self, path: str, *, device: str | torch.device = "cpu", dtype: str = "auto", batch_size: int = 32,
                  max_length: int = 1024, max_prompt_length: int = 512, chat_template: str = "auto"):
-        from fastalign.train import data, models
-
         self.model = models.load_model(path, kind="score", dtype=dtype, device=device)
         self.model.eval().requires_grad_(False)
         self.tokenizer = models.load_tokenizer(path)
@@ -120,8 +121,6 @@ class RewardModelScorer:
         self.__name__ = f"reward_model:{path}"
 
     def encode(self, prompt, completion: str) -> list[int]:
-        from fastalign.train import data
-
         p = data.encode_prompt(self.tokenizer, prompt, self.chat, self.max_prompt_length)
         text = data.render_completion(self.tokenizer, prompt, completion, self.chat)
         c = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -129,15 +128,13 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
-        from fastalign.train import data, models
-
         scores: list[float] = []
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(completions), self.batch_size):
             seqs = [self.encode(p, c) for p, c in zip(prompts[start:start + self.batch_size],
                                                        completions[start:start + self.batch_size])]
             ids = data.pad_right(seqs, pad).to(self.device)
-            mask = data.pad_right([[1] * len(s) for s in seqs], 0).to(self.device)
+            mask = data.attention_mask(seqs).to(self.device)
             scores += models.sequence_scores(self.model, ids, mask).float().cpu().tolist()
         return scores
 
@@ -185,7 +182,7 @@ def build_rewards(
 ) -> Rewards:
     """Resolve reward-function names (and an optional reward-model directory) into one :class:`Rewards`.
     ``names`` may be empty when a reward model is given."""
-    names = [n.strip() for n in names if n.strip() and n.strip().lower() != "none"]  # CLI: --reward-funcs none
+    names = reward_function_names(names)
     weights = [1.0] * len(names) if weights is None or len(weights) == 0 else [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} reward weights for {len(names)} reward functions {names}")

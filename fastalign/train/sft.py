@@ -20,18 +20,11 @@ from fastalign.train.loop import TrainLoop, prepare
 log = logging.getLogger("fastalign.train")
 
 
-def trained_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: positions whose label is trained (column 0 has no prediction, so it never is)."""
-    valid = labels != data.IGNORE
-    valid[:, 0] = False
-    return valid
-
-
 def sft_loss(model, batch: dict, cfg: SFTConfig) -> tuple[torch.Tensor, dict]:
     """Mean NLL over the micro-batch's trained tokens, and its stats. batch: (B, T) input_ids,
     attention_mask, labels."""
     labels = batch["labels"]
-    valid = trained_tokens(labels)
+    valid = data.response_mask(labels)
     out = models.token_logprobs(model, batch["input_ids"], batch["attention_mask"], labels.masked_fill(~valid,
                                 data.IGNORE), fused=cfg.fused, backend=cfg.backend)
     count = valid.sum().clamp(min=1)
@@ -65,5 +58,6 @@ def train(cfg: SFTConfig) -> dict:
 
     while not loop.done:
         micro = [micro_batch() for _ in range(cfg.grad_accum)]
-        loop.step(micro, lambda mb: sft_loss(loop.model, mb, cfg), weight_fn=lambda mb: trained_tokens(mb["labels"]).sum())
+        loop.step(micro, lambda mb: sft_loss(loop.model, mb, cfg),
+                  weight_fn=lambda mb: data.response_mask(mb["labels"]).sum())
     return loop.finish()

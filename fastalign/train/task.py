@@ -8,8 +8,8 @@ held-out accuracy measures generalization, not recall:
     preference.jsonl  {"prompt", "chosen", "rejected"}     DPO; rejected = a plausible wrong sum
     rl.jsonl          {"prompt", "answer"}                 GRPO/PPO prompts; ``answer`` reaches the reward functions
 
-The shipped copies under ``fastalign/data/demo/`` are :func:`write_task_files` output for the default
-:class:`AdditionTask` (a test regenerates and compares them). Trainers read them through ``fastalign.train.data``.
+The shipped copies under ``fastalign/data/demo/`` (``data.demo_files()``) are :func:`write_task_files` output for
+the default :class:`AdditionTask` (a test regenerates and compares them).
 """
 from __future__ import annotations
 
@@ -22,12 +22,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fastalign.train import data as data_lib
-from fastalign.train import rollout
+from fastalign.train import _moved, data, generation
+from fastalign.train.data import DEMO_SPLITS as SPLITS
 from fastalign.train.rewards import exact_match
-
-DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
-SPLITS = ("heldout", "sft", "preference", "rl")
 
 
 @dataclass(frozen=True)
@@ -92,15 +89,10 @@ def write_task_files(out_dir: str | Path, task: AdditionTask = AdditionTask()) -
     return paths
 
 
-def demo_files() -> dict[str, Path]:
-    """The shipped split files (``fastalign/data/demo/<split>.jsonl``)."""
-    return {name: DEMO_DATA_DIR / f"{name}.jsonl" for name in SPLITS}
-
-
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 8,
                       batch_size: int = 256, chat_template: str = "auto", max_prompt_length: int = 256,
-                      backend: rollout.GenerationBackend | None = None) -> float:
+                      backend: generation.GenerationBackend | None = None) -> float:
     """Exact-match accuracy of greedy completions on rows with ``prompt`` and ``answer`` (e.g. heldout.jsonl).
 
     Prompts are encoded by ``data.tokenize_prompts``, exactly as the trainers encode them (``chat_template``
@@ -109,12 +101,16 @@ def evaluate_accuracy(model: nn.Module, tokenizer, rows: Sequence[dict], *, max_
     rows = list(rows)
     if not rows:
         raise ValueError("evaluate_accuracy needs at least one row")
-    backend = backend or rollout.HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id,
+    backend = backend or generation.HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id,
                                                      eos_token_id=tokenizer.eos_token_id, batch_size=batch_size)
-    encoded = data_lib.tokenize_prompts(rows, tokenizer, max_prompt_length=max_prompt_length,
+    encoded = data.tokenize_prompts(rows, tokenizer, max_prompt_length=max_prompt_length,
                                         chat_template=chat_template, name="eval")
     prompt_ids = [e["prompt_ids"] for e in encoded]
-    completions = backend.generate(prompt_ids, rollout.SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
-    texts = rollout.decode_completions(tokenizer, completions)
+    completions = backend.generate(prompt_ids, generation.SamplingParams(max_new_tokens=max_new_tokens, greedy=True))
+    texts = generation.decode_completions(tokenizer, completions)
     scores = exact_match([r["prompt"] for r in rows], texts, answer=[r["answer"] for r in rows])
     return sum(scores) / len(scores)
+
+
+# the shipped split files are found through fastalign.train.data
+__getattr__ = _moved.moved_names(__name__, {"demo_files": data})

@@ -7,7 +7,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama-style checkpoint + tokenizer (hidden 64, 2 layers, vocab 384), like a real one."""
-    from fastalign.train.models import build_tiny_model_and_tokenizer
+    from fastalign.train.tiny import build_tiny_model_and_tokenizer
 
     return build_tiny_model_and_tokenizer(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 

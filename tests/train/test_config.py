@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from fastalign.train.config import DPOConfig, RMConfig, SFTConfig, TrainConfig, from_dict, parse_config, save_yaml
+from fastalign.train.config import DPOConfig, RMConfig, SFTConfig, TrainConfig
+from fastalign.train.config_parsing import from_dict, parse_config, save_yaml
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, SFTConfig, RMConfig, DPOConfig])

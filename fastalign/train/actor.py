@@ -1,0 +1,78 @@
+"""The actor (policy) loss GRPO and PPO share: the clipped policy gradient with optional KL and entropy terms.
+
+Notation: for response token t of row b, ratio_t = pi(y_t | s_t) / pi_old(y_t | s_t) and advantage A (per sequence
+or per token),
+    l_t = max(-A ratio_t, -A clip(ratio_t, 1 - clip_low, 1 + clip_high))   [dual clip: min(l_t, -A c) for A < 0]
+    loss = agg(l) + kl_coef * agg(KL_t(pi || ref)) - entropy_coef * agg(H_t)
+with ``agg`` one of ``fastalign.reference.rl.AGG_MODES`` over the response mask.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fastalign as fa
+from fastalign.reference.rl import aggregate
+from fastalign.train import models
+
+
+def actor_loss(model: nn.Module, mb: dict, *, fused: bool = True, clip_low: float = 0.2,
+               clip_high: float | None = None, dual_clip: float | None = None, agg: str = "token-mean",
+               norm_len: int | None = None, kl_coef: float = 0.0, kl_kind: str = "k3", entropy_coef: float = 0.0,
+               temperature: float = 1.0, backend: str = "auto") -> tuple[torch.Tensor, dict]:
+    """Clipped policy-gradient loss of one micro-batch, and its stats.
+
+    ``mb``: (b, t) ``input_ids``, ``attention_mask``, ``labels`` (-100 off the response), ``response_mask``,
+    ``old_logprobs``, ``advantages`` ((b,) per sequence or (b, t) per token), optional ``ref_logprobs``; token
+    columns aligned with labels (column t scores ``input_ids[:, t]``).
+
+    fused=True: ``fa.linear_policy_loss`` on the last hidden states and the LM head (no [b, t, V] logits).
+    fused=False: full logits -> log-probs -> ``fa.ppo_policy_loss`` + KL and entropy terms, the reference.
+    Both use an explicit ``norm_len`` so that "seq-mean-token-sum-norm" does not depend on the padded width.
+    """
+    labels, mask, old, adv = mb["labels"], mb["response_mask"], mb["old_logprobs"], mb["advantages"]
+    ref = mb.get("ref_logprobs")
+    if kl_coef and ref is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs in the micro-batch")
+    clip = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, norm_len=norm_len)
+    if fused:
+        def fn(m, hidden):
+            weight, bias = models.lm_head_weight(m)
+            # hidden[:, t] predicts labels[:, t + 1]: drop the last state and the first label column
+            return fa.linear_policy_loss(
+                hidden[:, :-1], weight, labels[:, 1:], old[:, 1:], adv if adv.dim() == 1 else adv[:, 1:],
+                mask[:, 1:], ref_logprobs=ref[:, 1:] if ref is not None else None, kl_coef=kl_coef,
+                kl_kind=kl_kind, entropy_coef=entropy_coef, return_entropy=True, bias=bias,
+                temperature=temperature, softcap=models.logit_softcap(m), backend=backend, **clip)
+
+        return models.forward_head(model, mb["input_ids"], mb["attention_mask"], fn)
+    out = models.token_logprobs(model, mb["input_ids"], mb["attention_mask"], labels, fused=False,
+                                temperature=temperature, return_entropy=True)
+    pg, stats = fa.ppo_policy_loss(out.logprobs, old, adv, mask, backend=backend, **clip)
+    stats = dict(stats, pg_loss=pg.detach())
+    loss = pg
+    count = mask.sum().clamp(min=1)
+    if ref is not None:
+        kl = fa.kl_penalty(out.logprobs, ref, kind=kl_kind)
+        loss = loss + kl_coef * aggregate(kl, mask, agg, norm_len)
+        stats["kl"] = ((kl * mask).sum() / count).detach()
+    loss = loss - entropy_coef * aggregate(out.entropy, mask, agg, norm_len)
+    stats["entropy"] = ((out.entropy * mask).sum() / count).detach()
+    return loss, stats
+
+
+def actor_loss_from_config(model: nn.Module, mb: dict, cfg, *, kl_coef: float) -> tuple[torch.Tensor, dict]:
+    """:func:`actor_loss` with an RL config's settings (``config.RLConfig``); the per-token KL stat is renamed
+    ``kl_token``: ``kl`` in the step metrics is the per-sequence KL at sampling time, which the monitor watches."""
+    loss, stats = actor_loss(
+        model, mb, fused=cfg.fused, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        agg=cfg.agg, norm_len=cfg.max_new_tokens, kl_coef=kl_coef, kl_kind=cfg.kl_kind,
+        entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, backend=cfg.backend)
+    if "kl" in stats:
+        stats["kl_token"] = stats.pop("kl")
+    return loss, stats
+
+
+def loss_weight(mb: dict, agg: str) -> torch.Tensor:
+    """Units the micro-batch's actor loss is a mean over: response tokens for token-mean, else sequences."""
+    return mb["response_mask"].sum() if agg == "token-mean" else torch.tensor(mb["input_ids"].shape[0])
