@@ -30,10 +30,7 @@ import torch.nn.functional as F
 from fastalign.train.config import DPOConfig as FaDPOConfig
 from fastalign.train.dpo import dpo_loss as trainer_dpo_loss
 
-try:
-    from fastalign.train.actor import actor_loss
-except ImportError:  # merge: drop the fallback
-    from fastalign.train.rollout import actor_loss
+from fastalign.train.actor import actor_loss
 
 from . import peers
 from .logprobs import IGNORE

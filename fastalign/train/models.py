@@ -15,7 +15,6 @@ from torch import nn
 import fastalign as fa
 from fastalign.ops.logprobs import LogprobsOutput
 from fastalign.reference.logprobs import logprobs_from_logits
-from fastalign.train import _moved, tiny
 from fastalign.train.config import DEFAULT_LORA_TARGET_MODULES
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -273,6 +272,3 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# the tiny model's builder moved to fastalign.train.tiny
-__getattr__ = _moved.moved_names(__name__, {"build_tiny_tokenizer": tiny, "build_tiny_model_and_tokenizer": tiny,
-                                            "default_tiny_model_dir": tiny})

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fastalign.train import _moved, actor, data, generation, metrics, models, rewards
+from fastalign.train import data, generation, metrics, models, rewards
 from fastalign.train.config import RLConfig
 from fastalign.train.ref_model import ReferenceModel
 
@@ -181,9 +181,3 @@ def rollout_metrics(exp: Experience, kl_seq: torch.Tensor | None) -> dict[str, f
     if kl_seq is not None:
         out["kl"] = kl_seq.mean()
     return {k: metrics.to_float(v) for k, v in out.items()}
-
-
-# moved: the sampler to fastalign.train.generation, the actor loss to fastalign.train.actor
-__getattr__ = _moved.moved_names(__name__, {
-    "SamplingParams": generation, "Completions": generation, "GenerationBackend": generation,
-    "HFGenerationBackend": generation, "decode_completions": generation, "actor_loss": actor})

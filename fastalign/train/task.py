@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fastalign.train import _moved, data, generation
+from fastalign.train import data, generation
 from fastalign.train.data import DEMO_SPLITS as SPLITS
 from fastalign.train.rewards import exact_match
 
@@ -113,4 +113,3 @@ def evaluate_accuracy(model: nn.Module, tokenizer, rows: Sequence[dict], *, max_
 
 
 # the shipped split files are found through fastalign.train.data
-__getattr__ = _moved.moved_names(__name__, {"demo_files": data})

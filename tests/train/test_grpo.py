@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fastalign.train import grpo, models, rewards, rollout
+from fastalign.train import actor, generation, grpo, models, rewards, rollout
 
 VOWELS = set("aeiou")
 
@@ -42,8 +42,8 @@ def _vowel_mass(model_dir, tokenizer, prompts) -> float:
 def _rollout_micro_batch(policy, tok, agg_seed=0):
     torch.manual_seed(agg_seed)
     prompts = [tok("12+7=")["input_ids"], tok("What is 3+4?")["input_ids"], tok("9+9=")["input_ids"]]
-    comps = rollout.HFGenerationBackend(policy, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id) \
-        .generate(prompts * 2, rollout.SamplingParams(max_new_tokens=5, temperature=0.9))
+    comps = generation.HFGenerationBackend(policy, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id) \
+        .generate(prompts * 2, generation.SamplingParams(max_new_tokens=5, temperature=0.9))
     batch = rollout.build_rollout(prompts * 2, comps, pad_token_id=tok.pad_token_id)
     old = rollout.score_logprobs(policy, batch, temperature=0.9)
     noise = 0.1 * torch.randn(old.shape) * batch.response_mask  # old != current: ratios away from 1, clipping
@@ -61,7 +61,7 @@ def test_fused_actor_loss_equals_unfused(tiny_model_dir, tiny_tokenizer, agg):
     results = []
     for fused in (True, False):
         policy.zero_grad()
-        loss, stats = rollout.actor_loss(policy, mb, fused=fused, **opts)
+        loss, stats = actor.actor_loss(policy, mb, fused=fused, **opts)
         loss.backward()
         results.append((loss.detach(), stats, {n: p.grad.clone() for n, p in policy.named_parameters()}))
     (lf, sf, gf), (lu, su, gu) = results
@@ -78,7 +78,7 @@ def test_actor_loss_needs_reference_for_kl(tiny_model_dir, tiny_tokenizer):
     mb = _rollout_micro_batch(policy, tiny_tokenizer)
     del mb["ref_logprobs"]
     with pytest.raises(ValueError, match="ref_logprobs"):
-        rollout.actor_loss(policy, mb, kl_coef=0.1)
+        actor.actor_loss(policy, mb, kl_coef=0.1)
 
 
 def test_grpo_raises_the_reward(tiny_model_dir, tiny_tokenizer, tmp_path):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastalign.train import models as M
+from fastalign.train.tiny import build_tiny_tokenizer
 
 
 def _batch(tokenizer):
@@ -22,7 +23,7 @@ def test_load_errors(tmp_path):
 
 
 def test_tiny_tokenizer_offline_and_deterministic(tiny_tokenizer):
-    again = M.build_tiny_tokenizer()
+    again = build_tiny_tokenizer()
     assert again.get_vocab() == tiny_tokenizer.get_vocab()
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         assert getattr(tiny_tokenizer, name) is not None

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastalign.train import models, rollout
+from fastalign.train import generation, models, rollout
 
 
 @pytest.fixture(scope="module")
@@ -12,12 +12,12 @@ def policy(tiny_model_dir):
 
 
 def _backend(policy, tok, **kw):
-    return rollout.HFGenerationBackend(policy, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+    return generation.HFGenerationBackend(policy, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
 
 
 def test_build_rollout_masks_by_hand():
     # prompt lengths 3 and 1; completions: 2 tokens ending with EOS (=2), and 3 tokens truncated
-    comps = rollout.Completions(token_ids=[[7, 2], [5, 6, 9]], truncated=[False, True])
+    comps = generation.Completions(token_ids=[[7, 2], [5, 6, 9]], truncated=[False, True])
     b = rollout.build_rollout([[4, 4, 4], [8]], comps, pad_token_id=0)
     assert b.input_ids.tolist() == [[4, 4, 4, 7, 2], [8, 5, 6, 9, 0]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
@@ -30,18 +30,18 @@ def test_build_rollout_masks_by_hand():
 
 
 def test_backend_is_a_generation_backend(policy, tiny_tokenizer):
-    assert isinstance(_backend(policy, tiny_tokenizer), rollout.GenerationBackend)
+    assert isinstance(_backend(policy, tiny_tokenizer), generation.GenerationBackend)
     with pytest.raises(ValueError, match="temperature"):
-        rollout.SamplingParams(temperature=0.0)
+        generation.SamplingParams(temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
-        rollout.SamplingParams(top_p=0.0)
+        generation.SamplingParams(top_p=0.0)
 
 
 def test_left_padding_does_not_change_greedy_completions(policy, tiny_tokenizer):
     tok = tiny_tokenizer
     prompts = [tok("12+7=")["input_ids"], tok("The answer is 3+45=")["input_ids"], tok("9")["input_ids"]]
     assert len({len(p) for p in prompts}) == 3
-    greedy = rollout.SamplingParams(max_new_tokens=6, greedy=True)
+    greedy = generation.SamplingParams(max_new_tokens=6, greedy=True)
     batched = _backend(policy, tok).generate(prompts, greedy)
     for p, ids, trunc in zip(prompts, batched.token_ids, batched.truncated):
         solo = _backend(policy, tok).generate([p], greedy)
@@ -59,7 +59,7 @@ def test_completions_stop_at_eos(policy, tiny_tokenizer):
         base.lm_head.weight[tok.eos_token_id] += 0.5 * base.lm_head.weight.std() * torch.randn_like(saved)
     try:
         comps = _backend(policy, tok, batch_size=5).generate(
-            [tok("1+1=")["input_ids"]] * 16, rollout.SamplingParams(max_new_tokens=4, temperature=1.5))
+            [tok("1+1=")["input_ids"]] * 16, generation.SamplingParams(max_new_tokens=4, temperature=1.5))
     finally:
         with torch.no_grad():
             base.lm_head.weight[tok.eos_token_id] = saved
@@ -89,7 +89,7 @@ def test_recomputed_logprobs_match_the_sampler(policy, tiny_tokenizer):
                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     gen = out.sequences[:, width:]
     sampler_logp = (torch.stack(out.logits, 1).float() / 0.7).log_softmax(-1).gather(-1, gen[..., None])[..., 0]
-    comps = rollout.Completions([], [])
+    comps = generation.Completions([], [])
     for row in gen.tolist():
         cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
         comps.token_ids.append(row[:cut])
@@ -107,8 +107,8 @@ def test_recomputed_logprobs_match_the_sampler(policy, tiny_tokenizer):
 
 def test_decode_strips_eos(policy, tiny_tokenizer):
     tok = tiny_tokenizer
-    comps = rollout.Completions([tok("19")["input_ids"] + [tok.eos_token_id]], [False])
-    assert rollout.decode_completions(tok, comps) == ["19"]
+    comps = generation.Completions([tok("19")["input_ids"] + [tok.eos_token_id]], [False])
+    assert generation.decode_completions(tok, comps) == ["19"]
 
 
 class _EchoBackend:
@@ -120,7 +120,7 @@ class _EchoBackend:
     def generate(self, prompt_ids, sampling):
         n = len(prompt_ids)
         ids = [[30] * (i + 1) + ([self.eos] if i < n - 1 else []) for i in range(n)]
-        return rollout.Completions(ids, [i == n - 1 for i in range(n)])
+        return generation.Completions(ids, [i == n - 1 for i in range(n)])
 
     def sync_weights(self, model):
         pass
@@ -137,7 +137,7 @@ def test_collect_repeats_prompts_and_passes_fields(tiny_tokenizer):
         return torch.arange(len(completions), dtype=torch.float32), {"spy": torch.zeros(len(completions))}
 
     exp = rollout.collect(_EchoBackend(tok.eos_token_id), tok, examples, group_size=3,
-                          sampling=rollout.SamplingParams(max_new_tokens=6), reward_fn=reward_fn)
+                          sampling=generation.SamplingParams(max_new_tokens=6), reward_fn=reward_fn)
     # rows g*G .. g*G+G-1 belong to prompt g; every non-prompt field is repeated per completion
     assert seen["prompts"] == ["1+1="] * 3 + ["2+2="] * 3
     assert seen["fields"] == {"answer": ["2"] * 3 + ["4"] * 3, "level": [1] * 3 + [3] * 3,

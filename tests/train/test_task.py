@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from fastalign.train import data, models, rollout, task
+from fastalign.train import data, generation, models, task
 
 
 def test_shipped_files_are_the_default_generation(tmp_path):
     fresh = task.write_task_files(tmp_path)
-    for name, path in task.demo_files().items():
+    for name, path in data.demo_files().items():
         assert path.read_bytes() == fresh[name].read_bytes(), f"{path} differs from write_task_files output"
 
 
@@ -41,7 +41,7 @@ def test_too_many_problems_is_an_error():
 
 
 def test_files_load_through_the_trainer_loaders(tiny_tokenizer):
-    files = task.demo_files()
+    files = data.demo_files()
     kinds = {"sft": "sft", "preference": "preference", "rl": "rl", "heldout": "rl"}
     for name, kind in kinds.items():
         rows = data.load_rows(files[name], kind)
@@ -61,7 +61,7 @@ class _Oracle:
 
     def generate(self, prompt_ids, sampling):
         assert sampling.greedy
-        out = rollout.Completions([], [])
+        out = generation.Completions([], [])
         for i, r in enumerate(self.rows):
             text = r["answer"] if i < self.k else str(int(r["answer"]) + 1)
             out.token_ids.append(self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id])
@@ -73,7 +73,7 @@ class _Oracle:
 
 
 def test_accuracy_is_exact_match(tiny_model_dir, tiny_tokenizer):
-    rows = [json.loads(line) for line in task.demo_files()["heldout"].read_text().splitlines()[:20]]
+    rows = [json.loads(line) for line in data.demo_files()["heldout"].read_text().splitlines()[:20]]
     oracle = _Oracle(tiny_tokenizer, rows, 15)
     assert task.evaluate_accuracy(None, tiny_tokenizer, rows, backend=oracle) == pytest.approx(0.75)
     model = models.load_model(tiny_model_dir, dtype="float32")  # random init: it cannot add
