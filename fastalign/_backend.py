@@ -16,12 +16,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from fastalign.kernels._common import interpreting  # noqa: F401  (re-exported: part of this module's API)
+
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

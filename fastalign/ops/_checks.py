@@ -1,9 +1,11 @@
-"""Scalar-argument checks shared by every public op: one wording, errors that name the op and the argument."""
+"""Argument checks shared by the public ops: one wording, errors that name the op and the argument."""
 from __future__ import annotations
 
 import math
 
 import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def number(op: str, name: str, value) -> float:
