@@ -19,9 +19,8 @@ from typing import Callable
 
 import torch
 
-from fastalign.ops import rl as rl_checks
+from fastalign.ops._checks import agg_mode, number, ppo_clips
 from fastalign.ops.logprobs import head_backward, head_forward, prepare_head, resolve_head_backend
-from fastalign.ops._checks import number, positive
 from fastalign.ops.preference import check_dpo_options
 from fastalign.reference import preference as ref_pref
 from fastalign.reference import rl as ref_rl
@@ -336,10 +335,8 @@ def linear_policy_loss(
     kl_coef = number(op, "kl_coef", kl_coef)
     entropy_coef = number(op, "entropy_coef", entropy_coef)
     # the same option rules as fa.ppo_policy_loss
-    clip_low = positive(op, "clip_low", clip_low)
-    clip_high = positive(op, "clip_high", clip_high, allow_none=True)
-    dual_clip = positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0)
-    rl_checks._check_agg(op, agg, norm_len, shape[1])
+    clip_low, clip_high, dual_clip = ppo_clips(op, clip_low, clip_high, dual_clip)
+    agg_mode(op, agg, norm_len, shape[1])
     if kl_kind not in ref_rl.KL_KINDS:
         raise ValueError(f"{op}: kl_kind must be one of {ref_rl.KL_KINDS}, got {kl_kind!r}")
     if kl_coef != 0 and ref_logprobs is None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastalign as fa
-from fastalign.ops import rl as ops
+from fastalign.kernels import rl as kernels
 from fastalign.reference import rl as ref
 from tests.helpers.accuracy import assert_close_3way
 
@@ -62,7 +62,7 @@ def test_gae_many_tiles_carry_state():
     r, v = _inputs(3, 61, seed=40), _inputs(3, 61, seed=41)
     mask = _mask(3, 61, seed=42)
     mask[0, 14:20] = False  # a masked run across a tile boundary
-    adv, ret = ops._triton_gae(r, v, mask, 0.9, 0.7, block_t=16)
+    adv, ret = kernels.gae(r, v, mask, gamma=0.9, lam=0.7, block_t=16)
     truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.9, lam=0.7)
     same_adv, same_ret = ref.gae(r, v, mask, gamma=0.9, lam=0.7)
     assert_close_3way(adv, same_adv, truth_adv, torch.float32, name="advantages")
@@ -85,12 +85,12 @@ def test_triton_gae_whiten_merges_program_moments(shape, block_t):
     # B = 37 runs 3 programs of 16 rows: the per-program (n, mean, M2) are merged in a second kernel
     r, v = _inputs(*shape, seed=47) + 3.0, _inputs(*shape, seed=48)  # a mean far from 0 tests the M2 merge
     mask = _mask(*shape, seed=49)
-    adv, ret = ops._triton_gae(r, v, mask, 0.95, 0.9, block_t=block_t, whiten=True)
+    adv, ret = kernels.gae(r, v, mask, gamma=0.95, lam=0.9, block_t=block_t, whiten=True)
     truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.95, lam=0.9, whiten=True)
     same_adv, _ = ref.gae(r, v, mask, gamma=0.95, lam=0.9, whiten=True)
     assert_close_3way(adv, same_adv, truth_adv, torch.float32, name="whitened advantages")
     torch.testing.assert_close(ret, truth_ret.float(), rtol=1e-5, atol=1e-5)
-    all_masked = ops._triton_gae(r, v, torch.zeros_like(mask), 0.95, 0.9, whiten=True)[0]
+    all_masked = kernels.gae(r, v, torch.zeros_like(mask), gamma=0.95, lam=0.9, whiten=True)[0]
     assert torch.equal(all_masked, torch.zeros_like(all_masked))
 
 
@@ -310,24 +310,25 @@ def test_rl_kernels_compile_for_sm90():
     from tests.helpers.compile import compile_in_subprocess
 
     mod = "fastalign.kernels.rl:"
-    loss_ptrs = dict(x_ptr="fp32", y_ptr="fp32", z_ptr="fp32", mask_ptr="u8", grad_ptr="fp32", row_stats_ptr="fp32")
-    loss_flags = dict(HAS_MASK=True, HAS_CLIP=True, NEED_GRAD=True, BLOCK_T=1024)
+    loss_ptrs = dict(current_ptr="fp32", old_ptr="fp32", target_ptr="fp32", mask_ptr="u8", grad_ptr="fp32",
+                     row_stats_ptr="fp32")
+    loss_consts = dict(BLOCK_T=1024)
     jobs = [
         dict(kernel=mod + "_gae_fwd_kernel",
              pointers=dict(rewards_ptr="fp32", values_ptr="bf16", mask_ptr="u8", adv_ptr="fp32", returns_ptr="fp32",
                            moments_ptr="fp32"),
-             constexprs=dict(HAS_MASK=True, WHITEN_STATS=True, BLOCK_B=2, BLOCK_T=1024), floats=["gamma", "lam"],
-             num_warps=4),
+             constexprs=dict(BLOCK_B=2, BLOCK_T=1024), floats=["gamma", "lam"], num_warps=4),
         dict(kernel=mod + "_whiten_combine_kernel", pointers=dict(moments_ptr="fp32", out_ptr="fp32"),
              constexprs=dict(BLOCK_P=256), floats=["eps"]),
         dict(kernel=mod + "_whiten_apply_kernel", pointers=dict(adv_ptr="fp32", stats_ptr="fp32"),
              constexprs=dict(BLOCK=2048)),
         dict(kernel=mod + "_rl_loss_fwd_kernel", pointers=loss_ptrs,
-             constexprs=dict(IS_VALUE=False, HAS_DUAL_CLIP=True, **loss_flags),
-             floats=["clip_low", "clip_high", "dual_clip"], num_warps=4),
+             constexprs=dict(IS_VALUE=False, **loss_consts), floats=["clip_low", "clip_high", "dual_clip"],
+             num_warps=4),
+        # the value loss: no ratio clip-high, no dual clip (constexpr None, as the launcher passes them)
         dict(kernel=mod + "_rl_loss_fwd_kernel", pointers=loss_ptrs,
-             constexprs=dict(IS_VALUE=True, HAS_DUAL_CLIP=False, **loss_flags),
-             floats=["clip_low", "clip_high", "dual_clip"], num_warps=4),
+             constexprs=dict(IS_VALUE=True, clip_high=None, dual_clip=None, **loss_consts), floats=["clip_low"],
+             num_warps=4),
         dict(kernel=mod + "_rl_loss_finalize_kernel",
              pointers=dict(row_stats_ptr="fp32", scale_ptr="fp32", out_ptr="fp32"),
              constexprs=dict(AGG=2, IS_VALUE=False, BLOCK_B=512), floats=["norm_len"]),
@@ -339,7 +340,7 @@ def test_rl_kernels_compile_for_sm90():
         dict(kernel=mod + "_kl_bwd_kernel",
              pointers=dict(logp_ptr="bf16", ref_ptr="bf16", upstream_ptr="fp32", grad_logp_ptr="bf16",
                            grad_ref_ptr="bf16"),
-             constexprs=dict(KIND=3, NEED_LOGP=True, NEED_REF=True, BLOCK=2048)),
+             constexprs=dict(KIND=3, BLOCK=2048)),
     ]
     results = compile_in_subprocess(jobs)
     failed = [(job["kernel"], res["error"]) for job, res in zip(jobs, results) if not res["ok"]]
