@@ -3,7 +3,8 @@
 Each fused op is checked against (1) the unfused path on the same backend and dtype: ``linear_logprobs``, then
 the loss on its token log-probs from :mod:`fastalign.reference.linear_losses` (``sequence_logprobs`` + ``dpo_loss``;
 ``ppo_policy_loss`` + ``kl_penalty``): same loss, same gradients, same stats; and (2) a float64 ground truth under
-the three-way rule, against plain PyTorch in the test dtype. On CPU the Triton kernels run in the interpreter; shapes are small but odd, with logit std ~3.
+the three-way rule, against plain PyTorch in the test dtype. On CPU the Triton kernels run in the interpreter;
+shapes are small but odd, with logit std ~3.
 """
 import math
 

@@ -8,7 +8,7 @@ import torch
 import fastalign as fa
 from fastalign.kernels import rl as kernels
 from fastalign.reference import rl as ref
-from tests.helpers.accuracy import assert_close_3way
+from helpers.accuracy import assert_close_3way
 
 BACKENDS = ["torch", "triton"]
 # odd B and T, T = 1, and T above one interpreter tile (GAE tiles 64 steps, the losses 256)
@@ -307,7 +307,7 @@ def test_rl_kernels_compile_for_sm90():
     """The interpreter misses layout / lowering errors: compile every RL kernel (the tuple reverse scan of GAE
     included) to a cubin for an sm_90 target, without a GPU."""
     pytest.importorskip("triton")
-    from tests.helpers.compile import compile_in_subprocess
+    from helpers.compile import compile_in_subprocess
 
     mod = "fastalign.kernels.rl:"
     loss_ptrs = dict(current_ptr="fp32", old_ptr="fp32", target_ptr="fp32", mask_ptr="u8", grad_ptr="fp32",

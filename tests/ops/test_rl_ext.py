@@ -18,7 +18,7 @@ import fastalign as fa
 from fastalign import _backend, _ext
 from fastalign.ops import rl as ops
 from fastalign.reference import rl as ref
-from tests.helpers.accuracy import assert_close_3way
+from helpers.accuracy import assert_close_3way
 
 
 def _toolchain() -> str | None:
