@@ -10,6 +10,22 @@ from fastalign.reference.rl import AGG_MODES
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def tensor(op: str, name: str, value, *, allow_none: bool = False) -> None:
+    """TypeError unless ``value`` is a torch.Tensor (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, torch.Tensor):
+        or_none = " or None" if allow_none else ""
+        raise TypeError(f"{op}: {name} must be a torch.Tensor{or_none}, got {type(value).__name__}")
+
+
+def float_tensor(op: str, name: str, value) -> None:
+    """TypeError unless ``value`` is an fp16/bf16/fp32/fp64 tensor."""
+    tensor(op, name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be fp16/bf16/fp32/fp64, got {value.dtype}")
+
+
 def number(op: str, name: str, value) -> float:
     """A finite Python number (or a one-element tensor). TypeError for a non-number, ValueError for nan/inf."""
     if isinstance(value, torch.Tensor):

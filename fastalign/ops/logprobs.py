@@ -16,8 +16,9 @@ import torch
 
 from fastalign import _backend
 from fastalign.kernels._common import TRITON_DTYPES
-from fastalign.ops._checks import FLOAT_DTYPES, positive
+from fastalign.ops._checks import float_tensor, positive, tensor
 from fastalign.reference import logprobs as ref
+from fastalign.reference._common import compute_dtype
 
 
 class LogprobsOutput(NamedTuple):
@@ -64,10 +65,8 @@ def prepare_head(
 ) -> Head:
     """Check shapes, dtypes, devices and label range; flatten tokens. Errors name the offending argument."""
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: hidden must be fp16/bf16/fp32/fp64, got {hidden.dtype}")
+        tensor(op, name, t)
+    float_tensor(op, "hidden", hidden)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{op}: weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
@@ -84,9 +83,8 @@ def prepare_head(
         raise ValueError(
             f"{op}: labels must have shape {tuple(shape)} (hidden.shape[:-1]) or ({n},), got {tuple(labels.shape)}"
         )
+    tensor(op, "bias", bias, allow_none=True)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
@@ -136,7 +134,7 @@ def head_forward(head: Head, backend: str, *, need_entropy: bool):
 def head_backward(head: Head, backend: str, lse, mu, grad_logp, grad_entropy, needs=(True, True, True)):
     """Gradients (dh (N, D), dW (V, D), db (V,)) for per-token upstream gradients ``grad_logp`` / ``grad_entropy``
     ((N,) float or None). Incoming gradients are made contiguous fp32 (fp64 for fp64 inputs) here."""
-    acc = torch.float64 if head.hidden.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(head.hidden)
     grad_logp = grad_logp.to(acc).contiguous() if grad_logp is not None else None
     grad_entropy = grad_entropy.to(acc).contiguous() if grad_entropy is not None else None
     return _implementation(backend).linear_logprobs_backward(

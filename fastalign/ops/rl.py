@@ -19,8 +19,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastalign import _backend
-from fastalign.ops._checks import FLOAT_DTYPES, agg_mode, in_unit, number, positive, positive_int, ppo_clips
+from fastalign.ops._checks import agg_mode, float_tensor, in_unit, number, positive, positive_int, ppo_clips, tensor
 from fastalign.reference import rl as ref
+from fastalign.reference._common import compute_dtype
 
 # the kernels' and the extension's number for each aggregation mode (kernels/rl.py AGG_*)
 _AGG_INDEX = {name: i for i, name in enumerate(ref.AGG_MODES)}
@@ -29,18 +30,11 @@ _EXT_OPS = ("torch", "triton", "cpp", "cuda")
 
 # ---------------------------------------------------------------------------------------------------- validation
 
-def _check_float_tensor(op: str, name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be fp16/bf16/fp32/fp64, got {t.dtype}")
-
-
 def _check_grid(op: str, mask, **tensors) -> tuple[int, int]:
     """All ``tensors`` (B, T) float on one device; ``mask`` None or (B, T) bool / numeric. Returns (B, T)."""
     (first_name, first), *_ = tensors.items()
     for name, t in tensors.items():
-        _check_float_tensor(op, name, t)
+        float_tensor(op, name, t)
     if first.dim() != 2 or first.shape[0] == 0 or first.shape[1] == 0:
         raise ValueError(f"{op}: {first_name} must have shape (B, T) with B, T > 0, got {tuple(first.shape)}")
     for name, t in tensors.items():
@@ -49,9 +43,8 @@ def _check_grid(op: str, mask, **tensors) -> tuple[int, int]:
                              f"{tuple(t.shape)}")
         if t.device != first.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+    tensor(op, "mask", mask, allow_none=True)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{op}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.dtype.is_complex:
             raise TypeError(f"{op}: mask must be bool or real numeric (nonzero = valid), got {mask.dtype}")
         if mask.shape != first.shape:
@@ -158,7 +151,7 @@ def gae(
     _check_grid(op, mask, rewards=rewards, values=values)
     gamma = in_unit(op, "gamma", gamma)
     lam = in_unit(op, "lam", lam)
-    dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    dtype = compute_dtype(rewards, values)
     needs_grad = torch.is_grad_enabled() and (rewards.requires_grad or values.requires_grad)
     if needs_grad and backend == "auto":
         name = "torch"  # the kernels return constants; the reference is differentiable
@@ -201,7 +194,7 @@ def group_advantages(
         advantages: (B,) fp32 (fp64 for fp64 rewards).
     """
     op = "group_advantages"
-    _check_float_tensor(op, "rewards", rewards)
+    float_tensor(op, "rewards", rewards)
     if rewards.dim() != 1 or rewards.numel() == 0:
         raise ValueError(f"{op}: rewards must have shape (B,) with B > 0, got {tuple(rewards.shape)}")
     positive_int(op, "group_size", group_size)
@@ -319,7 +312,7 @@ def ppo_policy_loss(
     """
     op = "ppo_policy_loss"
     batch, length = _check_grid(op, mask, logprobs=logprobs, old_logprobs=old_logprobs)
-    _check_float_tensor(op, "advantages", advantages)
+    float_tensor(op, "advantages", advantages)
     if advantages.shape == (batch, 1) and length != 1:  # per-sequence advantages as TRL keeps them
         advantages = advantages[:, 0]
     if advantages.shape not in (logprobs.shape, (batch,)):
@@ -330,8 +323,7 @@ def ppo_policy_loss(
     clip_low, clip_high, dual_clip = ppo_clips(op, clip_low, clip_high, dual_clip)
     norm = agg_mode(op, agg, norm_len, length)
     _check_constants(op, old_logprobs=old_logprobs, advantages=advantages)
-    dtype = torch.float64 if torch.float64 in (logprobs.dtype, old_logprobs.dtype, advantages.dtype) else (
-        torch.float32)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
     name = _resolve(op, backend, (logprobs, old_logprobs, advantages, mask), supports=_EXT_OPS, dtype=dtype)
     if name == "torch":
         return ref.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
@@ -377,7 +369,7 @@ def value_loss(
     clip = positive(op, "clip", clip, allow_none=True)
     norm = agg_mode(op, agg, norm_len, length)
     _check_constants(op, old_values=old_values, returns=returns)
-    dtype = torch.float64 if torch.float64 in (values.dtype, old_values.dtype, returns.dtype) else torch.float32
+    dtype = compute_dtype(values, old_values, returns)
     name = _resolve(op, backend, (values, old_values, returns, mask), supports=("torch", "triton"), dtype=dtype)
     if name == "torch":
         return ref.value_loss(values, old_values, returns, mask, clip=clip, agg=agg, norm_len=norm_len)
@@ -422,8 +414,8 @@ def kl_penalty(
         (...) fp32 (fp64 for fp64 inputs on torch).
     """
     op = "kl_penalty"
-    _check_float_tensor(op, "logprobs", logprobs)
-    _check_float_tensor(op, "ref_logprobs", ref_logprobs)
+    float_tensor(op, "logprobs", logprobs)
+    float_tensor(op, "ref_logprobs", ref_logprobs)
     if ref_logprobs.shape != logprobs.shape:
         raise ValueError(f"{op}: ref_logprobs must have shape {tuple(logprobs.shape)} (like logprobs), got "
                          f"{tuple(ref_logprobs.shape)}")
@@ -431,7 +423,7 @@ def kl_penalty(
         raise ValueError(f"{op}: ref_logprobs is on {ref_logprobs.device} but logprobs is on {logprobs.device}")
     if kind not in ref.KL_KINDS:
         raise ValueError(f"{op}: kind must be one of {ref.KL_KINDS}, got {kind!r}")
-    dtype = torch.float64 if torch.float64 in (logprobs.dtype, ref_logprobs.dtype) else torch.float32
+    dtype = compute_dtype(logprobs, ref_logprobs)
     name = _resolve(op, backend, (logprobs, ref_logprobs), supports=("torch", "triton"), dtype=dtype)
     if name == "torch" or logprobs.numel() == 0:
         return ref.kl_penalty(logprobs, ref_logprobs, kind=kind)

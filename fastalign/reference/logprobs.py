@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from fastalign.reference._common import compute_dtype
+
 DEFAULT_CHUNK = 1024
 
 
@@ -89,10 +91,6 @@ def linear_logprobs_naive(
     return logp, entropy
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -114,7 +112,7 @@ def linear_logprobs_forward(
         ignored rows hold 0 in every output.
     """
     n = hidden.shape[0]
-    acc = _acc_dtype(hidden)
+    acc = compute_dtype(hidden)
     w = weight.to(acc)
     b = bias.to(acc) if bias is not None else None
     valid = labels != ignore_index
@@ -165,7 +163,7 @@ def linear_logprobs_backward(
         (dh (N, D), dW (V, D), db (V,)) in the inputs' dtypes, accumulated in fp32; None where not needed.
     """
     n = hidden.shape[0]
-    acc = _acc_dtype(hidden)
+    acc = compute_dtype(hidden)
     w = weight.to(acc)
     b = bias.to(acc) if bias is not None else None
     valid = labels != ignore_index
