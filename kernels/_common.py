@@ -46,11 +46,6 @@ def kernel_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def strides(t: torch.Tensor | None, ndim: int = 2) -> tuple[int, ...]:
-    """``t.stride()``, or zeros for an absent tensor (its kernel branch is compiled out)."""
-    return tuple(t.stride()) if t is not None else (0,) * ndim
-
-
 def present(arg: str):
     """A ``triton.heuristics`` rule: the flag is True when the launcher passes tensor/value ``arg``, False for None
     (a None argument is specialised as a constexpr, so its branch is compiled out; no stand-in pointer needed)."""

@@ -11,15 +11,16 @@ _gae_fwd_kernel            grid (cdiv(B, BLOCK_B),)
 _whiten_combine_kernel     grid (1,)      merges the per-program moments into (mean, rstd).
 _whiten_apply_kernel       grid (cdiv(N, BLOCK),)   adv = (adv - mean) * rstd in place: 4 bytes in, 4 out.
 _rl_loss_fwd_kernel        grid (B,)
-    One row per program, T in tiles. Per valid token: the PPO clipped surrogate (or the clipped value loss) l_t
-    and its derivative g_t = dl_t/dx_t (x = logprobs, or values), written unscaled in fp32; per row: sum l,
-    n_b and the stat partials (clip counts, sum of old - new, ratio sum / min / max). Bytes: 3 * 4 + 1 in,
-    4 out per token (the loss needs no second read of the inputs in the backward).
+    One row per program, T in tiles; reads current, old, target (logprobs, old_logprobs, advantages; or values,
+    old_values, returns) and the mask. Per valid token: the PPO clipped surrogate (or the clipped value loss) l_t
+    and its derivative g_t = dl_t / dcurrent_t, written unscaled in fp32; per row, at the ROW_* columns: sum l,
+    n_b and the stat partials (clip counts, sum of old - new, ratio sum / min / max; value: clipped count, sum
+    of V). Bytes: 3 * 4 + 1 in, 4 out per token (the loss needs no second read of the inputs in the backward).
 _rl_loss_finalize_kernel   grid (1,)
     Reduces the (B, NUM_ROW_STATS) row partials to the loss and the stats with the aggregation mode, and writes the
     per-row gradient scale w_b (every agg mode is sum_bt m_bt w_b l_bt). No host synchronisation anywhere.
 _rl_loss_bwd_kernel        grid (B, cdiv(T, BLOCK_T))
-    grad_x[b, t] = g[b, t] * w_b * upstream: 4 bytes in, 2-4 bytes out per token.
+    grad_current[b, t] = g[b, t] * w_b * upstream: 4 bytes in, 2-4 bytes out per token.
 _kl_fwd_kernel / _kl_bwd_kernel   grid (cdiv(N, BLOCK),)
     k1 / k2 / k3 of d = ref - logp and their derivatives; k3 and its derivative use a Taylor series for small
     |d| (exp(d) - 1 - d cancels catastrophically in fp32; libdevice expm1 is unavailable in the interpreter).
@@ -34,7 +35,7 @@ import triton.language as tl
 
 from fastalign.kernels._common import cdiv, interpreting, kernel_mask, new_output, next_pow2, present
 
-# Module-level numbers a kernel reads are tl.constexpr (Triton refuses other globals); int(...) gives the value.
+# Module-level numbers a kernel reads are tl.constexpr (Triton refuses other globals); int(c) is the value.
 # Columns of the (B, NUM_ROW_STATS) per-row partials of _rl_loss_fwd_kernel. Both losses: the loss sum and the
 # valid-token count; the policy loss: clip counts, sum of (old - new), ratio sum / min / max; the value loss: the
 # clipped-token count and the sum of the (valid) values, in the first two stat columns.
@@ -54,7 +55,7 @@ WHITEN_MEAN, WHITEN_RSTD = tl.constexpr(0), tl.constexpr(1)
 WHITEN_EPS = 1e-8  # as verl's masked_whiten and fastalign.reference.rl.masked_whiten
 # KL estimators: KIND of _kl_fwd_kernel / _kl_bwd_kernel
 KL_K1, KL_K2, KL_K3 = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
-_KL_KINDS = {"k1": KL_K1, "k2": KL_K2, "k3": KL_K3}
+_KL_KINDS = {"k1": KL_K1.value, "k2": KL_K2.value, "k3": KL_K3.value}  # launch arguments: plain ints
 
 
 @triton.jit
@@ -510,7 +511,7 @@ def gae(
     mask = kernel_mask(mask)
     cfg = _gae_blocks(batch, length, block_t)
     programs = cdiv(batch, cfg["BLOCK_B"])
-    moments = new_output((programs, NUM_MOMENTS), torch.float32, rewards.device) if whiten else None
+    moments = new_output((programs, int(NUM_MOMENTS)), torch.float32, rewards.device) if whiten else None
     _gae_fwd_kernel[(programs,)](
         # data ptrs
         rewards, values, mask, adv, returns, moments,
@@ -566,7 +567,7 @@ def rl_loss_forward(
     batch, length = current.shape
     device = current.device
     grad = new_output((batch, length), torch.float32, device) if need_grad else None
-    row_stats = new_output((batch, NUM_ROW_STATS), torch.float32, device)
+    row_stats = new_output((batch, int(NUM_ROW_STATS)), torch.float32, device)
     scale = new_output((batch,), torch.float32, device)
     out = new_output((NUM_VALUE_OUT if is_value else NUM_POLICY_OUT,), torch.float32, device)
     mask = kernel_mask(mask)
