@@ -7,6 +7,8 @@
   CPU tensors), only for the ops that have one.
 - ``auto`` (default; ``FASTALIGN_BACKEND`` overrides it): CUDA tensors -> ``triton`` (or the extension, for ops
   that prefer it when built); CPU tensors -> ``torch`` (or ``cpp`` for ops that prefer it when built).
+
+The rules are docs/architecture.md, *Dispatch*.
 """
 from __future__ import annotations
 

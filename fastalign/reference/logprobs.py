@@ -1,4 +1,5 @@
-"""Pure-PyTorch token log-probs: the spec every kernel is tested against, and the CPU path.
+"""Pure-PyTorch token log-probs: the spec every kernel is tested against, and the CPU path (docs/architecture.md,
+*The math*).
 
 Notation (per flattened token n, vocabulary entry j):
     a_nj = h_n . W_j + b_j                      raw logit
