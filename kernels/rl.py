@@ -198,6 +198,16 @@ def _whiten_apply_kernel(
     tl.store(adv_ptr + offs, (adv - mean) * rstd, mask=nmask)
 
 
+@triton.jit
+def _policy_stat_identities(BLOCK: tl.constexpr):
+    """Starting values of the policy stats' reductions, over tokens (forward) and over rows (finalize): 0 for the
+    clip-low / clip-high / dual-clip counts and the (old - new) and ratio sums, +inf for the ratio min, -inf for
+    its max."""
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    return (zero, zero, zero, zero, zero, tl.full([BLOCK], float("inf"), dtype=tl.float32),
+            tl.full([BLOCK], float("-inf"), dtype=tl.float32))
+
+
 @triton.heuristics({
     "HAS_MASK": present("mask_ptr"), "HAS_CLIP": present("clip_low"), "HAS_DUAL_CLIP": present("dual_clip"),
     "NEED_GRAD": present("grad_ptr"),
@@ -226,13 +236,8 @@ def _rl_loss_fwd_kernel(
         acc_clipped = tl.zeros([BLOCK_T], dtype=tl.float32)
         acc_values = tl.zeros([BLOCK_T], dtype=tl.float32)
     else:
-        acc_clip_low = tl.zeros([BLOCK_T], dtype=tl.float32)
-        acc_clip_high = tl.zeros([BLOCK_T], dtype=tl.float32)
-        acc_dual = tl.zeros([BLOCK_T], dtype=tl.float32)
-        acc_neg_log_ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
-        acc_ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
-        min_ratio = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
-        max_ratio = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+        acc_clip_low, acc_clip_high, acc_dual, acc_neg_log_ratio, acc_ratio, min_ratio, max_ratio = (
+            _policy_stat_identities(BLOCK_T))
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs
         tmask = t < T
@@ -324,13 +329,8 @@ def _rl_loss_finalize_kernel(
         tot_clipped = tl.zeros([BLOCK_B], dtype=tl.float32)
         tot_values = tl.zeros([BLOCK_B], dtype=tl.float32)
     else:
-        tot_clip_low = tl.zeros([BLOCK_B], dtype=tl.float32)
-        tot_clip_high = tl.zeros([BLOCK_B], dtype=tl.float32)
-        tot_dual = tl.zeros([BLOCK_B], dtype=tl.float32)
-        tot_neg_log_ratio = tl.zeros([BLOCK_B], dtype=tl.float32)
-        tot_ratio = tl.zeros([BLOCK_B], dtype=tl.float32)
-        min_ratio = tl.full([BLOCK_B], float("inf"), dtype=tl.float32)
-        max_ratio = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
+        tot_clip_low, tot_clip_high, tot_dual, tot_neg_log_ratio, tot_ratio, min_ratio, max_ratio = (
+            _policy_stat_identities(BLOCK_B))
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + offs
         bmask = rows < B
