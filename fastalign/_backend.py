@@ -7,6 +7,8 @@
   CPU tensors), only for the ops that have one.
 - ``auto`` (default; ``FASTALIGN_BACKEND`` overrides it): CUDA tensors -> ``triton`` (or the extension, for ops
   that prefer it when built); CPU tensors -> ``torch`` (or ``cpp`` for ops that prefer it when built).
+
+The rules are docs/architecture.md, *Dispatch*.
 """
 from __future__ import annotations
 
@@ -16,12 +18,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from fastalign.kernels._common import interpreting  # noqa: F401  (re-exported: part of this module's API)
+
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

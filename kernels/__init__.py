@@ -1,2 +1,4 @@
-"""Triton kernels, installed as ``fastalign.kernels``: ``@triton.jit`` functions only (launchers live in
-``fastalign.ops``). Import this package only after deciding on ``TRITON_INTERPRET``: Triton reads it at import."""
+"""Triton kernels and their launchers, installed as ``fastalign.kernels``: one module per op family, plus the
+launcher helpers they share (``_common``). No autograd here (that is ``fastalign.ops``); see docs/architecture.md,
+*Layout* and *Dependency direction*. Import a family module only after deciding on ``TRITON_INTERPRET``: Triton
+reads it when the kernels are defined."""

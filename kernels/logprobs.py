@@ -18,9 +18,18 @@ _linear_logprobs_bwd_kernel  grid (cdiv(N, BLOCK_N) * cdiv(V_chunk, BLOCK_V),), 
     Total 6 N D V FLOPs either way. See logprobs_notes.md.
 Dots run on the inputs' dtype with fp32 accumulation; fp32 inputs use IEEE precision (no silent tf32); under
 the interpreter bf16 operands are upcast to fp32 (its bf16 dot is wrong).
+
+The launchers below (:func:`linear_logprobs_forward`, :func:`linear_logprobs_backward`) take the arguments of
+their torch twins in :mod:`fastalign.reference.logprobs` and return the same values. Optional inputs and outputs
+are passed as None; ``triton.heuristics`` turns each into its ``HAS_*`` / ``RETURN_*`` / ``COMPUTE_*`` flag.
 """
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+from fastalign.kernels._common import cdiv, interpreting, new_output, present
 
 
 @triton.jit
@@ -65,6 +74,9 @@ def _grouped_tile(pid, num_n, num_v, GROUP_N: tl.constexpr):
     return first_n + (pid % per_group) % group_n, (pid % per_group) // group_n
 
 
+@triton.heuristics({
+    "HAS_BIAS": present("b_ptr"), "HAS_SOFTCAP": present("softcap"), "RETURN_ENTROPY": present("t_ptr"),
+})
 @triton.jit
 def _linear_logprobs_fwd_kernel(
     # data ptrs
@@ -171,6 +183,11 @@ def _grad_logit_tile(
     return rows, rmask, tl.where(tile_mask, da, 0.0)
 
 
+@triton.heuristics({
+    "HAS_BIAS": present("b_ptr"), "HAS_SOFTCAP": present("softcap"), "HAS_GRAD_LOGP": present("g_ptr"),
+    "HAS_GRAD_ENTROPY": present("e_ptr"), "WRITE_DZ": present("dz_ptr"), "COMPUTE_DH": present("dh_ptr"),
+    "COMPUTE_DW": present("dw_ptr"), "COMPUTE_DB": present("db_ptr"),
+})
 @triton.jit
 def _linear_logprobs_bwd_kernel(
     # data ptrs
@@ -247,3 +264,238 @@ def _linear_logprobs_bwd_kernel(
                     dw_ptr + (offs_v - V_START)[:, None] * stride_dw_v + (d0 + offs_d)[None, :], dw,
                     mask=vmask[:, None] & dmask[None, :],
                 )
+
+
+# --------------------------------------------------------------------------------------------------- launchers
+
+_GPU_BLOCKS = {
+    "fwd": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3, GROUP_N=16),
+    "bwd": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2, GROUP_N=8),
+}
+# the interpreter is bound by per-op overhead: fewer, wider tiles; one config (no autotune there)
+_INTERPRETER_BLOCKS = {
+    "fwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1, GROUP_N=2),
+    "bwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1, GROUP_N=4),
+}
+# at least this many vocabulary splits in the forward: a group of row blocks x the splits fills the card with
+# h blocks that fit in L2
+_MIN_SPLITS = 8
+# Backward workspace budget: the [N, V_chunk] dz buffer (gemm mode) or the fp32 dW chunk (atomic mode).
+_CHUNK_BYTES = 256 * 2**20
+BWD_MODES = ("gemm", "atomic")
+
+
+def _blocks(kind: str) -> dict:
+    return dict((_INTERPRETER_BLOCKS if interpreting() else _GPU_BLOCKS)[kind])
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    upcast = interpreting() and dtype == torch.bfloat16
+    return dict(UPCAST=upcast, DOT_PRECISION="ieee" if (dtype == torch.float32 or upcast) else "tf32")
+
+
+def _compact_rows(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of valid rows first (stable), and their count as a device scalar: no host sync."""
+    valid = labels != ignore_index
+    row_idx = torch.argsort((~valid).to(torch.int8), stable=True)
+    return row_idx, valid.sum().to(torch.int32).reshape(1)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _bwd_mode() -> str:
+    mode = os.environ.get("FASTALIGN_LOGPROBS_BWD", "gemm").strip().lower()
+    if mode not in BWD_MODES:
+        raise ValueError(f"FASTALIGN_LOGPROBS_BWD must be one of {BWD_MODES}, got {mode!r}")
+    return mode
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    need_entropy: bool,
+):
+    """The Triton twin of :func:`fastalign.reference.logprobs.linear_logprobs_forward`.
+
+    Args:
+        hidden: (N, D) fp16/bf16/fp32, any strides; weight: (V, D) same dtype; labels: (N,) int64 contiguous;
+        bias: (V,) or None.
+    Returns:
+        logp (N,), entropy (N,) or None, lse (N,), mu (N,) or None: fp32, 0 at ignored rows.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cfg = _blocks("fwd")
+    block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    num_n = cdiv(n, block_n)
+    # at least _MIN_SPLITS splits, more when there are few row blocks; each split owns at least one vocab tile
+    splits = max(1, min(cdiv(v, block_v), max(_MIN_SPLITS, cdiv(2 * _num_sms(hidden.device), num_n))))
+    v_per_split = cdiv(cdiv(v, splits), block_v) * block_v
+    splits = cdiv(v, v_per_split)
+    row_idx, count = _compact_rows(labels, ignore_index)
+    m = new_output((splits, n), torch.float32, hidden.device, fill=0.0)
+    s = new_output((splits, n), torch.float32, hidden.device, fill=0.0)
+    t = new_output((splits, n), torch.float32, hidden.device, fill=0.0) if need_entropy else None
+    zy = new_output((n,), torch.float32, hidden.device, fill=0.0)
+    if n > 0:
+        _linear_logprobs_fwd_kernel[(num_n * splits,)](
+            # data ptrs
+            hidden, weight, bias, labels, row_idx, count,
+            m, s, t, zy,
+            # shapes
+            n, d, v, v_per_split,
+            # strides
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            # constants
+            1.0 / temperature, softcap,
+            **_dot_flags(hidden.dtype), **cfg,
+        )
+    # combine the per-split partials of the compacted rows: O(splits * N) work, negligible next to the GEMM
+    valid_pos = torch.arange(n, device=hidden.device) < count
+    big_m = m.max(0).values
+    big_m = torch.where(valid_pos, big_m, 0.0)
+    scale = torch.exp(m - big_m)
+    total = (s * scale).sum(0)
+    lse_c = torch.where(valid_pos, big_m + torch.log(total), 0.0)
+    logp_c = torch.where(valid_pos, zy - lse_c, 0.0)
+    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_put_((row_idx,), logp_c)
+    lse = torch.zeros_like(logp).index_put_((row_idx,), lse_c)
+    mu = entropy = None
+    if need_entropy:
+        mu_c = torch.where(valid_pos, (t * scale).sum(0) / total, 0.0)
+        mu = torch.zeros_like(logp).index_put_((row_idx,), mu_c)
+        entropy = lse - mu
+    return logp, entropy, lse, mu
+
+
+_ADDMM_OUT_DTYPE_OK: dict = {}
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows_per_step: int = 8192) -> None:
+    """acc (fp32) += a @ b for half-precision a, b, accumulating in fp32 without an [M, N] half-precision copy.
+
+    Uses cuBLAS with an fp32 output when this torch has ``addmm(..., out_dtype=)`` (CUDA), else row blocks."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    key = (acc.device.type, a.dtype)
+    if _ADDMM_OUT_DTYPE_OK.get(key, acc.device.type == "cuda"):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE_OK[key] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE_OK[key] = False
+    # CPU (tests, the interpreter): upcast, exact. CUDA without out_dtype: cuBLAS still accumulates each chunk
+    # in fp32 and rounds its partial product once before the fp32 sum.
+    upcast = acc.device.type != "cuda"
+    b = b.float() if upcast else b
+    for r in range(0, a.shape[0], rows_per_step):
+        part = a[r:r + rows_per_step]
+        acc[r:r + rows_per_step] += torch.mm(part.float() if upcast else part, b)
+
+
+def linear_logprobs_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    mu: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    *,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+):
+    """The Triton twin of :func:`fastalign.reference.logprobs.linear_logprobs_backward`.
+
+    Args:
+        lse, mu: (N,) fp32 from :func:`linear_logprobs_forward`; grad_logp, grad_entropy: (N,) fp32 contiguous or
+        None; needs: which of (d hidden, d weight, d bias) to compute.
+    Returns:
+        (dh (N, D), dW (V, D), db (V,)) in the inputs' dtype, accumulated in fp32; None where not needed.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    need_dh, need_dw, need_db = needs
+    need_db = need_db and bias is not None
+    mode = _bwd_mode()
+    cfg = _blocks("bwd")
+    block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    row_idx, count = _compact_rows(labels, ignore_index)
+    dw_out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_dw else None
+    db = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_db else None
+    dh = torch.zeros((n, d), dtype=torch.float32, device=hidden.device) if need_dh else None
+    if n == 0:
+        if dw_out is not None:
+            dw_out.zero_()
+        return dh.to(hidden.dtype) if dh is not None else None, dw_out, db.to(bias.dtype) if db is not None else None
+    inputs = (hidden, weight, bias, labels, row_idx, count, lse, mu, grad_logp, grad_entropy)
+    strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+    scalars = (1.0 / temperature, softcap)
+    flags = dict(**_dot_flags(hidden.dtype), **cfg)
+    if mode == "gemm":
+        # one [N, chunk] buffer reused for every vocab chunk; ignored rows are never written, so they stay 0
+        chunk = max(block_v, min(v, _CHUNK_BYTES // (n * hidden.element_size())) // block_v * block_v)
+        dz = torch.zeros((n, min(chunk, v)), dtype=hidden.dtype, device=hidden.device)
+        for v_start in range(0, v, chunk):
+            v_chunk = min(chunk, v - v_start)
+            dz_c = dz[:, :v_chunk]
+            grid = (cdiv(n, block_n) * cdiv(v_chunk, block_v),)
+            _linear_logprobs_bwd_kernel[grid](
+                # data ptrs
+                *inputs, dz_c, None, None, db[v_start:] if db is not None else None,
+                # shapes
+                n, d, v_start, v_chunk,
+                # strides
+                *strides, dz.stride(0), 0, 0,
+                # constants
+                *scalars, **flags,
+            )
+            if need_dw:  # complete for this chunk: one fp32-accumulated GEMM, one rounding
+                torch.mm(dz_c.T, hidden, out=dw_out[v_start:v_start + v_chunk])
+            if need_dh:
+                _addmm_fp32_(dh, dz_c, weight[v_start:v_start + v_chunk])
+    else:
+        # fp32 weights accumulate straight into the output; others through a bounded fp32 chunk
+        fp32_weight = weight.dtype == torch.float32
+        chunk = v if fp32_weight else max(block_v, (_CHUNK_BYTES // (4 * d)) // block_v * block_v)
+        for v_start in range(0, v, chunk):
+            v_chunk = min(chunk, v - v_start)
+            dw = None
+            if need_dw:
+                if fp32_weight:
+                    dw = dw_out[v_start:v_start + v_chunk].zero_()
+                else:
+                    dw = torch.zeros((v_chunk, d), dtype=torch.float32, device=hidden.device)
+            grid = (cdiv(n, block_n) * cdiv(v_chunk, block_v),)
+            _linear_logprobs_bwd_kernel[grid](
+                # data ptrs
+                *inputs, None, dh, dw, db[v_start:] if db is not None else None,
+                # shapes
+                n, d, v_start, v_chunk,
+                # strides
+                *strides, 0, dh.stride(0) if dh is not None else 0, dw.stride(0) if dw is not None else 0,
+                # constants
+                *scalars, **flags,
+            )
+            if need_dw and not fp32_weight:
+                dw_out[v_start:v_start + v_chunk].copy_(dw)
+    return (
+        dh.to(hidden.dtype) if dh is not None else None,
+        dw_out,
+        db.to(bias.dtype) if db is not None else None,
+    )

@@ -11,26 +11,51 @@ _gae_fwd_kernel            grid (cdiv(B, BLOCK_B),)
 _whiten_combine_kernel     grid (1,)      merges the per-program moments into (mean, rstd).
 _whiten_apply_kernel       grid (cdiv(N, BLOCK),)   adv = (adv - mean) * rstd in place: 4 bytes in, 4 out.
 _rl_loss_fwd_kernel        grid (B,)
-    One row per program, T in tiles. Per valid token: the PPO clipped surrogate (or the clipped value loss) l_t
-    and its derivative g_t = dl_t/dx_t (x = logprobs, or values), written unscaled in fp32; per row: sum l,
-    n_b and the stat partials (clip counts, sum of old - new, ratio sum / min / max). Bytes: 3 * 4 + 1 in,
-    4 out per token (the loss needs no second read of the inputs in the backward).
+    One row per program, T in tiles; reads current, old, target (logprobs, old_logprobs, advantages; or values,
+    old_values, returns) and the mask. Per valid token: the PPO clipped surrogate (or the clipped value loss) l_t
+    and its derivative g_t = dl_t / dcurrent_t, written unscaled in fp32; per row, at the ROW_* columns: sum l,
+    n_b and the stat partials (clip counts, sum of old - new, ratio sum / min / max; value: clipped count, sum
+    of V). Bytes: 3 * 4 + 1 in, 4 out per token (the loss needs no second read of the inputs in the backward).
 _rl_loss_finalize_kernel   grid (1,)
-    Reduces the (B, 9) row partials to the loss and the stats with the aggregation mode, and writes the per-row
-    gradient scale w_b (every agg mode is sum_bt m_bt w_b l_bt). No host synchronisation anywhere.
+    Reduces the (B, NUM_ROW_STATS) row partials to the loss and the stats with the aggregation mode, and writes the
+    per-row gradient scale w_b (every agg mode is sum_bt m_bt w_b l_bt). No host synchronisation anywhere.
 _rl_loss_bwd_kernel        grid (B, cdiv(T, BLOCK_T))
-    grad_x[b, t] = g[b, t] * w_b * upstream: 4 bytes in, 2-4 bytes out per token.
+    grad_current[b, t] = g[b, t] * w_b * upstream: 4 bytes in, 2-4 bytes out per token.
 _kl_fwd_kernel / _kl_bwd_kernel   grid (cdiv(N, BLOCK),)
     k1 / k2 / k3 of d = ref - logp and their derivatives; k3 and its derivative use a Taylor series for small
     |d| (exp(d) - 1 - d cancels catastrophically in fp32; libdevice expm1 is unavailable in the interpreter).
+
+The launchers below (:func:`gae`, :func:`rl_loss_forward`, :func:`rl_loss_backward`, :func:`kl_forward`,
+:func:`kl_backward`) allocate the outputs, pick the tiles and launch. Optional inputs and outputs are passed as
+None; ``triton.heuristics`` turns each into its ``HAS_*`` / ``NEED_*`` flag.
 """
+import torch
 import triton
 import triton.language as tl
 
-# column order of the (B, NUM_ROW_STATS) row partials written by _rl_loss_fwd_kernel
-NUM_ROW_STATS = 9  # loss sum, n, clip low (value: clipped), clip high, dual, kl sum (value: V sum), ratio sum/min/max
-# aggregation modes, in the order of fastalign.reference.rl.AGG_MODES
-AGG_TOKEN_MEAN, AGG_SEQ_SUM, AGG_SEQ_MEAN, AGG_SEQ_SUM_NORM = 0, 1, 2, 3
+from fastalign.kernels._common import cdiv, interpreting, kernel_mask, new_output, next_pow2, present
+
+# Module-level numbers a kernel reads are tl.constexpr (Triton refuses other globals); int(c) is the value.
+# Columns of the (B, NUM_ROW_STATS) per-row partials of _rl_loss_fwd_kernel. Both losses: the loss sum and the
+# valid-token count; the policy loss: clip counts, sum of (old - new), ratio sum / min / max; the value loss: the
+# clipped-token count and the sum of the (valid) values, in the first two stat columns.
+ROW_LOSS, ROW_COUNT = tl.constexpr(0), tl.constexpr(1)
+ROW_CLIP_LOW, ROW_CLIP_HIGH, ROW_DUAL_CLIP, ROW_NEG_LOG_RATIO = (tl.constexpr(i) for i in (2, 3, 4, 5))
+ROW_RATIO_SUM, ROW_RATIO_MIN, ROW_RATIO_MAX = (tl.constexpr(i) for i in (6, 7, 8))
+ROW_VALUE_CLIPPED, ROW_VALUE_SUM = tl.constexpr(2), tl.constexpr(3)
+NUM_ROW_STATS = tl.constexpr(9)
+# Lengths of the finalize kernel's output: the loss, then the stats in the order of fastalign.reference.rl's
+# POLICY_STATS (8) or VALUE_STATS (2).
+NUM_POLICY_OUT, NUM_VALUE_OUT = 9, 3
+# aggregation modes, in the order of fastalign.reference.rl.AGG_MODES (the C++ extension uses the same numbers)
+AGG_TOKEN_MEAN, AGG_SEQ_SUM, AGG_SEQ_MEAN, AGG_SEQ_SUM_NORM = (tl.constexpr(i) for i in range(4))
+# per-program moments of the valid advantages written by _gae_fwd_kernel (WHITEN_STATS), and the merged result
+MOMENT_COUNT, MOMENT_MEAN, MOMENT_M2, NUM_MOMENTS = (tl.constexpr(i) for i in range(4))
+WHITEN_MEAN, WHITEN_RSTD = tl.constexpr(0), tl.constexpr(1)
+WHITEN_EPS = 1e-8  # as verl's masked_whiten and fastalign.reference.rl.masked_whiten
+# KL estimators: KIND of _kl_fwd_kernel / _kl_bwd_kernel
+KL_K1, KL_K2, KL_K3 = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+_KL_KINDS = {"k1": KL_K1.value, "k2": KL_K2.value, "k3": KL_K3.value}  # launch arguments: plain ints
 
 
 @triton.jit
@@ -39,6 +64,7 @@ def _affine_combine(a_right, b_right, a_left, b_left):
     return a_right * a_left, b_right * a_left + b_left
 
 
+@triton.heuristics({"HAS_MASK": present("mask_ptr"), "WHITEN_STATS": present("moments_ptr")})
 @triton.jit
 def _gae_fwd_kernel(
     # data ptrs
@@ -113,9 +139,10 @@ def _gae_fwd_kernel(
             adv = tl.load(adv_ptr + rows[:, None] * stride_out_b + t[None, :], mask=io, other=0.0)
             diff = tl.where(valid & io, adv - mean, 0.0)
             acc_m2 += diff * diff
-        tl.store(moments_ptr + pid * 3 + 0, n)
-        tl.store(moments_ptr + pid * 3 + 1, mean)
-        tl.store(moments_ptr + pid * 3 + 2, tl.sum(tl.sum(acc_m2, axis=1), axis=0))
+        moments = moments_ptr + pid * NUM_MOMENTS
+        tl.store(moments + MOMENT_COUNT, n)
+        tl.store(moments + MOMENT_MEAN, mean)
+        tl.store(moments + MOMENT_M2, tl.sum(tl.sum(acc_m2, axis=1), axis=0))
 
 
 @triton.jit
@@ -135,20 +162,22 @@ def _whiten_combine_kernel(
     acc_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         pm = p0 + offs < P
-        n_p = tl.load(moments_ptr + (p0 + offs) * 3 + 0, mask=pm, other=0.0)
+        moments = moments_ptr + (p0 + offs) * NUM_MOMENTS
+        n_p = tl.load(moments + MOMENT_COUNT, mask=pm, other=0.0)
         acc_n += n_p
-        acc_sum += n_p * tl.load(moments_ptr + (p0 + offs) * 3 + 1, mask=pm, other=0.0)
+        acc_sum += n_p * tl.load(moments + MOMENT_MEAN, mask=pm, other=0.0)
     n = tl.sum(acc_n, axis=0)
     mean = tl.sum(acc_sum, axis=0) / tl.maximum(n, 1.0)
     acc_m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         pm = p0 + offs < P
-        n_p = tl.load(moments_ptr + (p0 + offs) * 3 + 0, mask=pm, other=0.0)
-        delta = tl.load(moments_ptr + (p0 + offs) * 3 + 1, mask=pm, other=0.0) - mean
-        acc_m2 += tl.load(moments_ptr + (p0 + offs) * 3 + 2, mask=pm, other=0.0) + n_p * delta * delta
+        moments = moments_ptr + (p0 + offs) * NUM_MOMENTS
+        n_p = tl.load(moments + MOMENT_COUNT, mask=pm, other=0.0)
+        delta = tl.load(moments + MOMENT_MEAN, mask=pm, other=0.0) - mean
+        acc_m2 += tl.load(moments + MOMENT_M2, mask=pm, other=0.0) + n_p * delta * delta
     var = tl.where(n > 1, tl.sum(acc_m2, axis=0) / tl.maximum(n - 1.0, 1.0), 0.0)
-    tl.store(out_ptr + 0, mean)
-    tl.store(out_ptr + 1, tl.rsqrt(var + eps))
+    tl.store(out_ptr + WHITEN_MEAN, mean)
+    tl.store(out_ptr + WHITEN_RSTD, tl.rsqrt(var + eps))
 
 
 @triton.jit
@@ -163,69 +192,85 @@ def _whiten_apply_kernel(
     """In place: adv = (adv - mean) * rstd over every element (valid or not), like verl's masked_whiten."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     nmask = offs < N
-    mean = tl.load(stats_ptr + 0)
-    rstd = tl.load(stats_ptr + 1)
+    mean = tl.load(stats_ptr + WHITEN_MEAN)
+    rstd = tl.load(stats_ptr + WHITEN_RSTD)
     adv = tl.load(adv_ptr + offs, mask=nmask, other=0.0)
     tl.store(adv_ptr + offs, (adv - mean) * rstd, mask=nmask)
 
 
 @triton.jit
+def _policy_stat_identities(BLOCK: tl.constexpr):
+    """Starting values of the policy stats' reductions, over tokens (forward) and over rows (finalize): 0 for the
+    clip-low / clip-high / dual-clip counts and the (old - new) and ratio sums, +inf for the ratio min, -inf for
+    its max."""
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    return (zero, zero, zero, zero, zero, tl.full([BLOCK], float("inf"), dtype=tl.float32),
+            tl.full([BLOCK], float("-inf"), dtype=tl.float32))
+
+
+@triton.heuristics({
+    "HAS_MASK": present("mask_ptr"), "HAS_CLIP": present("clip_low"), "HAS_DUAL_CLIP": present("dual_clip"),
+    "NEED_GRAD": present("grad_ptr"),
+})
+@triton.jit
 def _rl_loss_fwd_kernel(
     # data ptrs
-    x_ptr, y_ptr, z_ptr, mask_ptr, grad_ptr, row_stats_ptr,
+    current_ptr, old_ptr, target_ptr, mask_ptr, grad_ptr, row_stats_ptr,
     # shapes
     T,
     # strides
-    stride_x_b, stride_x_t, stride_y_b, stride_y_t, stride_z_b, stride_z_t, stride_m_b, stride_m_t,
+    stride_current_b, stride_current_t, stride_old_b, stride_old_t, stride_target_b, stride_target_t,
+    stride_m_b, stride_m_t,
     # constants
     clip_low, clip_high, dual_clip,
     IS_VALUE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
     NEED_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Policy: x = logprobs, y = old_logprobs, z = advantages (stride_z_t = 0 for per-sequence advantages).
-    Value: x = values, y = old_values, z = returns; clip_low is the value clip."""
+    """Policy: current = logprobs, old = old_logprobs, target = advantages (stride_target_t = 0 for per-sequence
+    advantages). Value: current = values, old = old_values, target = returns; clip_low is the value clip."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_T)
     acc_loss = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_n = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_low = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_high = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_dual = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_kl = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
-    min_ratio = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
-    max_ratio = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    acc_count = tl.zeros([BLOCK_T], dtype=tl.float32)
+    if IS_VALUE:
+        acc_clipped = tl.zeros([BLOCK_T], dtype=tl.float32)
+        acc_values = tl.zeros([BLOCK_T], dtype=tl.float32)
+    else:
+        acc_clip_low, acc_clip_high, acc_dual, acc_neg_log_ratio, acc_ratio, min_ratio, max_ratio = (
+            _policy_stat_identities(BLOCK_T))
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs
         tmask = t < T
-        x = tl.load(x_ptr + row * stride_x_b + t * stride_x_t, mask=tmask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + row * stride_y_b + t * stride_y_t, mask=tmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + row * stride_z_b + t * stride_z_t, mask=tmask, other=0.0).to(tl.float32)
+        current = tl.load(current_ptr + row * stride_current_b + t * stride_current_t, mask=tmask,
+                          other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + row * stride_old_b + t * stride_old_t, mask=tmask, other=0.0).to(tl.float32)
+        target = tl.load(target_ptr + row * stride_target_b + t * stride_target_t, mask=tmask,
+                         other=0.0).to(tl.float32)
         if HAS_MASK:
             valid = tmask & (tl.load(mask_ptr + row * stride_m_b + t * stride_m_t, mask=tmask, other=0) != 0)
         else:
             valid = tmask
         if IS_VALUE:
-            v = tl.where(valid, x, 0.0)
-            err = v - tl.where(valid, z, 0.0)
+            v = tl.where(valid, current, 0.0)
+            err = v - tl.where(valid, target, 0.0)
             loss = 0.5 * err * err
             grad = err
             if HAS_CLIP:
-                old = tl.where(valid, y, 0.0)
-                v_clipped = old + tl.minimum(tl.maximum(v - old, -clip_low), clip_low)
-                err_clipped = v_clipped - tl.where(valid, z, 0.0)
+                v_old = tl.where(valid, old, 0.0)
+                v_clipped = v_old + tl.minimum(tl.maximum(v - v_old, -clip_low), clip_low)
+                err_clipped = v_clipped - tl.where(valid, target, 0.0)
                 loss_clipped = 0.5 * err_clipped * err_clipped
                 clipped = loss_clipped > loss
                 loss = tl.maximum(loss, loss_clipped)
                 # inside the clip range old + (V - old) differs from V by rounding, so the "clipped" branch can win
                 # by an ulp; it then has slope 1 like autograd's clamp, and slope 0 only when the clamp is active
-                in_range = tl.abs(v - old) <= clip_low
+                in_range = tl.abs(v - v_old) <= clip_low
                 grad = tl.where(clipped, tl.where(in_range, err_clipped, 0.0), grad)
-                acc_low += tl.where(valid & clipped, 1.0, 0.0)
-            acc_kl += v
+                acc_clipped += tl.where(valid & clipped, 1.0, 0.0)
+            acc_values += v
         else:
-            log_ratio = tl.where(valid, x - y, 0.0)
-            adv = tl.where(valid, z, 0.0)
+            log_ratio = tl.where(valid, current - old, 0.0)
+            adv = tl.where(valid, target, 0.0)
             ratio = tl.exp(log_ratio)
             loss_unclipped = -adv * ratio
             loss_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
@@ -237,26 +282,30 @@ def _rl_loss_fwd_kernel(
                 loss = tl.where(dual, loss_dual, loss)
                 grad = tl.where(dual, 0.0, grad)
                 acc_dual += tl.where(valid & dual, 1.0, 0.0)
-            acc_low += tl.where(valid & (adv < 0) & (ratio < 1.0 - clip_low), 1.0, 0.0)
-            acc_high += tl.where(valid & (adv > 0) & (ratio > 1.0 + clip_high), 1.0, 0.0)
-            acc_kl -= log_ratio
+            acc_clip_low += tl.where(valid & (adv < 0) & (ratio < 1.0 - clip_low), 1.0, 0.0)
+            acc_clip_high += tl.where(valid & (adv > 0) & (ratio > 1.0 + clip_high), 1.0, 0.0)
+            acc_neg_log_ratio -= log_ratio
             acc_ratio += tl.where(valid, ratio, 0.0)
             min_ratio = tl.minimum(min_ratio, tl.where(valid, ratio, float("inf")))
             max_ratio = tl.maximum(max_ratio, tl.where(valid, ratio, float("-inf")))
         acc_loss += tl.where(valid, loss, 0.0)
-        acc_n += tl.where(valid, 1.0, 0.0)
+        acc_count += tl.where(valid, 1.0, 0.0)
         if NEED_GRAD:
             tl.store(grad_ptr + row * T + t, tl.where(valid, grad, 0.0), mask=tmask)
-    out = row_stats_ptr + row * 9
-    tl.store(out + 0, tl.sum(acc_loss, axis=0))
-    tl.store(out + 1, tl.sum(acc_n, axis=0))
-    tl.store(out + 2, tl.sum(acc_low, axis=0))
-    tl.store(out + 3, tl.sum(acc_high, axis=0))
-    tl.store(out + 4, tl.sum(acc_dual, axis=0))
-    tl.store(out + 5, tl.sum(acc_kl, axis=0))
-    tl.store(out + 6, tl.sum(acc_ratio, axis=0))
-    tl.store(out + 7, tl.min(min_ratio, axis=0))
-    tl.store(out + 8, tl.max(max_ratio, axis=0))
+    out = row_stats_ptr + row * NUM_ROW_STATS
+    tl.store(out + ROW_LOSS, tl.sum(acc_loss, axis=0))
+    tl.store(out + ROW_COUNT, tl.sum(acc_count, axis=0))
+    if IS_VALUE:
+        tl.store(out + ROW_VALUE_CLIPPED, tl.sum(acc_clipped, axis=0))
+        tl.store(out + ROW_VALUE_SUM, tl.sum(acc_values, axis=0))
+    else:
+        tl.store(out + ROW_CLIP_LOW, tl.sum(acc_clip_low, axis=0))
+        tl.store(out + ROW_CLIP_HIGH, tl.sum(acc_clip_high, axis=0))
+        tl.store(out + ROW_DUAL_CLIP, tl.sum(acc_dual, axis=0))
+        tl.store(out + ROW_NEG_LOG_RATIO, tl.sum(acc_neg_log_ratio, axis=0))
+        tl.store(out + ROW_RATIO_SUM, tl.sum(acc_ratio, axis=0))
+        tl.store(out + ROW_RATIO_MIN, tl.min(min_ratio, axis=0))
+        tl.store(out + ROW_RATIO_MAX, tl.max(max_ratio, axis=0))
 
 
 @triton.jit
@@ -269,69 +318,73 @@ def _rl_loss_finalize_kernel(
     norm_len,
     AGG: tl.constexpr, IS_VALUE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """out (policy): loss, clip_frac, clip_frac_low, clip_frac_high, dual_clip_frac, approx_kl, ratio mean / min /
-    max. out (value): loss, clip_frac, values_mean. scale: (B,) fp32 per-row gradient weights w_b."""
+    """out (policy, NUM_POLICY_OUT): loss, clip_frac, clip_frac_low, clip_frac_high, dual_clip_frac, approx_kl,
+    ratio mean / min / max. out (value, NUM_VALUE_OUT): loss, clip_frac, values_mean. scale: (B,) fp32 per-row
+    gradient weights w_b."""
     offs = tl.arange(0, BLOCK_B)
     tot_loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     tot_seq = tl.zeros([BLOCK_B], dtype=tl.float32)  # sum_b loss_b / max(n_b, 1)
-    tot_n = tl.zeros([BLOCK_B], dtype=tl.float32)
-    tot_low = tl.zeros([BLOCK_B], dtype=tl.float32)
-    tot_high = tl.zeros([BLOCK_B], dtype=tl.float32)
-    tot_dual = tl.zeros([BLOCK_B], dtype=tl.float32)
-    tot_kl = tl.zeros([BLOCK_B], dtype=tl.float32)
-    tot_ratio = tl.zeros([BLOCK_B], dtype=tl.float32)
-    min_ratio = tl.full([BLOCK_B], float("inf"), dtype=tl.float32)
-    max_ratio = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
+    tot_count = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if IS_VALUE:
+        tot_clipped = tl.zeros([BLOCK_B], dtype=tl.float32)
+        tot_values = tl.zeros([BLOCK_B], dtype=tl.float32)
+    else:
+        tot_clip_low, tot_clip_high, tot_dual, tot_neg_log_ratio, tot_ratio, min_ratio, max_ratio = (
+            _policy_stat_identities(BLOCK_B))
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + offs
         bmask = rows < B
-        ptrs = row_stats_ptr + rows.to(tl.int64) * 9
-        loss_b = tl.load(ptrs + 0, mask=bmask, other=0.0)
-        n_b = tl.load(ptrs + 1, mask=bmask, other=0.0)
+        ptrs = row_stats_ptr + rows.to(tl.int64) * NUM_ROW_STATS
+        loss_b = tl.load(ptrs + ROW_LOSS, mask=bmask, other=0.0)
+        n_b = tl.load(ptrs + ROW_COUNT, mask=bmask, other=0.0)
         tot_loss += loss_b
         tot_seq += loss_b / tl.maximum(n_b, 1.0)
-        tot_n += n_b
-        tot_low += tl.load(ptrs + 2, mask=bmask, other=0.0)
-        tot_high += tl.load(ptrs + 3, mask=bmask, other=0.0)
-        tot_dual += tl.load(ptrs + 4, mask=bmask, other=0.0)
-        tot_kl += tl.load(ptrs + 5, mask=bmask, other=0.0)
-        tot_ratio += tl.load(ptrs + 6, mask=bmask, other=0.0)
-        min_ratio = tl.minimum(min_ratio, tl.load(ptrs + 7, mask=bmask, other=float("inf")))
-        max_ratio = tl.maximum(max_ratio, tl.load(ptrs + 8, mask=bmask, other=float("-inf")))
-    n = tl.sum(tot_n, axis=0)
+        tot_count += n_b
+        if IS_VALUE:
+            tot_clipped += tl.load(ptrs + ROW_VALUE_CLIPPED, mask=bmask, other=0.0)
+            tot_values += tl.load(ptrs + ROW_VALUE_SUM, mask=bmask, other=0.0)
+        else:
+            tot_clip_low += tl.load(ptrs + ROW_CLIP_LOW, mask=bmask, other=0.0)
+            tot_clip_high += tl.load(ptrs + ROW_CLIP_HIGH, mask=bmask, other=0.0)
+            tot_dual += tl.load(ptrs + ROW_DUAL_CLIP, mask=bmask, other=0.0)
+            tot_neg_log_ratio += tl.load(ptrs + ROW_NEG_LOG_RATIO, mask=bmask, other=0.0)
+            tot_ratio += tl.load(ptrs + ROW_RATIO_SUM, mask=bmask, other=0.0)
+            min_ratio = tl.minimum(min_ratio, tl.load(ptrs + ROW_RATIO_MIN, mask=bmask, other=float("inf")))
+            max_ratio = tl.maximum(max_ratio, tl.load(ptrs + ROW_RATIO_MAX, mask=bmask, other=float("-inf")))
+    n = tl.sum(tot_count, axis=0)
     inv_n = 1.0 / tl.maximum(n, 1.0)
-    if AGG == 0:
+    if AGG == AGG_TOKEN_MEAN:
         loss = tl.sum(tot_loss, axis=0) * inv_n
-    elif AGG == 1:
+    elif AGG == AGG_SEQ_SUM:
         loss = tl.sum(tot_loss, axis=0) / B
-    elif AGG == 2:
+    elif AGG == AGG_SEQ_MEAN:
         loss = tl.sum(tot_seq, axis=0) / B
     else:
         loss = tl.sum(tot_loss, axis=0) / (B * norm_len)
     tl.store(out_ptr + 0, loss)
     if IS_VALUE:
-        tl.store(out_ptr + 1, tl.sum(tot_low, axis=0) * inv_n)
-        tl.store(out_ptr + 2, tl.sum(tot_kl, axis=0) * inv_n)
+        tl.store(out_ptr + 1, tl.sum(tot_clipped, axis=0) * inv_n)
+        tl.store(out_ptr + 2, tl.sum(tot_values, axis=0) * inv_n)
     else:
-        low = tl.sum(tot_low, axis=0)
-        high = tl.sum(tot_high, axis=0)
+        low = tl.sum(tot_clip_low, axis=0)
+        high = tl.sum(tot_clip_high, axis=0)
         tl.store(out_ptr + 1, (low + high) * inv_n)
         tl.store(out_ptr + 2, low * inv_n)
         tl.store(out_ptr + 3, high * inv_n)
         tl.store(out_ptr + 4, tl.sum(tot_dual, axis=0) * inv_n)
-        tl.store(out_ptr + 5, tl.sum(tot_kl, axis=0) * inv_n)
+        tl.store(out_ptr + 5, tl.sum(tot_neg_log_ratio, axis=0) * inv_n)
         tl.store(out_ptr + 6, tl.sum(tot_ratio, axis=0) * inv_n)
         tl.store(out_ptr + 7, tl.where(n > 0, tl.min(min_ratio, axis=0), 0.0))
         tl.store(out_ptr + 8, tl.where(n > 0, tl.max(max_ratio, axis=0), 0.0))
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + offs
         bmask = rows < B
-        if AGG == 0:
+        if AGG == AGG_TOKEN_MEAN:
             scale = tl.zeros([BLOCK_B], dtype=tl.float32) + inv_n
-        elif AGG == 1:
+        elif AGG == AGG_SEQ_SUM:
             scale = tl.zeros([BLOCK_B], dtype=tl.float32) + 1.0 / B
-        elif AGG == 2:
-            n_b = tl.load(row_stats_ptr + rows.to(tl.int64) * 9 + 1, mask=bmask, other=0.0)
+        elif AGG == AGG_SEQ_MEAN:
+            n_b = tl.load(row_stats_ptr + rows.to(tl.int64) * NUM_ROW_STATS + ROW_COUNT, mask=bmask, other=0.0)
             scale = 1.0 / (B * tl.maximum(n_b, 1.0))
         else:
             scale = tl.zeros([BLOCK_B], dtype=tl.float32) + 1.0 / (B * norm_len)
@@ -382,15 +435,16 @@ def _kl_fwd_kernel(
     nmask = offs < N
     d = (tl.load(ref_ptr + offs, mask=nmask, other=0.0).to(tl.float32)
          - tl.load(logp_ptr + offs, mask=nmask, other=0.0).to(tl.float32))
-    if KIND == 1:
+    if KIND == KL_K1:
         kl = -d
-    elif KIND == 2:
+    elif KIND == KL_K2:
         kl = 0.5 * d * d
     else:
         kl = _k3(d)
     tl.store(out_ptr + offs, kl, mask=nmask)
 
 
+@triton.heuristics({"NEED_LOGP": present("grad_logp_ptr"), "NEED_REF": present("grad_ref_ptr")})
 @triton.jit
 def _kl_bwd_kernel(
     # data ptrs
@@ -404,12 +458,12 @@ def _kl_bwd_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     nmask = offs < N
     up = tl.load(upstream_ptr + offs, mask=nmask, other=0.0).to(tl.float32)
-    if KIND == 1:
+    if KIND == KL_K1:
         g = up
     else:
         d = (tl.load(ref_ptr + offs, mask=nmask, other=0.0).to(tl.float32)
              - tl.load(logp_ptr + offs, mask=nmask, other=0.0).to(tl.float32))
-        if KIND == 2:
+        if KIND == KL_K2:
             g = -d * up
         else:
             g = -_expm1(d) * up
@@ -417,3 +471,165 @@ def _kl_bwd_kernel(
         tl.store(grad_logp_ptr + offs, g, mask=nmask)
     if NEED_REF:
         tl.store(grad_ref_ptr + offs, -g, mask=nmask)
+
+
+# --------------------------------------------------------------------------------------------------- launchers
+
+def _gae_blocks(batch: int, length: int, block_t: int | None) -> dict:
+    if interpreting():  # the interpreter pays per op, and custom-combine scans are slow: small tiles
+        cap_t = 64 if block_t is None else block_t
+        return dict(BLOCK_B=min(next_pow2(batch), 16), BLOCK_T=min(next_pow2(length), cap_t), num_warps=1)
+    cap_t = 1024 if block_t is None else block_t
+    return dict(BLOCK_B=2, BLOCK_T=min(next_pow2(length), cap_t), num_warps=4)
+
+
+def _elementwise_block() -> int:
+    return 1024 if interpreting() else 2048
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    gamma: float,
+    lam: float,
+    whiten: bool = False,
+    block_t: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton twin of :func:`fastalign.reference.rl.gae`, without gradients.
+
+    Args:
+        rewards, values: (B, T) fp16/bf16/fp32, any strides; mask: (B, T) bool or numeric (nonzero = valid), or None.
+        block_t: the T tile (default: 64 in the interpreter, 1024 on the GPU).
+    Returns:
+        advantages (B, T), returns (B, T): fp32 contiguous.
+    """
+    batch, length = rewards.shape
+    adv = new_output((batch, length), torch.float32, rewards.device)
+    returns = new_output((batch, length), torch.float32, rewards.device)
+    mask = kernel_mask(mask)
+    cfg = _gae_blocks(batch, length, block_t)
+    programs = cdiv(batch, cfg["BLOCK_B"])
+    moments = new_output((programs, int(NUM_MOMENTS)), torch.float32, rewards.device) if whiten else None
+    _gae_fwd_kernel[(programs,)](
+        # data ptrs
+        rewards, values, mask, adv, returns, moments,
+        # shapes
+        batch, length,
+        # strides
+        rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0, adv.stride(0),
+        # constants
+        gamma, lam,
+        **cfg,
+    )
+    if whiten:  # two more launches, no host sync: merge the per-program moments, then scale in place
+        stats = new_output((2,), torch.float32, rewards.device)  # WHITEN_MEAN, WHITEN_RSTD
+        _whiten_combine_kernel[(1,)](moments, stats, programs, WHITEN_EPS, BLOCK_P=min(next_pow2(programs), 1024))
+        block = _elementwise_block()
+        _whiten_apply_kernel[(cdiv(adv.numel(), block),)](adv, stats, adv.numel(), BLOCK=block)
+    return adv, returns
+
+
+def _loss_blocks(length: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_T=min(next_pow2(length), 256), num_warps=1)
+    return dict(BLOCK_T=min(next_pow2(length), 2048), num_warps=4 if length <= 1024 else 8)
+
+
+def rl_loss_forward(
+    current: torch.Tensor,
+    old: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    is_value: bool,
+    clip_low: float | None,
+    clip_high: float | None,
+    dual_clip: float | None,
+    agg: int,
+    norm_len: float,
+    need_grad: bool,
+    block_t: int | None = None,
+):
+    """The PPO policy loss (``is_value=False``: current, old, target = logprobs, old_logprobs, advantages) or the
+    clipped value loss (current, old, target = values, old_values, returns; ``clip_low`` is the value clip or None).
+
+    Args:
+        current, old: (B, T) fp16/bf16/fp32, any strides; target: (B, T), or (B,) per sequence (policy only);
+        mask: (B, T) bool or numeric, or None; agg: one of the AGG_* numbers; norm_len: the length of
+        "seq-mean-token-sum-norm".
+    Returns:
+        loss () fp32, stats (NUM_POLICY_OUT - 1 or NUM_VALUE_OUT - 1,) fp32, grad (B, T) fp32 unscaled or None,
+        row scale (B,) fp32.
+    """
+    batch, length = current.shape
+    device = current.device
+    grad = new_output((batch, length), torch.float32, device) if need_grad else None
+    row_stats = new_output((batch, int(NUM_ROW_STATS)), torch.float32, device)
+    scale = new_output((batch,), torch.float32, device)
+    out = new_output((NUM_VALUE_OUT if is_value else NUM_POLICY_OUT,), torch.float32, device)
+    mask = kernel_mask(mask)
+    cfg = _loss_blocks(length)
+    if block_t is not None:
+        cfg["BLOCK_T"] = block_t
+    _rl_loss_fwd_kernel[(batch,)](
+        # data ptrs
+        current, old, target, mask, grad, row_stats,
+        # shapes
+        length,
+        # strides
+        current.stride(0), current.stride(1), old.stride(0), old.stride(1),
+        target.stride(0), target.stride(1) if target.dim() == 2 else 0,
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        # constants
+        clip_low, clip_high, dual_clip,
+        IS_VALUE=is_value, **cfg,
+    )
+    _rl_loss_finalize_kernel[(1,)](
+        # data ptrs
+        row_stats, scale, out,
+        # shapes
+        batch,
+        # constants
+        norm_len,
+        AGG=agg, IS_VALUE=is_value, BLOCK_B=min(next_pow2(batch), 1024),
+    )
+    return out[0], out[1:], grad, scale
+
+
+def rl_loss_backward(grad: torch.Tensor, scale: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype):
+    """grad_current[b, t] = grad[b, t] * scale[b] * upstream, in ``dtype``. upstream: (1,) fp32."""
+    batch, length = grad.shape
+    out = new_output((batch, length), dtype, grad.device)
+    block_t = min(next_pow2(length), 256 if interpreting() else 1024)
+    _rl_loss_bwd_kernel[(batch, cdiv(length, block_t))](
+        grad, scale, upstream, out,
+        length,
+        BLOCK_T=block_t,
+    )
+    return out
+
+
+def kl_forward(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str) -> torch.Tensor:
+    """The ``kind`` ("k1" | "k2" | "k3") estimator of contiguous (...) inputs, as fp32 (...)."""
+    out = new_output(logprobs.shape, torch.float32, logprobs.device)
+    n = logprobs.numel()
+    block = _elementwise_block()
+    _kl_fwd_kernel[(cdiv(n, block),)](logprobs, ref_logprobs, out, n, KIND=_KL_KINDS[kind], BLOCK=block)
+    return out
+
+
+def kl_backward(logprobs, ref_logprobs, grad_out, *, kind: str, need_logp: bool, need_ref: bool):
+    """Gradients (to logprobs, to ref_logprobs; None where not needed) in the inputs' dtypes. All contiguous."""
+    grad_logp = new_output(logprobs.shape, logprobs.dtype, logprobs.device) if need_logp else None
+    grad_ref = new_output(ref_logprobs.shape, ref_logprobs.dtype, ref_logprobs.device) if need_ref else None
+    n = logprobs.numel()
+    block = _elementwise_block()
+    _kl_bwd_kernel[(cdiv(n, block),)](
+        logprobs, ref_logprobs, grad_out, grad_logp, grad_ref,
+        n,
+        KIND=_KL_KINDS[kind], BLOCK=block,
+    )
+    return grad_logp, grad_ref

@@ -1,9 +1,29 @@
-"""Scalar-argument checks shared by every public op: one wording, errors that name the op and the argument."""
+"""Argument checks shared by the public ops: one wording, errors that name the op and the argument."""
 from __future__ import annotations
 
 import math
 
 import torch
+
+from fastalign.reference.rl import AGG_MODES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(op: str, name: str, value, *, allow_none: bool = False) -> None:
+    """TypeError unless ``value`` is a torch.Tensor (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, torch.Tensor):
+        or_none = " or None" if allow_none else ""
+        raise TypeError(f"{op}: {name} must be a torch.Tensor{or_none}, got {type(value).__name__}")
+
+
+def float_tensor(op: str, name: str, value) -> None:
+    """TypeError unless ``value`` is an fp16/bf16/fp32/fp64 tensor."""
+    tensor(op, name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be fp16/bf16/fp32/fp64, got {value.dtype}")
 
 
 def number(op: str, name: str, value) -> float:
@@ -35,3 +55,30 @@ def in_unit(op: str, name: str, value) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{op}: {name} must lie in [0, 1], got {value}")
     return value
+
+
+def positive_int(op: str, name: str, value, *, allow_none: bool = False) -> int | None:
+    """A Python int >= 1 (bool refused), or None when allowed. ValueError otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{op}: {name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def ppo_clips(op: str, clip_low, clip_high, dual_clip) -> tuple[float, float | None, float | None]:
+    """The PPO ratio clips: clip_low > 0, clip_high > 0 or None, dual_clip > 1 or None."""
+    return (
+        positive(op, "clip_low", clip_low),
+        positive(op, "clip_high", clip_high, allow_none=True),
+        positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0),
+    )
+
+
+def agg_mode(op: str, agg, norm_len, length: int) -> float:
+    """Check an RL aggregation mode and its ``norm_len``; returns the length "seq-mean-token-sum-norm" divides by
+    (``norm_len``, or ``length`` = T when None)."""
+    if agg not in AGG_MODES:
+        raise ValueError(f"{op}: agg must be one of {AGG_MODES}, got {agg!r}")
+    norm_len = positive_int(op, "norm_len", norm_len, allow_none=True)
+    return float(length if norm_len is None else norm_len)

@@ -2,14 +2,15 @@
 
 Each op runs the LM-head log-prob forward once (:func:`fastalign.ops.logprobs.head_forward`: the Triton kernel
 or the chunked reference, never [N, V] logits), computes its loss on the O(N) per-token log-probs (and
-entropies) with the same PyTorch reference code as the unfused ops, and in backward turns that small loss into
-per-token upstream gradients dL/dlogp_n, dL/dH_n, which go straight into one recompute pass
-(:func:`fastalign.ops.logprobs.head_backward`) for d hidden, d weight, d bias.
+entropies) with the reference of that loss on token log-probs (:mod:`fastalign.reference.linear_losses`), and in
+backward turns that small loss into per-token upstream gradients dL/dlogp_n, dL/dH_n, which go straight into one
+recompute pass (:func:`fastalign.ops.logprobs.head_backward`) for d hidden, d weight, d bias.
 
 For sum-reduced DPO the per-token gradient is constant over each sequence: dL/dlogp_n = dL/dS_b for every
 response token n of sequence b (divided by its length when length-normalised); for PPO it is
 w_n * dl_n/dlogp_n with w the aggregation weight. Autograd over the O(N) -> scalar graph of the reference loss
-gives exactly these values, so every loss formula exists in one place only (``fastalign.reference``).
+gives exactly these values, so every loss formula exists in one place only (``fastalign.reference``); the
+composition from hidden states each op must equal is :mod:`fastalign.reference.linear_losses` too.
 
 Memory above inputs: O(N) fp32 (log-probs, lse, mu, per-token gradients) plus the head's own workspace.
 """
@@ -19,10 +20,10 @@ from typing import Callable
 
 import torch
 
-from fastalign.ops import rl as rl_checks
+from fastalign.ops._checks import agg_mode, number, ppo_clips
 from fastalign.ops.logprobs import head_backward, head_forward, prepare_head, resolve_head_backend
-from fastalign.ops._checks import number, positive
 from fastalign.ops.preference import check_dpo_options
+from fastalign.reference import linear_losses as ref
 from fastalign.reference import preference as ref_pref
 from fastalign.reference import rl as ref_rl
 
@@ -36,11 +37,11 @@ class _HeadLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head, backend, need_entropy, loss_fn, box, *extras):
+    def forward(ctx, hidden, weight, bias, head, backend, need_entropy, loss_fn, stats_out: dict, *extras):
         head = head._replace(hidden=hidden, weight=weight, bias=bias)
         logp, entropy, lse, mu = head_forward(head, backend, need_entropy=need_entropy)
         out, stats = loss_fn(logp, entropy, *extras)
-        box["stats"] = {k: v.detach() for k, v in stats.items()}
+        stats_out.update({k: v.detach() for k, v in stats.items()})  # autograd outputs must be tensors
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
         ctx.backend = backend
         ctx.loss_fn = loss_fn
@@ -85,11 +86,11 @@ def _head_loss(head, backend, need_entropy: bool, loss_fn: Callable, extras: tup
         logp, entropy, _, _ = head_forward(head, backend, need_entropy=need_entropy)
         out, stats = loss_fn(logp, entropy, *extras)
         return out, {k: v.detach() for k, v in stats.items()}
-    box: dict = {}
+    stats: dict = {}
     out = _HeadLossFunction.apply(
-        head.hidden, head.weight, head.bias, head, backend, need_entropy, loss_fn, box, *extras
+        head.hidden, head.weight, head.bias, head, backend, need_entropy, loss_fn, stats, *extras
     )
-    return out, box["stats"]
+    return out, stats
 
 
 def _prepare_batched_head(op, hidden, weight, labels, *, bias, temperature, softcap, ignore_index):
@@ -228,8 +229,7 @@ def linear_dpo_loss(
                 raise ValueError(f"{op}: {name} is on {t.device}, expected {head.hidden.device}")
         extras = (ref_chosen_logps, ref_rejected_logps)
     valid = (head.labels != head.ignore_index).view(head.shape)
-    lengths = valid.sum(-1)
-    empty = lengths == 0
+    empty = valid.sum(-1) == 0
     if bool(empty.any()):
         first = int(empty.nonzero()[0, 0])
         which = f"chosen response of pair {first}" if first < pairs else f"rejected response of pair {first - pairs}"
@@ -237,17 +237,11 @@ def linear_dpo_loss(
             f"{op}: labels row {first} (the {which}) has no response token (every label equals "
             f"ignore_index={head.ignore_index}); DPO needs at least one per sequence"
         )
-    if length_normalize is None:
-        length_normalize = loss_type in ("ipo", "simpo")
-    chosen_len = lengths[:pairs] if length_normalize else None
-    rejected_len = lengths[pairs:] if length_normalize else None
 
     def loss_fn(logp, entropy, *refs):
-        seq = ref_pref.sequence_logprobs(logp.view(head.shape), valid)
-        ref_c, ref_r = refs if refs else (None, None)
-        return ref_pref.dpo_loss(
-            seq[:pairs], seq[pairs:], ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=eps,
-            gamma=gamma, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+        return ref.dpo_loss_from_logprobs(
+            logp.view(head.shape), valid, *refs, beta=beta, loss_type=loss_type, label_smoothing=eps, gamma=gamma,
+            length_normalize=length_normalize,
         )
 
     return _head_loss(head, backend, False, loss_fn, extras)
@@ -336,10 +330,8 @@ def linear_policy_loss(
     kl_coef = number(op, "kl_coef", kl_coef)
     entropy_coef = number(op, "entropy_coef", entropy_coef)
     # the same option rules as fa.ppo_policy_loss
-    clip_low = positive(op, "clip_low", clip_low)
-    clip_high = positive(op, "clip_high", clip_high, allow_none=True)
-    dual_clip = positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0)
-    rl_checks._check_agg(op, agg, norm_len, shape[1])
+    clip_low, clip_high, dual_clip = ppo_clips(op, clip_low, clip_high, dual_clip)
+    agg_mode(op, agg, norm_len, shape[1])
     if kl_kind not in ref_rl.KL_KINDS:
         raise ValueError(f"{op}: kl_kind must be one of {ref_rl.KL_KINDS}, got {kl_kind!r}")
     if kl_coef != 0 and ref_logprobs is None:
@@ -360,25 +352,11 @@ def linear_policy_loss(
     need_entropy = entropy_coef != 0 or bool(return_entropy)
     extras = (old_logprobs, advantages) + ((ref_logprobs,) if ref_logprobs is not None else ())
 
-    def loss_fn(logp, entropy, old, adv, *ref):
-        logp = logp.view(shape)
-        old = logp.detach() if old is None else old
-        loss, stats = ref_rl.ppo_policy_loss(
-            logp, old, adv, valid, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-            norm_len=norm_len,
+    def loss_fn(logp, entropy, old, adv, *ref_lp):
+        return ref.policy_loss_from_logprobs(
+            logp.view(shape), entropy.view(shape) if entropy is not None else None, valid, old, adv, *ref_lp,
+            kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
+            dual_clip=dual_clip, agg=agg, norm_len=norm_len,
         )
-        stats["pg_loss"] = loss.detach()
-        if ref:
-            # zero both sides at masked positions: garbage there would give exp(inf) * 0 = NaN gradients
-            kl = ref_rl.kl_penalty(torch.where(valid, logp, 0), torch.where(valid, ref[0], 0), kind=kl_kind)
-            stats["kl"] = ref_rl.masked_mean(kl.detach(), valid)
-            if kl_coef != 0:
-                loss = loss + kl_coef * ref_rl.aggregate(kl, valid, agg, norm_len)
-        if entropy is not None:
-            entropy = entropy.view(shape)
-            stats["entropy"] = ref_rl.masked_mean(entropy.detach(), valid)
-            if entropy_coef != 0:
-                loss = loss - entropy_coef * ref_rl.aggregate(entropy, valid, agg, norm_len)
-        return loss, stats
 
     return _head_loss(head, backend, need_entropy, loss_fn, extras)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.ops._checks import number
+from fastalign.ops._checks import number, tensor
 from fastalign.reference import preference as ref
 
 LOSS_TYPES = ref.LOSS_TYPES
@@ -44,8 +44,7 @@ def check_dpo_options(
 
 
 def _check_vector(op: str, name: str, t, n: int | None, device, *, floating: bool = True) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    tensor(op, name, t)
     if floating and not t.dtype.is_floating_point:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if t.dim() != 1 or (n is not None and t.shape[0] != n):
@@ -184,8 +183,7 @@ def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, average: bo
     op = "sequence_logprobs"
     if not isinstance(logprobs, torch.Tensor) or not logprobs.dtype.is_floating_point:
         raise TypeError(f"{op}: logprobs must be a floating-point tensor")
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: mask must be a torch.Tensor, got {type(mask).__name__}")
+    tensor(op, "mask", mask)
     if logprobs.dim() != 2:
         raise ValueError(f"{op}: logprobs must have shape (B, T), got {tuple(logprobs.shape)}")
     if mask.shape != logprobs.shape:

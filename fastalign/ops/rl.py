@@ -18,30 +18,23 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastalign.ops._checks import in_unit, number, positive
 from fastalign import _backend
+from fastalign.ops._checks import agg_mode, float_tensor, in_unit, number, positive, positive_int, ppo_clips, tensor
 from fastalign.reference import rl as ref
+from fastalign.reference._common import compute_dtype
 
-_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the kernels' and the extension's number for each aggregation mode (kernels/rl.py AGG_*)
 _AGG_INDEX = {name: i for i, name in enumerate(ref.AGG_MODES)}
-_KL_INDEX = {"k1": 1, "k2": 2, "k3": 3}
 _EXT_OPS = ("torch", "triton", "cpp", "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------- validation
 
-def _check_float_tensor(op: str, name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_TYPES:
-        raise TypeError(f"{op}: {name} must be fp16/bf16/fp32/fp64, got {t.dtype}")
-
-
 def _check_grid(op: str, mask, **tensors) -> tuple[int, int]:
     """All ``tensors`` (B, T) float on one device; ``mask`` None or (B, T) bool / numeric. Returns (B, T)."""
     (first_name, first), *_ = tensors.items()
     for name, t in tensors.items():
-        _check_float_tensor(op, name, t)
+        float_tensor(op, name, t)
     if first.dim() != 2 or first.shape[0] == 0 or first.shape[1] == 0:
         raise ValueError(f"{op}: {first_name} must have shape (B, T) with B, T > 0, got {tuple(first.shape)}")
     for name, t in tensors.items():
@@ -50,9 +43,8 @@ def _check_grid(op: str, mask, **tensors) -> tuple[int, int]:
                              f"{tuple(t.shape)}")
         if t.device != first.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+    tensor(op, "mask", mask, allow_none=True)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{op}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.dtype.is_complex:
             raise TypeError(f"{op}: mask must be bool or real numeric (nonzero = valid), got {mask.dtype}")
         if mask.shape != first.shape:
@@ -61,16 +53,6 @@ def _check_grid(op: str, mask, **tensors) -> tuple[int, int]:
         if mask.device != first.device:
             raise ValueError(f"{op}: mask is on {mask.device} but {first_name} is on {first.device}")
     return first.shape[0], first.shape[1]
-
-
-def _check_agg(op: str, agg, norm_len, length: int) -> tuple[str, float]:
-    if agg not in ref.AGG_MODES:
-        raise ValueError(f"{op}: agg must be one of {ref.AGG_MODES}, got {agg!r}")
-    if norm_len is None:
-        return agg, float(length)
-    if isinstance(norm_len, bool) or not isinstance(norm_len, int) or norm_len <= 0:
-        raise ValueError(f"{op}: norm_len must be a positive int or None, got {norm_len!r}")
-    return agg, float(norm_len)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
@@ -116,18 +98,10 @@ def _extension():
     return _ext.load(build=False)
 
 
-def _poison() -> bool:
-    return os.environ.get("FASTALIGN_POISON", "0") not in ("", "0")
+def _kernels():
+    from fastalign.kernels import rl as kernels  # imported on first use: after TRITON_INTERPRET is set
 
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if _poison():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    return kernels
 
 
 def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -135,53 +109,7 @@ def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else (mask if mask.dtype == torch.bool else mask != 0).contiguous()
 
 
-def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """A pointer-able mask for the kernels: bool is read as uint8 (same bytes, no copy)."""
-    if mask is None:
-        return fallback, False
-    return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask), True
-
-
 # ---------------------------------------------------------------------------------------------------------- GAE
-
-def _gae_blocks(batch: int, length: int, block_t: int | None) -> dict:
-    if _backend.interpreting():  # the interpreter pays per op, and custom-combine scans are slow: small tiles
-        cap_t = 64 if block_t is None else block_t
-        return dict(BLOCK_B=min(_next_pow2(batch), 16), BLOCK_T=min(_next_pow2(length), cap_t),
-                    num_warps=1)
-    cap_t = 1024 if block_t is None else block_t
-    return dict(BLOCK_B=2, BLOCK_T=min(_next_pow2(length), cap_t), num_warps=4)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _triton_gae(rewards, values, mask, gamma, lam, block_t=None, whiten=False):
-    from fastalign.kernels.rl import _gae_fwd_kernel, _whiten_apply_kernel, _whiten_combine_kernel
-
-    batch, length = rewards.shape
-    adv = _empty((batch, length), torch.float32, rewards.device)
-    returns = _empty((batch, length), torch.float32, rewards.device)
-    mask_t, has_mask = _mask_arg(mask, rewards)
-    cfg = _gae_blocks(batch, length, block_t)
-    programs = _cdiv(batch, cfg["BLOCK_B"])
-    moments = _empty((programs, 3), torch.float32, rewards.device) if whiten else adv
-    _gae_fwd_kernel[(programs,)](
-        rewards, values, mask_t, adv, returns, moments,
-        batch, length,
-        rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
-        mask_t.stride(0), mask_t.stride(1), adv.stride(0),
-        gamma, lam,
-        HAS_MASK=has_mask, WHITEN_STATS=whiten, **cfg,
-    )
-    if whiten:  # two more launches, no host sync: merge the per-program moments, then scale in place
-        stats = _empty((2,), torch.float32, rewards.device)
-        _whiten_combine_kernel[(1,)](moments, stats, programs, 1e-8, BLOCK_P=min(_next_pow2(programs), 1024))
-        block = 1024 if _backend.interpreting() else 2048
-        _whiten_apply_kernel[(_cdiv(adv.numel(), block),)](adv, stats, adv.numel(), BLOCK=block)
-    return adv, returns
-
 
 def gae(
     rewards: torch.Tensor,
@@ -223,7 +151,7 @@ def gae(
     _check_grid(op, mask, rewards=rewards, values=values)
     gamma = in_unit(op, "gamma", gamma)
     lam = in_unit(op, "lam", lam)
-    dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    dtype = compute_dtype(rewards, values)
     needs_grad = torch.is_grad_enabled() and (rewards.requires_grad or values.requires_grad)
     if needs_grad and backend == "auto":
         name = "torch"  # the kernels return constants; the reference is differentiable
@@ -235,7 +163,7 @@ def gae(
     if name == "torch":
         return ref.gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=whiten)
     if name == "triton":
-        return _triton_gae(rewards, values, mask, gamma, lam, whiten=bool(whiten))
+        return _kernels().gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=bool(whiten))
     common = torch.promote_types(rewards.dtype, values.dtype)
     adv, returns = _extension().gae(rewards.to(common).contiguous(), values.to(common).contiguous(),
                                     _bool_mask(mask), gamma, lam)
@@ -266,11 +194,10 @@ def group_advantages(
         advantages: (B,) fp32 (fp64 for fp64 rewards).
     """
     op = "group_advantages"
-    _check_float_tensor(op, "rewards", rewards)
+    float_tensor(op, "rewards", rewards)
     if rewards.dim() != 1 or rewards.numel() == 0:
         raise ValueError(f"{op}: rewards must have shape (B,) with B > 0, got {tuple(rewards.shape)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"{op}: group_size must be a positive int, got {group_size!r}")
+    positive_int(op, "group_size", group_size)
     if rewards.numel() % group_size:
         raise ValueError(f"{op}: the batch size B={rewards.numel()} must be a multiple of group_size={group_size}")
     if scale not in ref.GROUP_SCALES:
@@ -284,70 +211,16 @@ def group_advantages(
 
 # ------------------------------------------------------------------------------------- policy and value losses
 
-def _loss_blocks(length: int) -> dict:
-    if _backend.interpreting():
-        return dict(BLOCK_T=min(_next_pow2(length), 256), num_warps=1)
-    return dict(BLOCK_T=min(_next_pow2(length), 2048), num_warps=4 if length <= 1024 else 8)
-
-
-def _triton_loss_forward(x, y, z, mask, *, is_value, clip_low, clip_high, dual_clip, agg, norm_len, need_grad,
-                         block_t=None):
-    """Returns (loss () fp32, stats (K,) fp32, grad (B, T) fp32 unscaled or None, row scale (B,) fp32)."""
-    from fastalign.kernels.rl import NUM_ROW_STATS, _rl_loss_finalize_kernel, _rl_loss_fwd_kernel
-
-    batch, length = x.shape
-    device = x.device
-    grad = _empty((batch, length), torch.float32, device) if need_grad else None
-    row_stats = _empty((batch, NUM_ROW_STATS), torch.float32, device)
-    scale = _empty((batch,), torch.float32, device)
-    out = _empty((3 if is_value else 9,), torch.float32, device)
-    mask_t, has_mask = _mask_arg(mask, x)
-    z_stride_t = z.stride(1) if z.dim() == 2 else 0
-    cfg = _loss_blocks(length)
-    if block_t is not None:
-        cfg["BLOCK_T"] = block_t
-    _rl_loss_fwd_kernel[(batch,)](
-        x, y, z, mask_t, grad if grad is not None else row_stats, row_stats,
-        length,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z_stride_t,
-        mask_t.stride(0), mask_t.stride(-1),
-        clip_low if clip_low is not None else 1.0, clip_high if clip_high is not None else 1.0,
-        dual_clip if dual_clip is not None else 1.0,
-        IS_VALUE=is_value, HAS_MASK=has_mask, HAS_CLIP=clip_low is not None, HAS_DUAL_CLIP=dual_clip is not None,
-        NEED_GRAD=need_grad, **cfg,
-    )
-    _rl_loss_finalize_kernel[(1,)](
-        row_stats, scale, out,
-        batch,
-        norm_len,
-        AGG=_AGG_INDEX[agg], IS_VALUE=is_value, BLOCK_B=min(_next_pow2(batch), 1024),
-    )
-    return out[0], out[1:], grad, scale
-
-
-def _triton_loss_backward(grad, scale, upstream, dtype):
-    from fastalign.kernels.rl import _rl_loss_bwd_kernel
-
-    batch, length = grad.shape
-    out = _empty((batch, length), dtype, grad.device)
-    block_t = min(_next_pow2(length), 256 if _backend.interpreting() else 1024)
-    _rl_loss_bwd_kernel[(batch, _cdiv(length, block_t))](
-        grad, scale, upstream, out,
-        length,
-        BLOCK_T=block_t,
-    )
-    return out
-
-
-def _loss_forward(backend, x, y, z, mask, **cfg):
+def _loss_forward(backend, current, old, target, mask, **cfg):
+    """(loss, stats, unscaled per-token grad or None, per-row scale) of the policy or the value loss."""
     if backend == "triton":
-        return _triton_loss_forward(x, y, z, mask, **cfg)
+        return _kernels().rl_loss_forward(current, old, target, mask, **cfg)
     # cpp / cuda: the extension implements the policy loss only, on one dtype
-    common = torch.promote_types(torch.promote_types(x.dtype, y.dtype), z.dtype)
+    common = torch.promote_types(torch.promote_types(current.dtype, old.dtype), target.dtype)
     loss, stats, grad, scale = _extension().ppo_policy_loss_fwd(
-        x.to(common).contiguous(), y.to(common).contiguous(), z.to(common).contiguous(), _bool_mask(mask),
-        cfg["clip_low"], cfg["clip_high"], cfg["dual_clip"] if cfg["dual_clip"] is not None else 0.0,
-        _AGG_INDEX[cfg["agg"]], cfg["norm_len"], cfg["need_grad"],
+        current.to(common).contiguous(), old.to(common).contiguous(), target.to(common).contiguous(),
+        _bool_mask(mask), cfg["clip_low"], cfg["clip_high"], cfg["dual_clip"] if cfg["dual_clip"] is not None else 0.0,
+        cfg["agg"], cfg["norm_len"], cfg["need_grad"],
     )
     return loss, stats, (grad if cfg["need_grad"] else None), scale
 
@@ -355,7 +228,7 @@ def _loss_forward(backend, x, y, z, mask, **cfg):
 def _loss_backward(backend, grad, scale, upstream, dtype):
     upstream = upstream.float().reshape(1).contiguous()
     if backend == "triton":
-        return _triton_loss_backward(grad, scale, upstream, dtype)
+        return _kernels().rl_loss_backward(grad, scale, upstream, dtype)
     return _extension().ppo_policy_loss_bwd(grad, scale, upstream).to(dtype)
 
 
@@ -363,10 +236,10 @@ class _RLLossFunction(torch.autograd.Function):
     """Loss and stats in the forward; the forward's per-token derivative times w_b * upstream in the backward."""
 
     @staticmethod
-    def forward(ctx, x, y, z, mask, backend: str, cfg: dict):
-        loss, stats, grad, scale = _loss_forward(backend, x, y, z, mask, need_grad=True, **cfg)
+    def forward(ctx, current, old, target, mask, backend: str, cfg: dict):
+        loss, stats, grad, scale = _loss_forward(backend, current, old, target, mask, need_grad=True, **cfg)
         ctx.backend = backend
-        ctx.x_dtype = x.dtype
+        ctx.current_dtype = current.dtype
         ctx.save_for_backward(grad, scale)
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -375,7 +248,7 @@ class _RLLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, grad_stats):
         grad, scale = ctx.saved_tensors
-        return _loss_backward(ctx.backend, grad, scale, grad_loss, ctx.x_dtype), None, None, None, None, None
+        return _loss_backward(ctx.backend, grad, scale, grad_loss, ctx.current_dtype), None, None, None, None, None
 
 
 def _check_constants(op: str, **tensors) -> None:
@@ -389,10 +262,10 @@ def _check_constants(op: str, **tensors) -> None:
                              f"it); pass {name}.detach()")
 
 
-def _run_loss(backend, x, y, z, mask, cfg):
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _RLLossFunction.apply(x, y, z, mask, backend, cfg)
-    loss, stats, _, _ = _loss_forward(backend, x.detach(), y, z, mask, need_grad=False, **cfg)
+def _run_loss(backend, current, old, target, mask, cfg):
+    if torch.is_grad_enabled() and current.requires_grad:
+        return _RLLossFunction.apply(current, old, target, mask, backend, cfg)
+    loss, stats, _, _ = _loss_forward(backend, current.detach(), old, target, mask, need_grad=False, **cfg)
     return loss, stats
 
 
@@ -439,7 +312,7 @@ def ppo_policy_loss(
     """
     op = "ppo_policy_loss"
     batch, length = _check_grid(op, mask, logprobs=logprobs, old_logprobs=old_logprobs)
-    _check_float_tensor(op, "advantages", advantages)
+    float_tensor(op, "advantages", advantages)
     if advantages.shape == (batch, 1) and length != 1:  # per-sequence advantages as TRL keeps them
         advantages = advantages[:, 0]
     if advantages.shape not in (logprobs.shape, (batch,)):
@@ -447,19 +320,16 @@ def ppo_policy_loss(
                          f"{tuple(advantages.shape)}")
     if advantages.device != logprobs.device:
         raise ValueError(f"{op}: advantages is on {advantages.device} but logprobs is on {logprobs.device}")
-    clip_low = positive(op, "clip_low", clip_low)
-    clip_high = positive(op, "clip_high", clip_high, allow_none=True)
-    dual_clip = positive(op, "dual_clip", dual_clip, allow_none=True, above=1.0)
-    agg, norm = _check_agg(op, agg, norm_len, length)
+    clip_low, clip_high, dual_clip = ppo_clips(op, clip_low, clip_high, dual_clip)
+    norm = agg_mode(op, agg, norm_len, length)
     _check_constants(op, old_logprobs=old_logprobs, advantages=advantages)
-    dtype = torch.float64 if torch.float64 in (logprobs.dtype, old_logprobs.dtype, advantages.dtype) else (
-        torch.float32)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
     name = _resolve(op, backend, (logprobs, old_logprobs, advantages, mask), supports=_EXT_OPS, dtype=dtype)
     if name == "torch":
         return ref.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                                    dual_clip=dual_clip, agg=agg, norm_len=norm_len)
     cfg = dict(is_value=False, clip_low=clip_low, clip_high=clip_low if clip_high is None else clip_high,
-               dual_clip=dual_clip, agg=agg, norm_len=norm)
+               dual_clip=dual_clip, agg=_AGG_INDEX[agg], norm_len=norm)
     if name != "triton":
         del cfg["is_value"]
     loss, stats = _run_loss(name, logprobs, old_logprobs, advantages, mask, cfg)
@@ -497,51 +367,34 @@ def value_loss(
     op = "value_loss"
     _, length = _check_grid(op, mask, values=values, old_values=old_values, returns=returns)
     clip = positive(op, "clip", clip, allow_none=True)
-    agg, norm = _check_agg(op, agg, norm_len, length)
+    norm = agg_mode(op, agg, norm_len, length)
     _check_constants(op, old_values=old_values, returns=returns)
-    dtype = torch.float64 if torch.float64 in (values.dtype, old_values.dtype, returns.dtype) else torch.float32
+    dtype = compute_dtype(values, old_values, returns)
     name = _resolve(op, backend, (values, old_values, returns, mask), supports=("torch", "triton"), dtype=dtype)
     if name == "torch":
         return ref.value_loss(values, old_values, returns, mask, clip=clip, agg=agg, norm_len=norm_len)
-    cfg = dict(is_value=True, clip_low=clip, clip_high=None, dual_clip=None, agg=agg, norm_len=norm)
+    cfg = dict(is_value=True, clip_low=clip, clip_high=None, dual_clip=None, agg=_AGG_INDEX[agg], norm_len=norm)
     loss, stats = _run_loss(name, values, old_values, returns, mask, cfg)
     return loss, dict(zip(ref.VALUE_STATS, stats.unbind()))
 
 
 # ------------------------------------------------------------------------------------------------- KL penalty
 
-def _kl_block() -> int:
-    return 1024 if _backend.interpreting() else 2048
-
-
 class _KLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logprobs, ref_logprobs, kind: int):
-        from fastalign.kernels.rl import _kl_fwd_kernel
-
+    def forward(ctx, logprobs, ref_logprobs, kind: str):
         logp, ref_lp = logprobs.contiguous(), ref_logprobs.contiguous()
-        out = _empty(logp.shape, torch.float32, logp.device)
-        n = logp.numel()
-        _kl_fwd_kernel[(_cdiv(n, _kl_block()),)](logp, ref_lp, out, n, KIND=kind, BLOCK=_kl_block())
         ctx.kind = kind
         ctx.save_for_backward(logp, ref_lp)
-        return out
+        return _kernels().kl_forward(logp, ref_lp, kind=kind)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        from fastalign.kernels.rl import _kl_bwd_kernel
-
         logp, ref_lp = ctx.saved_tensors
-        need_logp, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_out = grad_out.contiguous()  # incoming gradients may be expanded or strided views
-        grad_logp = _empty(logp.shape, logp.dtype, logp.device) if need_logp else None
-        grad_ref = _empty(ref_lp.shape, ref_lp.dtype, ref_lp.device) if need_ref else None
-        n = logp.numel()
-        _kl_bwd_kernel[(_cdiv(n, _kl_block()),)](
-            logp, ref_lp, grad_out, grad_logp if need_logp else logp, grad_ref if need_ref else logp,
-            n,
-            KIND=ctx.kind, NEED_LOGP=need_logp, NEED_REF=need_ref, BLOCK=_kl_block(),
+        grad_logp, grad_ref = _kernels().kl_backward(
+            logp, ref_lp, grad_out, kind=ctx.kind, need_logp=ctx.needs_input_grad[0], need_ref=ctx.needs_input_grad[1],
         )
         return grad_logp, grad_ref, None
 
@@ -561,8 +414,8 @@ def kl_penalty(
         (...) fp32 (fp64 for fp64 inputs on torch).
     """
     op = "kl_penalty"
-    _check_float_tensor(op, "logprobs", logprobs)
-    _check_float_tensor(op, "ref_logprobs", ref_logprobs)
+    float_tensor(op, "logprobs", logprobs)
+    float_tensor(op, "ref_logprobs", ref_logprobs)
     if ref_logprobs.shape != logprobs.shape:
         raise ValueError(f"{op}: ref_logprobs must have shape {tuple(logprobs.shape)} (like logprobs), got "
                          f"{tuple(ref_logprobs.shape)}")
@@ -570,8 +423,8 @@ def kl_penalty(
         raise ValueError(f"{op}: ref_logprobs is on {ref_logprobs.device} but logprobs is on {logprobs.device}")
     if kind not in ref.KL_KINDS:
         raise ValueError(f"{op}: kind must be one of {ref.KL_KINDS}, got {kind!r}")
-    dtype = torch.float64 if torch.float64 in (logprobs.dtype, ref_logprobs.dtype) else torch.float32
+    dtype = compute_dtype(logprobs, ref_logprobs)
     name = _resolve(op, backend, (logprobs, ref_logprobs), supports=("torch", "triton"), dtype=dtype)
     if name == "torch" or logprobs.numel() == 0:
         return ref.kl_penalty(logprobs, ref_logprobs, kind=kind)
-    return _KLFunction.apply(logprobs, ref_logprobs, _KL_INDEX[kind])
+    return _KLFunction.apply(logprobs, ref_logprobs, kind)

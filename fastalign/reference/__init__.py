@@ -1,4 +1,5 @@
-"""Pure-PyTorch references: the spec for every fused op, and the CPU path."""
+"""Pure-PyTorch references: the spec for every fused op, and the CPU path. One module per op family (logprobs,
+rl, preference, linear_losses)."""
 from fastalign.reference.logprobs import (  # noqa: F401
     linear_logprobs_backward,
     linear_logprobs_forward,

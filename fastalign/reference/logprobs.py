@@ -1,4 +1,5 @@
-"""Pure-PyTorch token log-probs: the spec every kernel is tested against, and the CPU path.
+"""Pure-PyTorch token log-probs: the spec every kernel is tested against, and the CPU path (docs/architecture.md,
+*The math*).
 
 Notation (per flattened token n, vocabulary entry j):
     a_nj = h_n . W_j + b_j                      raw logit
@@ -17,6 +18,8 @@ The chunked functions hold one ``[chunk, V]`` fp32 block at a time, so memory is
 from __future__ import annotations
 
 import torch
+
+from fastalign.reference._common import compute_dtype
 
 DEFAULT_CHUNK = 1024
 
@@ -89,10 +92,6 @@ def linear_logprobs_naive(
     return logp, entropy
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -114,7 +113,7 @@ def linear_logprobs_forward(
         ignored rows hold 0 in every output.
     """
     n = hidden.shape[0]
-    acc = _acc_dtype(hidden)
+    acc = compute_dtype(hidden)
     w = weight.to(acc)
     b = bias.to(acc) if bias is not None else None
     valid = labels != ignore_index
@@ -165,7 +164,7 @@ def linear_logprobs_backward(
         (dh (N, D), dW (V, D), db (V,)) in the inputs' dtypes, accumulated in fp32; None where not needed.
     """
     n = hidden.shape[0]
-    acc = _acc_dtype(hidden)
+    acc = compute_dtype(hidden)
     w = weight.to(acc)
     b = bias.to(acc) if bias is not None else None
     valid = labels != ignore_index

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from fastalign.reference._common import compute_dtype
+
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 GROUP_SCALES = ("group", "none", "rloo", "batch")
 KL_KINDS = ("k1", "k2", "k3")
@@ -31,10 +33,6 @@ POLICY_STATS = (
     "ratio_max",
 )
 VALUE_STATS = ("clip_frac", "values_mean")
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -88,7 +86,7 @@ def gae(
     Returns:
         advantages (B, T), returns (B, T): fp32 (fp64 for fp64 inputs).
     """
-    dtype = _compute_dtype(rewards, values)
+    dtype = compute_dtype(rewards, values)
     r, v = rewards.to(dtype), values.to(dtype)
     valid = _valid(mask, r)
     nv = torch.zeros_like(r[:, 0]) if r.shape[1] else r.new_zeros(r.shape[0])
@@ -129,7 +127,7 @@ def group_advantages(
     Returns:
         advantages: (B,) fp32 (fp64 for fp64 rewards).
     """
-    r = rewards.to(_compute_dtype(rewards))
+    r = rewards.to(compute_dtype(rewards))
     if group_size == 1:
         return torch.zeros_like(r)
     grouped = r.view(-1, group_size)
@@ -197,7 +195,7 @@ def ppo_policy_loss(
     Returns:
         loss: () fp32 (fp64 for fp64 inputs); stats: dict of () detached tensors, keys ``POLICY_STATS``.
     """
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
     valid = _valid(mask, logprobs)
     adv = advantages.to(dtype)
     if adv.dim() == 1:
@@ -259,7 +257,7 @@ def value_loss(
     Returns:
         loss: () fp32 (fp64 for fp64 inputs); stats: dict of () detached tensors, keys ``VALUE_STATS``.
     """
-    dtype = _compute_dtype(values, old_values, returns)
+    dtype = compute_dtype(values, old_values, returns)
     valid = _valid(mask, values)
     v = torch.where(valid, values.to(dtype), 0)
     old = torch.where(valid, old_values.to(dtype), 0)
@@ -293,7 +291,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str 
     Returns:
         (...) fp32 (fp64 for fp64 inputs).
     """
-    dtype = _compute_dtype(logprobs, ref_logprobs)
+    dtype = compute_dtype(logprobs, ref_logprobs)
     d = ref_logprobs.to(dtype) - logprobs.to(dtype)
     if kind == "k1":
         return -d

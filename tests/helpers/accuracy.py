@@ -1,5 +1,6 @@
 """The three-way accuracy rule (Cut Cross-Entropy, FlashAttention): a fast kernel must be at least about as close
-to a float64 truth as plain PyTorch computing the same thing in the test dtype."""
+to a float64 truth as plain PyTorch computing the same thing in the test dtype (docs/architecture.md, *Testing
+rules*)."""
 import torch
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}

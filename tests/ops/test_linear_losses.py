@@ -1,9 +1,10 @@
 """Fused losses from hidden states (linear_dpo_loss, linear_policy_loss, linear_sequence_logprobs).
 
-Each fused op is checked against (1) composing the unfused public ops on the same backend and dtype
-(``linear_logprobs`` + ``sequence_logprobs`` + ``dpo_loss``; + ``ppo_policy_loss`` / ``kl_penalty``): same loss,
-same gradients, same stats; and (2) a float64 ground truth under the three-way rule, against plain PyTorch in the
-test dtype. On CPU the Triton kernels run in the interpreter; shapes are small but odd, with logit std ~3.
+Each fused op is checked against (1) the unfused path on the same backend and dtype: ``linear_logprobs``, then
+the loss on its token log-probs from :mod:`fastalign.reference.linear_losses` (``sequence_logprobs`` + ``dpo_loss``;
+``ppo_policy_loss`` + ``kl_penalty``): same loss, same gradients, same stats; and (2) a float64 ground truth under
+the three-way rule, against plain PyTorch in the test dtype. On CPU the Triton kernels run in the interpreter;
+shapes are small but odd, with logit std ~3.
 """
 import math
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import fastalign as fa
+from fastalign.reference import linear_losses as ref_ll
 from fastalign.reference import rl as ref_rl
 from fastalign.reference.logprobs import linear_logprobs_naive
 from helpers.accuracy import assert_close_3way
@@ -100,16 +102,8 @@ def dpo_refs(rows, device, seed):
 
 def composed_dpo(logp, labels, refs, kw):
     """sequence_logprobs + dpo_loss on per-token log-probs (the unfused path)."""
-    kw = dict(kw)
-    normalise = kw.pop("length_normalize", kw["loss_type"] in ("ipo", "simpo"))
-    valid = labels != IGNORE
-    seq = fa.sequence_logprobs(logp, valid)
-    lengths = valid.sum(-1)
-    pairs = labels.shape[0] // 2
-    if normalise:
-        kw.update(chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
     refs = (None, None) if kw["loss_type"] == "simpo" else refs
-    return fa.dpo_loss(seq[:pairs], seq[pairs:], *refs, **kw)
+    return ref_ll.dpo_loss_from_logprobs(logp, labels != IGNORE, *refs, **kw)
 
 
 def run_dpo_case(name, backend, dtype, device, *, seed, bias=False, shape=(6, 11, 48, 317)):
@@ -198,8 +192,7 @@ def test_dpo_temperature_softcap_and_no_grad(device):
     refs = dpo_refs(4, device, 5)
     kw = dict(temperature=0.7, softcap=6.0)
     loss, stats = fa.linear_dpo_loss(hidden, weight, labels, *refs, bias=b, backend="torch", **kw)
-    want, want_stats = composed_dpo(truth_logprobs(hidden, weight, b, labels, **kw)[0], labels, refs,
-                                    DPO_TYPES["sigmoid"])
+    want, want_stats = ref_ll.linear_dpo_loss(hidden, weight, labels, *refs, bias=b, **DPO_TYPES["sigmoid"], **kw)
     torch.testing.assert_close(loss, want)
     with torch.no_grad():
         h = hidden.clone().requires_grad_()
@@ -258,17 +251,9 @@ def policy_inputs(labels, truth_logp, seed, *, seq_adv=False, explicit_mask=Fals
 
 
 def composed_policy(logp, entropy, labels, old, adv, mask, ref, cfg):
+    """ppo_policy_loss + kl_coef * KL - entropy_coef * entropy on per-token log-probs (the unfused path)."""
     valid = (labels != IGNORE) if mask is None else (mask != 0)
-    loss, stats = fa.ppo_policy_loss(
-        logp, old, adv, valid, clip_low=0.2, clip_high=cfg.get("clip_high"), dual_clip=cfg.get("dual_clip"),
-        agg=cfg["agg"], norm_len=cfg.get("norm_len"), backend="torch",
-    )
-    if ref is not None and cfg.get("kl_coef", 0):
-        kl = fa.kl_penalty(logp, ref, kind=cfg["kl_kind"], backend="torch")
-        loss = loss + cfg["kl_coef"] * ref_rl.aggregate(kl, valid, cfg["agg"], cfg.get("norm_len"))
-    if cfg.get("entropy_coef", 0):
-        loss = loss - cfg["entropy_coef"] * ref_rl.aggregate(entropy, valid, cfg["agg"], cfg.get("norm_len"))
-    return loss, stats
+    return ref_ll.policy_loss_from_logprobs(logp, entropy, valid, old, adv, ref, **fused_kwargs(cfg))
 
 
 def fused_kwargs(cfg):
@@ -293,7 +278,7 @@ def run_policy_case(name, backend, dtype, device, *, seed, shape=(5, 12, 48, 293
     loss_u, stats_u = composed_policy(out.logprobs, out.entropy, labels, old, adv, mask, ref, cfg)
     unfused = grads_of(loss_u, (h, w))
     check_same(loss, loss_u, dtype, f"{name} loss vs unfused")
-    for key in stats_u:
+    for key in ref_rl.POLICY_STATS:
         check_same(stats[key], stats_u[key], dtype, f"{name} stat {key}")
     for which, a, c in zip(("dh", "dw"), fused, unfused):
         assert a.dtype == dtype and torch.isfinite(a).all()

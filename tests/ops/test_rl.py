@@ -1,36 +1,17 @@
 """RL ops on the torch and Triton backends (the Triton kernels run in the interpreter on CPU) against the float64
 reference: the three-way accuracy rule, gradients against autograd of the reference, masking, errors."""
-import zlib
-
 import pytest
 import torch
 
 import fastalign as fa
-from fastalign.ops import rl as ops
+from fastalign.kernels import rl as kernels
 from fastalign.reference import rl as ref
-from tests.helpers.accuracy import assert_close_3way
+from helpers.accuracy import assert_close_3way
+from helpers.inputs import policy_case, randn, random_mask, stable_seed
 
 BACKENDS = ["torch", "triton"]
 # odd B and T, T = 1, and T above one interpreter tile (GAE tiles 64 steps, the losses 256)
 SHAPES = [(3, 1), (5, 37), (4, 300)]
-
-
-def _seed(*key) -> int:
-    """A stable per-case seed (str hashes change between processes)."""
-    return zlib.crc32(repr(key).encode()) % 10_000
-
-
-def _inputs(batch, length, *, seed, dtype=torch.float32, device="cpu", scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(batch, length, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return x.to(device)
-
-
-def _mask(batch, length, *, seed, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(batch, length, generator=g) > 0.25
-    mask[batch // 2] = False  # an all-masked row
-    return mask.to(device)
 
 
 def _grad_of(fn, x, upstream):
@@ -46,9 +27,9 @@ def _grad_of(fn, x, upstream):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("masked", [True, False])
 def test_gae_matches_reference(backend, shape, masked, device):
-    seed = _seed(shape, masked)
-    r, v = _inputs(*shape, seed=seed, device=device), _inputs(*shape, seed=seed + 1, device=device)
-    mask = _mask(*shape, seed=seed + 2, device=device) if masked else None
+    seed = stable_seed(shape, masked)
+    r, v = randn(*shape, seed=seed, device=device), randn(*shape, seed=seed + 1, device=device)
+    mask = random_mask(*shape, seed=seed + 2, device=device) if masked else None
     adv, ret = fa.gae(r, v, mask, gamma=0.99, lam=0.95, backend=backend)
     truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95)
     same_adv, same_ret = ref.gae(r, v, mask, gamma=0.99, lam=0.95)
@@ -59,10 +40,10 @@ def test_gae_matches_reference(backend, shape, masked, device):
 
 def test_gae_many_tiles_carry_state():
     # tiles of 16 steps: the state crosses 4 tile boundaries, masked positions included
-    r, v = _inputs(3, 61, seed=40), _inputs(3, 61, seed=41)
-    mask = _mask(3, 61, seed=42)
+    r, v = randn(3, 61, seed=40), randn(3, 61, seed=41)
+    mask = random_mask(3, 61, seed=42)
     mask[0, 14:20] = False  # a masked run across a tile boundary
-    adv, ret = ops._triton_gae(r, v, mask, 0.9, 0.7, block_t=16)
+    adv, ret = kernels.gae(r, v, mask, gamma=0.9, lam=0.7, block_t=16)
     truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.9, lam=0.7)
     same_adv, same_ret = ref.gae(r, v, mask, gamma=0.9, lam=0.7)
     assert_close_3way(adv, same_adv, truth_adv, torch.float32, name="advantages")
@@ -71,9 +52,9 @@ def test_gae_many_tiles_carry_state():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gae_whiten_and_low_precision_inputs(backend):
-    r = _inputs(5, 23, seed=43, dtype=torch.bfloat16)
-    v = _inputs(5, 23, seed=44, dtype=torch.bfloat16)
-    mask = _mask(5, 23, seed=45).to(torch.float32)  # a 0/1 float mask
+    r = randn(5, 23, seed=43, dtype=torch.bfloat16)
+    v = randn(5, 23, seed=44, dtype=torch.bfloat16)
+    mask = random_mask(5, 23, seed=45).to(torch.float32)  # a 0/1 float mask
     adv, ret = fa.gae(r, v, mask, gamma=1.0, lam=0.9, whiten=True, backend=backend)
     truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=1.0, lam=0.9, whiten=True)
     torch.testing.assert_close(adv, truth_adv.float(), rtol=1e-5, atol=1e-5)
@@ -83,19 +64,19 @@ def test_gae_whiten_and_low_precision_inputs(backend):
 @pytest.mark.parametrize("shape,block_t", [((37, 45), 16), ((3, 1), None), ((4, 70), None)])
 def test_triton_gae_whiten_merges_program_moments(shape, block_t):
     # B = 37 runs 3 programs of 16 rows: the per-program (n, mean, M2) are merged in a second kernel
-    r, v = _inputs(*shape, seed=47) + 3.0, _inputs(*shape, seed=48)  # a mean far from 0 tests the M2 merge
-    mask = _mask(*shape, seed=49)
-    adv, ret = ops._triton_gae(r, v, mask, 0.95, 0.9, block_t=block_t, whiten=True)
+    r, v = randn(*shape, seed=47) + 3.0, randn(*shape, seed=48)  # a mean far from 0 tests the M2 merge
+    mask = random_mask(*shape, seed=49)
+    adv, ret = kernels.gae(r, v, mask, gamma=0.95, lam=0.9, block_t=block_t, whiten=True)
     truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.95, lam=0.9, whiten=True)
     same_adv, _ = ref.gae(r, v, mask, gamma=0.95, lam=0.9, whiten=True)
     assert_close_3way(adv, same_adv, truth_adv, torch.float32, name="whitened advantages")
     torch.testing.assert_close(ret, truth_ret.float(), rtol=1e-5, atol=1e-5)
-    all_masked = ops._triton_gae(r, v, torch.zeros_like(mask), 0.95, 0.9, whiten=True)[0]
+    all_masked = kernels.gae(r, v, torch.zeros_like(mask), gamma=0.95, lam=0.9, whiten=True)[0]
     assert torch.equal(all_masked, torch.zeros_like(all_masked))
 
 
 def test_gae_kernel_backend_refuses_to_drop_gradients():
-    v = _inputs(2, 5, seed=46).requires_grad_()
+    v = randn(2, 5, seed=46).requires_grad_()
     with pytest.raises(RuntimeError, match="does not propagate gradients"):
         fa.gae(torch.zeros(2, 5), v, None, backend="triton")
     with torch.no_grad():
@@ -107,21 +88,13 @@ def test_gae_kernel_backend_refuses_to_drop_gradients():
 
 # --------------------------------------------------------------------------------------------------- policy loss
 
-def _policy_case(shape, seed, per_sequence_adv, device="cpu", dtype=torch.float32):
-    logp = _inputs(*shape, seed=seed, scale=0.3, dtype=dtype, device=device)
-    old = (logp.double() + _inputs(*shape, seed=seed + 1, scale=0.3, dtype=torch.float64, device=device)).to(dtype)
-    adv = _inputs(shape[0], 1, seed=seed + 2, device=device)[:, 0] if per_sequence_adv else _inputs(
-        *shape, seed=seed + 2, device=device)
-    return logp, old, adv, _mask(*shape, seed=seed + 3, device=device)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", ref.AGG_MODES)
 @pytest.mark.parametrize("shape,per_sequence_adv,dual_clip", [
     ((5, 37), False, 3.0), ((3, 1), True, None), ((4, 300), True, 2.5),
 ])
 def test_ppo_policy_loss_matches_reference(backend, agg, shape, per_sequence_adv, dual_clip, device):
-    logp, old, adv, mask = _policy_case(shape, _seed(agg, shape), per_sequence_adv, device)
+    logp, old, adv, mask = policy_case(shape, stable_seed(agg, shape), per_sequence_adv, device=device)
     kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, agg=agg)
     upstream = torch.randn((), generator=torch.Generator().manual_seed(7)).item()
 
@@ -141,7 +114,7 @@ def test_ppo_policy_loss_matches_reference(backend, agg, shape, per_sequence_adv
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ppo_policy_loss_forward_only_and_strided_inputs(backend):
-    logp, old, adv, mask = _policy_case((6, 19), 50, False)
+    logp, old, adv, mask = policy_case((6, 19), 50, False)
     # transposed storage: non-contiguous views of every input
     logp_t, old_t, adv_t = (x.t().contiguous().t() for x in (logp, old, adv))
     assert not logp_t.is_contiguous()
@@ -155,7 +128,7 @@ def test_ppo_policy_loss_forward_only_and_strided_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ppo_policy_loss_per_sequence_advantages_as_column(backend):
-    logp, old, adv, mask = _policy_case((4, 13), 52, True)
+    logp, old, adv, mask = policy_case((4, 13), 52, True)
     loss_col, _ = fa.ppo_policy_loss(logp, old, adv[:, None], mask, backend=backend)
     loss_vec, _ = fa.ppo_policy_loss(logp, old, adv, mask, backend=backend)
     torch.testing.assert_close(loss_col, loss_vec, rtol=0, atol=0)
@@ -163,7 +136,7 @@ def test_ppo_policy_loss_per_sequence_advantages_as_column(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ppo_policy_loss_bf16_logprobs(backend):
-    logp, old, adv, mask = _policy_case((5, 29), 51, True, dtype=torch.bfloat16)
+    logp, old, adv, mask = policy_case((5, 29), 51, True, dtype=torch.bfloat16, adv_dtype=torch.float32)
     (loss, _), grad = _grad_of(lambda x: fa.ppo_policy_loss(x, old, adv, mask, backend=backend), logp, 1.0)
     (truth, _), truth_grad = _grad_of(lambda x: ref.ppo_policy_loss(x, old.double(), adv.double(), mask),
                                       logp.double(), 1.0)
@@ -178,9 +151,9 @@ def test_ppo_policy_loss_bf16_logprobs(backend):
 @pytest.mark.parametrize("agg", ref.AGG_MODES)
 @pytest.mark.parametrize("shape,clip", [((5, 37), 0.2), ((3, 1), None), ((4, 300), 0.5)])
 def test_value_loss_matches_reference(backend, agg, shape, clip):
-    seed = _seed(agg, shape)
-    values, old, returns = (_inputs(*shape, seed=seed + i) for i in range(3))
-    mask = _mask(*shape, seed=seed + 3)
+    seed = stable_seed(agg, shape)
+    values, old, returns = (randn(*shape, seed=seed + i) for i in range(3))
+    mask = random_mask(*shape, seed=seed + 3)
     upstream = 0.37
     (loss, stats), grad = _grad_of(
         lambda x: fa.value_loss(x, old, returns, mask, clip=clip, agg=agg, backend=backend), values, upstream)
@@ -200,8 +173,8 @@ def test_value_loss_matches_reference(backend, agg, shape, clip):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", ref.AGG_MODES)
 def test_all_masked_batch_gives_zero_loss_zero_grad_finite_stats(backend, agg):
-    logp = _inputs(3, 7, seed=60).requires_grad_()
-    values = _inputs(3, 7, seed=61).requires_grad_()
+    logp = randn(3, 7, seed=60).requires_grad_()
+    values = randn(3, 7, seed=61).requires_grad_()
     garbage = torch.full((3, 7), float("nan"))  # masked positions may hold anything
     mask = torch.zeros(3, 7, dtype=torch.bool)
     loss, stats = fa.ppo_policy_loss(logp, garbage, garbage, mask, dual_clip=3.0, agg=agg, backend=backend)
@@ -222,9 +195,9 @@ def test_all_masked_batch_gives_zero_loss_zero_grad_finite_stats(backend, agg):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kl_penalty_matches_reference(backend, kind, dtype):
     # includes |d| < 0.1, where exp(d) - 1 - d cancels in fp32 and the kernel switches to the series
-    logp = _inputs(15, 41, seed=70, dtype=dtype, scale=0.5)
-    ref_lp = (logp.double() + _inputs(15, 41, seed=71, scale=0.05, dtype=torch.float64)).to(dtype)
-    upstream = _inputs(15, 41, seed=72)
+    logp = randn(15, 41, seed=70, dtype=dtype, scale=0.5)
+    ref_lp = (logp.double() + randn(15, 41, seed=71, scale=0.05, dtype=torch.float64)).to(dtype)
+    upstream = randn(15, 41, seed=72)
     x1, y1 = logp.clone().requires_grad_(), ref_lp.clone().requires_grad_()
     out = fa.kl_penalty(x1, y1, kind=kind, backend=backend)
     (out * upstream).sum().backward()
@@ -241,7 +214,7 @@ def test_kl_penalty_matches_reference(backend, kind, dtype):
 
 
 def test_kl_penalty_any_shape_and_expanded_upstream():
-    logp, ref_lp = _inputs(4, 6, seed=73).view(2, 2, 6), _inputs(4, 6, seed=74).view(2, 2, 6)
+    logp, ref_lp = randn(4, 6, seed=73).view(2, 2, 6), randn(4, 6, seed=74).view(2, 2, 6)
     x = logp.clone().requires_grad_()
     fa.kl_penalty(x, ref_lp, kind="k3", backend="triton").sum().backward()  # upstream: an expanded tensor of ones
     expected = -torch.expm1(ref_lp - logp)
@@ -252,7 +225,7 @@ def test_kl_penalty_any_shape_and_expanded_upstream():
 
 @pytest.mark.parametrize("scale", ref.GROUP_SCALES)
 def test_group_advantages_public(scale):
-    r = _inputs(15, 1, seed=80)[:, 0]
+    r = randn(15, 1, seed=80)[:, 0]
     torch.testing.assert_close(fa.group_advantages(r, 5, scale=scale), ref.group_advantages(r, 5, scale=scale))
 
 
@@ -307,27 +280,28 @@ def test_rl_kernels_compile_for_sm90():
     """The interpreter misses layout / lowering errors: compile every RL kernel (the tuple reverse scan of GAE
     included) to a cubin for an sm_90 target, without a GPU."""
     pytest.importorskip("triton")
-    from tests.helpers.compile import compile_in_subprocess
+    from helpers.compile import compile_in_subprocess
 
     mod = "fastalign.kernels.rl:"
-    loss_ptrs = dict(x_ptr="fp32", y_ptr="fp32", z_ptr="fp32", mask_ptr="u8", grad_ptr="fp32", row_stats_ptr="fp32")
-    loss_flags = dict(HAS_MASK=True, HAS_CLIP=True, NEED_GRAD=True, BLOCK_T=1024)
+    loss_ptrs = dict(current_ptr="fp32", old_ptr="fp32", target_ptr="fp32", mask_ptr="u8", grad_ptr="fp32",
+                     row_stats_ptr="fp32")
+    loss_consts = dict(BLOCK_T=1024)
     jobs = [
         dict(kernel=mod + "_gae_fwd_kernel",
              pointers=dict(rewards_ptr="fp32", values_ptr="bf16", mask_ptr="u8", adv_ptr="fp32", returns_ptr="fp32",
                            moments_ptr="fp32"),
-             constexprs=dict(HAS_MASK=True, WHITEN_STATS=True, BLOCK_B=2, BLOCK_T=1024), floats=["gamma", "lam"],
-             num_warps=4),
+             constexprs=dict(BLOCK_B=2, BLOCK_T=1024), floats=["gamma", "lam"], num_warps=4),
         dict(kernel=mod + "_whiten_combine_kernel", pointers=dict(moments_ptr="fp32", out_ptr="fp32"),
              constexprs=dict(BLOCK_P=256), floats=["eps"]),
         dict(kernel=mod + "_whiten_apply_kernel", pointers=dict(adv_ptr="fp32", stats_ptr="fp32"),
              constexprs=dict(BLOCK=2048)),
         dict(kernel=mod + "_rl_loss_fwd_kernel", pointers=loss_ptrs,
-             constexprs=dict(IS_VALUE=False, HAS_DUAL_CLIP=True, **loss_flags),
-             floats=["clip_low", "clip_high", "dual_clip"], num_warps=4),
+             constexprs=dict(IS_VALUE=False, **loss_consts), floats=["clip_low", "clip_high", "dual_clip"],
+             num_warps=4),
+        # the value loss: no ratio clip-high, no dual clip (constexpr None, as the launcher passes them)
         dict(kernel=mod + "_rl_loss_fwd_kernel", pointers=loss_ptrs,
-             constexprs=dict(IS_VALUE=True, HAS_DUAL_CLIP=False, **loss_flags),
-             floats=["clip_low", "clip_high", "dual_clip"], num_warps=4),
+             constexprs=dict(IS_VALUE=True, clip_high=None, dual_clip=None, **loss_consts), floats=["clip_low"],
+             num_warps=4),
         dict(kernel=mod + "_rl_loss_finalize_kernel",
              pointers=dict(row_stats_ptr="fp32", scale_ptr="fp32", out_ptr="fp32"),
              constexprs=dict(AGG=2, IS_VALUE=False, BLOCK_B=512), floats=["norm_len"]),
@@ -339,7 +313,7 @@ def test_rl_kernels_compile_for_sm90():
         dict(kernel=mod + "_kl_bwd_kernel",
              pointers=dict(logp_ptr="bf16", ref_ptr="bf16", upstream_ptr="fp32", grad_logp_ptr="bf16",
                            grad_ref_ptr="bf16"),
-             constexprs=dict(KIND=3, NEED_LOGP=True, NEED_REF=True, BLOCK=2048)),
+             constexprs=dict(KIND=3, BLOCK=2048)),
     ]
     results = compile_in_subprocess(jobs)
     failed = [(job["kernel"], res["error"]) for job, res in zip(jobs, results) if not res["ok"]]
@@ -352,14 +326,14 @@ def test_rl_kernels_compile_for_sm90():
 def test_gpu_reverse_scan_and_losses_at_scale(device):
     # Triton issue #4362 reports wrong GPU results for some non-commutative reverse scans: check the real thing
     shape = (64, 3001)
-    r, v = _inputs(*shape, seed=90, device=device), _inputs(*shape, seed=91, device=device)
-    mask = _mask(*shape, seed=92, device=device)
+    r, v = randn(*shape, seed=90, device=device), randn(*shape, seed=91, device=device)
+    mask = random_mask(*shape, seed=92, device=device)
     adv, ret = fa.gae(r, v, mask, gamma=0.999, lam=0.95, backend="triton")
     truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.999, lam=0.95)
     same_adv, same_ret = ref.gae(r, v, mask, gamma=0.999, lam=0.95)
     assert_close_3way(adv, same_adv, truth_adv, torch.float32, name="advantages", atol=1e-4)
     assert_close_3way(ret, same_ret, truth_ret, torch.float32, name="returns", atol=1e-4)
-    logp, old, adv2, mask2 = _policy_case((512, 2048), 93, False, device=device)
+    logp, old, adv2, mask2 = policy_case((512, 2048), 93, False, device=device)
     for agg in ref.AGG_MODES:
         (loss, _), grad = _grad_of(lambda x: fa.ppo_policy_loss(x, old, adv2, mask2, dual_clip=3.0, agg=agg,
                                                                 backend="triton"), logp, 1.0)

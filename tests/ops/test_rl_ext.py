@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ import fastalign as fa
 from fastalign import _backend, _ext
 from fastalign.ops import rl as ops
 from fastalign.reference import rl as ref
-from tests.helpers.accuracy import assert_close_3way
+from helpers.accuracy import assert_close_3way
+from helpers.inputs import policy_case, randn, random_mask, stable_seed
 
 
 def _toolchain() -> str | None:
@@ -51,22 +51,6 @@ def ext():
     return _load_or_skip(build=not torch.cuda.is_available())
 
 
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode()) % 10_000
-
-
-def _randn(*shape, seed, dtype=torch.float32, scale=1.0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
-
-
-def _mask(batch, length, seed, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(batch, length, generator=g) > 0.25
-    mask[batch // 2] = False
-    return mask.to(device)
-
-
 # B = 17: two interleaved blocks of 8 rows and a remainder row; T = 1; T above a CUDA tile (256)
 SHAPES = [(1, 1), (3, 1), (9, 37), (17, 300)]
 
@@ -75,9 +59,9 @@ SHAPES = [(1, 1), (3, 1), (9, 37), (17, 300)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("masked", [True, False])
 def test_cpp_gae_matches_reference(ext, shape, dtype, masked):
-    seed = _seed(shape, str(dtype), masked)
-    r, v = _randn(*shape, seed=seed, dtype=dtype), _randn(*shape, seed=seed + 1, dtype=dtype)
-    mask = _mask(*shape, seed + 2) if masked else None
+    seed = stable_seed(shape, str(dtype), masked)
+    r, v = randn(*shape, seed=seed, dtype=dtype), randn(*shape, seed=seed + 1, dtype=dtype)
+    mask = random_mask(*shape, seed + 2) if masked else None
     adv, ret = fa.gae(r, v, mask, gamma=0.99, lam=0.95, backend="cpp")
     truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95)
     same_adv, same_ret = ref.gae(r, v, mask, gamma=0.99, lam=0.95)
@@ -88,20 +72,12 @@ def test_cpp_gae_matches_reference(ext, shape, dtype, masked):
 
 
 def test_cpp_gae_whiten_and_float_mask(ext):
-    r, v = _randn(6, 40, seed=1), _randn(6, 40, seed=2)
-    mask = _mask(6, 40, 3).to(torch.float32)
+    r, v = randn(6, 40, seed=1), randn(6, 40, seed=2)
+    mask = random_mask(6, 40, 3).to(torch.float32)
     adv, ret = fa.gae(r, v, mask, gamma=1.0, lam=0.9, whiten=True, backend="cpp")
     truth_adv, truth_ret = ref.gae(r.double(), v.double(), mask, gamma=1.0, lam=0.9, whiten=True)
     torch.testing.assert_close(adv, truth_adv.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ret, truth_ret.float(), rtol=1e-5, atol=1e-5)
-
-
-def _policy_case(shape, seed, per_sequence_adv, dtype=torch.float32, device="cpu"):
-    logp = _randn(*shape, seed=seed, scale=0.3, dtype=dtype, device=device)
-    old = (logp.double() + _randn(*shape, seed=seed + 1, scale=0.3, dtype=torch.float64, device=device)).to(dtype)
-    adv = _randn(shape[0], seed=seed + 2, dtype=dtype, device=device) if per_sequence_adv else _randn(
-        *shape, seed=seed + 2, dtype=dtype, device=device)
-    return logp, old, adv, _mask(*shape, seed + 3, device=device)
 
 
 def _loss_and_grad(fn, x, upstream):
@@ -116,7 +92,7 @@ def _loss_and_grad(fn, x, upstream):
     ((9, 37), False, 3.0), ((3, 1), True, None), ((17, 300), True, 2.0),
 ])
 def test_cpp_ppo_policy_loss_matches_reference(ext, agg, shape, per_sequence_adv, dual_clip):
-    logp, old, adv, mask = _policy_case(shape, _seed(agg, shape), per_sequence_adv)
+    logp, old, adv, mask = policy_case(shape, stable_seed(agg, shape), per_sequence_adv)
     kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, agg=agg)
     upstream = -1.7
     loss, stats, grad = _loss_and_grad(
@@ -134,7 +110,7 @@ def test_cpp_ppo_policy_loss_matches_reference(ext, agg, shape, per_sequence_adv
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_cpp_ppo_policy_loss_other_dtypes(ext, dtype):
-    logp, old, adv, mask = _policy_case((7, 45), 11, False, dtype=dtype)
+    logp, old, adv, mask = policy_case((7, 45), 11, False, dtype=dtype)
     loss, stats, grad = _loss_and_grad(
         lambda x: fa.ppo_policy_loss(x, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean", backend="cpp"),
         logp, 1.0)
@@ -153,7 +129,7 @@ def test_cpp_ppo_policy_loss_other_dtypes(ext, dtype):
 
 @pytest.mark.parametrize("agg", ref.AGG_MODES)
 def test_cpp_all_masked_is_zero_and_finite(ext, agg):
-    logp = _randn(4, 9, seed=12).requires_grad_()
+    logp = randn(4, 9, seed=12).requires_grad_()
     garbage = torch.full((4, 9), float("nan"))
     mask = torch.zeros(4, 9, dtype=torch.bool)
     loss, stats = fa.ppo_policy_loss(logp, garbage, garbage, mask, dual_clip=3.0, agg=agg, backend="cpp")
@@ -171,7 +147,7 @@ def test_auto_uses_the_extension_on_cpu_when_built(ext, monkeypatch):
     ok, why = _ext.status()
     assert ok and "loaded from" in why
     assert sys.modules["fastalign._C"] is ext
-    r, v = _randn(5, 12, seed=13), _randn(5, 12, seed=14)
+    r, v = randn(5, 12, seed=13), randn(5, 12, seed=14)
     torch.testing.assert_close(fa.gae(r, v), fa.gae(r, v, backend="cpp"), rtol=0, atol=0)
 
 
@@ -202,8 +178,8 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("FASTALIGN_BACKEND", raising=False)
     monkeypatch.setattr(_backend, "extension_status", lambda: (False, "fastalign._C is unavailable: test"))
     monkeypatch.setattr(ops, "_warned_fallback", False)
-    r, v = _randn(3, 8, seed=15), _randn(3, 8, seed=16)
-    logp, old, adv, mask = _policy_case((3, 8), 17, True)
+    r, v = randn(3, 8, seed=15), randn(3, 8, seed=16)
+    logp, old, adv, mask = policy_case((3, 8), 17, True)
     with pytest.warns(RuntimeWarning, match="python -m fastalign.ext build") as record:
         adv_out, _ = fa.gae(r, v)
         loss, _ = fa.ppo_policy_loss(logp, old, adv, mask)
@@ -298,8 +274,8 @@ def test_cuda_extension_matches_reference():
     module = _load_or_skip(build=False)
     assert module.with_cuda()
     for shape in [(1, 1), (5, 255), (7, 257), (513, 2048), (33, 5000)]:
-        r, v = _randn(*shape, seed=20, device="cuda"), _randn(*shape, seed=21, device="cuda")
-        mask = _mask(*shape, 22, device="cuda")
+        r, v = randn(*shape, seed=20, device="cuda"), randn(*shape, seed=21, device="cuda")
+        mask = random_mask(*shape, 22, device="cuda")
         for m in (mask, None):
             adv, ret = fa.gae(r, v, m, gamma=0.999, lam=0.95, backend="cuda")
             truth_adv, truth_ret = ref.gae(r.double(), v.double(), m, gamma=0.999, lam=0.95)
@@ -307,7 +283,7 @@ def test_cuda_extension_matches_reference():
             assert_close_3way(adv, same_adv, truth_adv, torch.float32, name=f"advantages {shape}", atol=1e-4)
             assert_close_3way(ret, same_ret, truth_ret, torch.float32, name=f"returns {shape}", atol=1e-4)
         for agg in ref.AGG_MODES:
-            logp, old, adv2, mask2 = _policy_case(shape, 23, shape[1] % 2 == 1, device="cuda")
+            logp, old, adv2, mask2 = policy_case(shape, 23, shape[1] % 2 == 1, device="cuda")
             kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg=agg)
             loss, stats, grad = _loss_and_grad(
                 lambda x: fa.ppo_policy_loss(x, old, adv2, mask2, backend="cuda", **kwargs), logp, 0.5)

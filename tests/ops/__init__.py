@@ -1,0 +1,1 @@
+"""Tests of the public ops, one module per op family (``test_<family>.py``)."""
