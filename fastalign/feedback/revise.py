@@ -85,7 +85,8 @@ def revise_batch(model: TextModel, constitution, batch: list[dict], cfg: ReviseC
         principles = [sample_principles(constitution, 1, cfg.seed, r["id"], k)[0] for r in batch]
         critiques = model.generate(
             [critique_messages(constitution, r["prompt"], cur, p, few_shot=cfg.few_shot)
-             for r, cur, p in zip(batch, current, principles)], sampling, seed=derive_seed(cfg.seed, "critique", k, *ids))
+             for r, cur, p in zip(batch, current, principles)], sampling,
+            seed=derive_seed(cfg.seed, "critique", k, *ids))
         revisions = model.generate(
             [revision_messages(constitution, r["prompt"], cur, p, c.text, few_shot=cfg.few_shot)
              for r, cur, p, c in zip(batch, current, principles, critiques)], sampling,

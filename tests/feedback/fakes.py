@@ -83,6 +83,7 @@ class ScriptedScorer:
 
 def text_model(tokenizer, respond, scorer=None, name="fake", kill_on_call=None, crash_on_call=None, **kw):
     backend = ScriptedBackend(tokenizer, respond, kill_on_call, crash_on_call)
+    kw.setdefault("max_prompt_length", 1 << 16)  # a script has no context limit: it reads whole prompts
     return TextModel(backend, tokenizer, name=name, scorer=scorer, **kw)
 
 

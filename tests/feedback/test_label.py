@@ -85,7 +85,7 @@ def _run(tmp_path, tiny_tokenizer, prompts, name="prefs", method="logprobs", **k
     cfg = LabelConfig(prompts=str(path), out=str(tmp_path / name / "prefs.jsonl"), batch_size=2, seed=1,
                       label_method=method, **kw)
     scorer = ScriptedScorer(tiny_tokenizer, lambda u: [p_first(u), 1 - p_first(u)])
-    model = text_model(tiny_tokenizer, policy, scorer=scorer, max_prompt_length=4096)  # no truncation here
+    model = text_model(tiny_tokenizer, policy, scorer=scorer)
     summary = label(cfg, feedback=model, policy=model)
     rows = [json.loads(x) for x in Path(cfg.out).read_text().splitlines()] if Path(cfg.out).exists() else []
     rejected = Path(cfg.out).with_name("prefs.rejected.jsonl")

@@ -69,7 +69,8 @@ def test_comparison_and_judge_prompts_exact(tiny_tokenizer):
     ("A", "A"), ("B.", "B"), (" B \n because", "B"), ("A) it is kinder", "A"), ("[[B]]", "B"),
     ("I think [[A]], clearly [[A]]", "A"), ("C", "C"),
     ("A good reply would be ...", None),  # an article is not a verdict
-    ("[[A]] or maybe [[B]]", None), ("B. On reflection [[A]]", None), ("A, as in [[A]]", "A"), ("AB", None), ("", None), ("Both are fine", None), ("Atlas", None),
+    ("[[A]] or maybe [[B]]", None), ("B. On reflection [[A]]", None), ("A, as in [[A]]", "A"), ("AB", None),
+    ("", None), ("Both are fine", None), ("Atlas", None),
 ])
 def test_parse_choice(text, expected):
     assert parse_choice(text, ["A", "B", "C"]) == expected

@@ -46,7 +46,7 @@ def test_soft_dpo_loss_with_a_constant_label_is_cdpo():
 
 def test_soft_reward_loss_hand_computation():
     g = torch.Generator().manual_seed(2)
-    chosen, rejected = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    chosen, rejected = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(2))
     label = torch.tensor([1.0, 0.9, 0.75, 0.6, 0.5, 0.2], dtype=torch.float64)
     got = rm.soft_reward_loss(chosen, rejected, label, center_rewards_coef=0.01)
     expected = sum(-p * _log_sigmoid(d) - (1 - p) * _log_sigmoid(-d)
