@@ -19,7 +19,7 @@ def pairwise_chart(summary: dict, path: str | Path) -> Path:
     plt = _pyplot()
     groups = [("overall", summary)] + list((summary.get("categories") or {}).items())
     groups = [(name, g) for name, g in groups if g.get("n")]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * max(len(groups), 1)))
+    fig, ax = plt.subplots(figsize=(7, 2.2 + 0.5 * max(len(groups), 1)))
     for row, (name, g) in enumerate(groups):
         n = g["n"]
         wins, ties, losses = g["wins_a"] / n, g["ties"] / n, g["wins_b"] / n
@@ -37,9 +37,16 @@ def pairwise_chart(summary: dict, path: str | Path) -> Path:
     ax.set_xlim(0, 1)
     ax.axvline(0.5, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xlabel("fraction of prompts")
-    ax.set_title(f"{summary.get('model_a')} (A) vs {summary.get('model_b')} (B)", fontsize=9)
+    title = f"{summary.get('model_a')} (A) vs {summary.get('model_b')} (B), judge {summary.get('judge')}"
+    if summary.get("n"):
+        lo, hi = summary["ci_a"]
+        title += (f"\nwin rate A {summary['win_rate_a']:.2f} [{lo:.2f}, {hi:.2f}], length-controlled "
+                  + (f"{lc:.2f}" if lc is not None else "n/a")
+                  + f", position-inconsistent {summary['position_bias_rate']:.0%}, unparseable "
+                  f"{summary['unparseable']}")
+    ax.set_title(title, fontsize=8)
     if groups:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=5, frameon=False)
     else:
         ax.text(0.5, 0.5, "no parseable verdicts", ha="center", transform=ax.transAxes)
     fig.tight_layout()

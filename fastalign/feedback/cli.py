@@ -17,6 +17,8 @@ import json
 import logging
 import sys
 
+import yaml
+
 from fastalign.feedback import config as cfgs
 from fastalign.train.config import add_arguments
 
@@ -72,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     cls, module, function = VERBS[(args.command, args.verb)]
     try:
         cfg = cfgs.from_namespace(cls, args)
-    except (ValueError, OSError) as exc:  # a bad value or YAML file
-        return _error(exc)
+    except (ValueError, OSError, yaml.YAMLError) as exc:  # a bad value, or a missing or malformed YAML file
+        return _error(str(exc).replace("\n", " "))
     _setup_logging()
     try:
         summary = getattr(importlib.import_module(module), function)(cfg)

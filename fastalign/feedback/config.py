@@ -113,6 +113,7 @@ class LabelConfig(SampledOptions):
             raise ValueError("LabelConfig: num_responses must be >= 2 and principles_per_pair >= 1")
         if not 0.5 <= self.min_label <= 1:
             raise ValueError(f"LabelConfig: min_label must lie in [0.5, 1], got {self.min_label}")
+        _verdict_options(self, "verdict_max_new_tokens")
 
 
 @dataclass
@@ -120,7 +121,7 @@ class AnswerConfig(SampledOptions):
     """Answers of one model to a prompt set, for the judge (greedy by default)."""
 
     prompts: str | None = option(None, "prompts (.jsonl/.json, field 'prompt', optional 'category'); none: the "
-                                       "shipped prompts")
+                                       "shipped held-out prompts (not the ones cai revise/label use)")
     out: str = option("judge/answers.jsonl", "answers output (id, prompt, completion, category, model)")
     greedy: bool = option(True, "greedy decoding (ignores temperature, top_p, top_k)")
 
@@ -142,7 +143,8 @@ class JudgeOptions(ModelOptions):
     def __post_init__(self):
         super().__post_init__()
         if self.bootstrap < 10 or not 0 < self.confidence < 1:
-            raise ValueError("JudgeOptions: bootstrap must be >= 10 and confidence in (0, 1)")
+            raise ValueError(f"{type(self).__name__}: bootstrap must be >= 10 and confidence in (0, 1)")
+        _verdict_options(self, "max_new_tokens")
 
 
 @dataclass
@@ -172,6 +174,13 @@ class SingleConfig(JudgeOptions):
         super().__post_init__()
         if not self.answers:
             raise ValueError("SingleConfig: give at least one answers file, --answers")
+
+
+def _verdict_options(cfg, tokens_field: str) -> None:
+    if getattr(cfg, tokens_field) < 1:
+        raise ValueError(f"{type(cfg).__name__}: {tokens_field} must be >= 1, got {getattr(cfg, tokens_field)}")
+    if cfg.retry_temperature <= 0:
+        raise ValueError(f"{type(cfg).__name__}: retry_temperature must be > 0, got {cfg.retry_temperature}")
 
 
 def from_namespace(cls, ns):

@@ -156,8 +156,8 @@ class TextModel:
             full = self._ids(text + label)
             if len(full) != len(head) + 1 or full[:len(head)] != head:
                 raise FeedbackError(f"choice label {label!r} is not a single token after the prompt for "
-                                    f"{self.name} (it encodes as {full[len(head) - 1:]}); use labels that are, "
-                                    "or --label-method text")
+                                    f"{self.name} (it encodes as {full[len(head) - 1:]}); use single-token labels, "
+                                    "or verdicts from text")
             out.append(full[-1])
         if len(set(out)) != len(out):
             raise FeedbackError(f"choice labels {list(labels)} share a token for {self.name}")
@@ -166,14 +166,14 @@ class TextModel:
     def choice_probs(self, conversations: Sequence[list[dict]], labels: Sequence[str]) -> ChoiceProbs:
         """Probabilities of each label as the next token, renormalized over the labels (float64)."""
         if self.scorer is None:
-            raise FeedbackError(f"the backend of {self.name} cannot score tokens; use --label-method text")
+            raise FeedbackError(f"the backend of {self.name} cannot score tokens; use verdicts from text")
         token_ids, prompt_ids = None, []
         for conv in conversations:
             text = self.render(conv)
             ids = self.choice_token_ids(text, labels)
             if token_ids is not None and ids != token_ids:
                 raise FeedbackError(f"choice labels {list(labels)} tokenize differently across prompts for "
-                                    f"{self.name}; use --label-method text")
+                                    f"{self.name}; use verdicts from text")
             token_ids = ids
             prompt_ids.append(self.encode(conv))
         if not prompt_ids:

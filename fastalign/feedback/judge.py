@@ -20,15 +20,15 @@ from pathlib import Path
 
 from fastalign.feedback import stats
 from fastalign.feedback.config import AnswerConfig, JudgeOptions, PairwiseConfig, SingleConfig
-from fastalign.feedback.constitution import load_rubric
+from fastalign.feedback.constitution import DATA_DIR, load_rubric
 from fastalign.feedback.engine import TextModel, load_text_model
 from fastalign.feedback.io import FeedbackError, Journal, check_text, load_prompts, read_rows, row_id, write_json
 from fastalign.feedback.prompts import (as_messages, derive_seed, pairwise_messages, parse_choice, parse_score,
                                         single_messages)
-from fastalign.feedback.revise import DEFAULT_PROMPTS
 from fastalign.feedback.verdicts import ask, resolve_method
 
 log = logging.getLogger("fastalign.feedback")
+EVAL_PROMPTS = DATA_DIR / "eval_prompts.jsonl"  # held out from the shipped prompts of cai revise / label
 
 
 def _load(cfg, model: TextModel | None) -> TextModel:
@@ -41,9 +41,10 @@ def _load(cfg, model: TextModel | None) -> TextModel:
 
 def answer(cfg: AnswerConfig, *, model: TextModel | None = None) -> dict:
     """Write (or complete) ``cfg.out`` with one answer per prompt; returns a small summary."""
-    rows, duplicates = load_prompts(cfg.prompts or DEFAULT_PROMPTS, max_rows=cfg.max_rows)
+    rows, duplicates = load_prompts(cfg.prompts or EVAL_PROMPTS, max_rows=cfg.max_rows)
     out = Journal(cfg.out)
-    pending = [r for r in rows if r["id"] not in out.values("id")]
+    done = out.values("id")
+    pending = [r for r in rows if r["id"] not in done]
     if pending:
         model = _load(cfg, model)
     sampling = cfg.sampling()
@@ -104,7 +105,8 @@ def pairwise(cfg: PairwiseConfig, *, model: TextModel | None = None) -> dict:
             raise FeedbackError(f"{b[rid]['where']}: id {rid!r} has a different prompt than {a[rid]['where']}")
     out_dir = Path(cfg.out_dir)
     verdicts = Journal(out_dir / "verdicts.jsonl")
-    pending = [rid for rid in shared if rid not in verdicts.values("id")]
+    done = verdicts.values("id")
+    pending = [rid for rid in shared if rid not in done]
     labels = [*rubric.choices, rubric.tie]
     method = None
     if pending:

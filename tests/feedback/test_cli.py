@@ -37,6 +37,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert _fails(capsys, ["cai", "revise", "--rounds", "many"]) == "options: rounds must be int, got 'many'"
     assert "unknown filter 'short'" in _fails(capsys, ["cai", "revise", "--filters", "empty,short"])
     assert "give both answer files" in _fails(capsys, ["judge", "pairwise", "--a", "x.jsonl"])
+    assert "retry_temperature must be > 0" in _fails(capsys, ["judge", "pairwise", "--a", "x", "--b", "y",
+                                                             "--retry-temperature", "0"])
+    (tmp_path / "bad.yaml").write_text("rounds: [1\n")
+    assert "while parsing" in _fails(capsys, ["cai", "revise", "--config", str(tmp_path / "bad.yaml")])
     prompts.write_text('{"prompt": "ok"}\n')
     assert "is not a local directory" in _fails(capsys, ["cai", "revise", "--prompts", str(prompts), "--model",
                                                          str(tmp_path / "no-model"), "--out", str(tmp_path / "o.jsonl")])
