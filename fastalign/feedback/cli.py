@@ -20,7 +20,6 @@ import sys
 import yaml
 
 from fastalign.feedback import config as cfgs
-from fastalign.train.config import add_arguments
 
 # (group, verb) -> (config class, module, function)
 VERBS = {
@@ -46,7 +45,7 @@ def add_commands(subparsers) -> None:
             if g == group:
                 doc = (cls.__doc__ or "").strip()
                 sub = verbs.add_parser(verb, help=doc.splitlines()[0] if doc else verb, description=doc)
-                add_arguments(sub, cls)
+                cfgs.add_arguments(sub, cls)
 
 
 def _error(exc) -> int:

@@ -6,7 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from fastalign.feedback.engine import SamplingParams
-from fastalign.train.config import from_dict, load_yaml, option, validate
+
+try:
+    from fastalign.train.config_parsing import add_arguments, from_dict, load_yaml, option, validate
+except ImportError:  # merge: drop the fallback
+    from fastalign.train.config import add_arguments, from_dict, load_yaml, option, validate
 
 METHODS = ("auto", "logprobs", "text")
 

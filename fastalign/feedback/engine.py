@@ -31,6 +31,10 @@ try:
     from fastalign.train.generation import Completions, GenerationBackend, HFGenerationBackend, SamplingParams
 except ImportError:  # merge: drop the fallback
     from fastalign.train.rollout import Completions, GenerationBackend, HFGenerationBackend, SamplingParams
+try:
+    from fastalign.train.tiny import default_tiny_model_dir
+except ImportError:  # merge: drop the fallback
+    from fastalign.train.models import default_tiny_model_dir
 
 __all__ = ["BACKENDS", "ChoiceProbs", "ChoiceScorer", "Completions", "Generation", "GenerationBackend",
            "HFChoiceScorer", "SamplingParams", "TextModel", "load_text_model", "register_backend"]
@@ -213,7 +217,7 @@ def load_text_model(model: str | Path | None, *, backend: str = "hf", device: st
     """A :class:`TextModel` for the local checkpoint ``model`` (None: the embedded tiny model)."""
     if backend not in BACKENDS:
         raise FeedbackError(f"unknown backend {backend!r}; registered: {sorted(BACKENDS)}")
-    path = str(model) if model else str(models.default_tiny_model_dir())
+    path = str(model) if model else str(default_tiny_model_dir())
     try:
         gen, tokenizer, scorer = BACKENDS[backend](path, device=resolve_device(device), dtype=dtype,
                                                    batch_size=batch_size)

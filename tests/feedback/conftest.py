@@ -9,7 +9,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # fakes.py, also for t
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from fastalign.train.models import build_tiny_model_and_tokenizer
+    try:
+        from fastalign.train.tiny import build_tiny_model_and_tokenizer
+    except ImportError:  # merge: drop the fallback
+        from fastalign.train.models import build_tiny_model_and_tokenizer
 
     return build_tiny_model_and_tokenizer(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
