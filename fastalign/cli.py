@@ -1,4 +1,4 @@
-"""The ``fastalign`` command: ``train <algo>``, ``demo``, ``plot``, ``env``, ``ext``, ``bench``.
+"""The ``fastalign`` command: ``train <algo>``, ``demo``, ``plot``, ``env``, ``ext``, ``bench``, ``cai``, ``judge``.
 
     fastalign train sft                                   # embedded tiny model + shipped tiny data
     fastalign train dpo --config c.yaml --beta 0.05       # YAML, then flags override it
@@ -120,6 +120,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ext.add_argument("rest", nargs=argparse.REMAINDER)
     bench = sub.add_parser("bench", help="run the benchmarks (fastalign.benchmarks)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    from fastalign.feedback import cli as feedback_cli  # `cai` and `judge`
+
+    feedback_cli.add_commands(sub)
     return parser
 
 
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(env_report())
         return 0
+    if args.command in ("cai", "judge"):
+        from fastalign.feedback import cli as feedback_cli
+
+        return feedback_cli.run(args)
     parser.print_help()
     return 0
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fastalign.train import formats
 from fastalign.train.formats import DataError, read_rows, validate_row
 
 log = logging.getLogger("fastalign.train")
@@ -39,6 +40,17 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     valid = labels != IGNORE
     valid[:, 0] = False
     return valid
+
+
+# An optional soft preference label on a preference row: p(chosen is preferred) in [0, 1], e.g. from
+# `fastalign cai label`. DPO uses it as per-pair cDPO label smoothing (eps = 1 - label), RM as the Bradley-Terry
+# target; rows without one count as 1. Checked by formats.validate_row.
+LABEL = formats.LABEL
+
+
+def soft_labels(examples: list[dict]) -> torch.Tensor:
+    """(B,) fp32 per-pair labels of tokenized preference examples (1 where a row has none)."""
+    return torch.tensor([1.0 if e.get(LABEL) is None else float(e[LABEL]) for e in examples])
 
 
 def load_rows(path: str | Path | None, kind: str, *, max_samples: int | None = None):

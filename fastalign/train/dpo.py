@@ -7,6 +7,9 @@ with l from ``fa.dpo_loss`` (sigmoid: -log sigmoid(u)). ``fused=True`` computes 
 from the policy's last hidden states (no [2B, T, V] logits, no per-token autograd graph); ``fused=False``
 computes token log-probs from full logits, then ``fa.sequence_logprobs`` and ``fa.dpo_loss`` (the reference).
 
+Rows with a soft ``label`` (p(chosen is preferred), e.g. from ``fastalign cai label``) train with per-pair cDPO
+smoothing eps_b = 1 - label_b (:func:`soft_dpo_loss`).
+
 Reference log-probs: by default precomputed once, in a no-grad pass of the initial policy (or ``ref_model``)
 before training; with LoRA and no ``ref_model`` the reference is the policy with its adapters disabled.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 import fastalign as fa
 from fastalign.train import data, models
@@ -49,6 +53,8 @@ def _dpo_from_hidden(model, hidden, *, labels, ref_c, ref_r, cfg):
 def dpo_loss(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
     """Mean pair loss of a (2B, T) micro-batch (chosen rows, then rejected) and its stats.
     ``batch["ref_chosen"]``/``["ref_rejected"]``: (B,) reference log-prob sums (absent for simpo)."""
+    if "label" in batch:  # per-pair soft labels
+        return soft_label_dpo_loss(model, batch, cfg)
     labels = batch["labels"]
     ref_c, ref_r = batch.get("ref_chosen"), batch.get("ref_rejected")
     if cfg.fused:
@@ -65,14 +71,60 @@ def dpo_loss(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
                        rejected_lengths=lengths[pairs:] if lengths is not None else None)
 
 
+# ------------------------------------------------- per-pair soft labels (a preference row's 'label', see data.LABEL)
+
+def soft_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, label, *, beta: float) -> torch.Tensor:
+    """Sigmoid DPO with a per-pair label: cDPO whose smoothing eps_b = 1 - label_b varies by pair.
+
+    Notation: label_b = p(y+_b is preferred) in [0, 1], u_b = beta * ((pi(y+_b) - ref(y+_b)) - (pi(y-_b) - ref(y-_b))),
+        loss = mean_b [ -label_b * log sigmoid(u_b) - (1 - label_b) * log sigmoid(-u_b) ]
+    All inputs (B,) float. With every label_b = 1 - eps this is ``fa.dpo_loss(..., label_smoothing=eps)``.
+    (``fa.dpo_loss`` takes one scalar eps, so the per-pair form is computed here.)
+    """
+    u = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    label = label.to(u.dtype)
+    return (-label * F.logsigmoid(u) - (1 - label) * F.logsigmoid(-u)).mean()
+
+
+def soft_label_dpo_loss(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
+    """:func:`soft_dpo_loss` of a micro-batch; sequence log-probs fused (``fa.linear_sequence_logprobs``) or not."""
+    labels = batch["labels"]
+
+    def loss_and_stats(seq):
+        pairs = seq.shape[0] // 2
+        args = (batch["ref_chosen"], batch["ref_rejected"])
+        loss = soft_dpo_loss(seq[:pairs], seq[pairs:], *args, batch["label"], beta=cfg.beta)
+        _, stats = fa.dpo_loss(seq[:pairs].detach(), seq[pairs:].detach(), *args, beta=cfg.beta)
+        return loss, stats
+
+    if cfg.fused:
+        def fn(m, hidden):
+            weight, bias = models.lm_head_weight(m)
+            return loss_and_stats(fa.linear_sequence_logprobs(
+                hidden[:, :-1], weight, labels[:, 1:], bias=bias, softcap=models.logit_softcap(m),
+                ignore_index=data.IGNORE, backend=cfg.backend))
+
+        return models.forward_head(model, batch["input_ids"], batch["attention_mask"], fn)
+    out = models.token_logprobs(model, batch["input_ids"], batch["attention_mask"], labels, fused=False)
+    return loss_and_stats(fa.sequence_logprobs(out.logprobs, data.response_mask(labels)))
+
+
 def train(cfg: DPOConfig) -> dict:
     """Train with ``cfg``; returns ``{"run_dir", "final_dir", "history", "bad_steps"}``."""
     run = prepare(cfg)
     tokenizer, info = run.tokenizer, run.info
     model = models.load_trainable(run.model_path, cfg, device=info.device)
     rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples)
+    soft = data.LABEL in rows.column_names  # per-pair soft labels
+    if soft and (cfg.loss_type != "sigmoid" or cfg.label_smoothing):
+        raise data.DataError(f"{cfg.train_file}: rows with a {data.LABEL!r} field set label smoothing per pair; "
+                             "they need loss_type sigmoid and label_smoothing 0")
     examples = data.tokenize_preference(rows, tokenizer, max_length=cfg.max_length,
-                                        max_prompt_length=cfg.max_prompt_length, chat_template=cfg.chat_template)
+                                        max_prompt_length=cfg.max_prompt_length, chat_template=cfg.chat_template,
+                                        extra_columns=(data.LABEL,) if soft else ())
+    if soft:
+        log.info("soft labels: per-pair cDPO with eps = 1 - %r (mean label %.3f)", data.LABEL,
+                 float(data.soft_labels(examples).mean()))
     pad = tokenizer.pad_token_id
     need_ref = cfg.loss_type != "simpo"
     reference = ReferenceModel(cfg, run.model_path, info.device,
@@ -97,6 +149,8 @@ def train(cfg: DPOConfig) -> dict:
     def micro_batch() -> dict:
         chunk = [examples[i] for i in sampler.next()]
         batch = to_device(data.collate_preference(chunk, pad))
+        if soft:
+            batch["label"] = data.soft_labels(chunk).to(info.device)
         if need_ref and cfg.precompute_ref:
             batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in chunk], device=info.device)
             batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in chunk], device=info.device)

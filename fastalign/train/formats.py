@@ -3,7 +3,8 @@
 Formats (one JSON object per line, or Parquet columns):
 - SFT: ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", "content"}, ...]}`` (the last message
   is the trained completion and must be the assistant's; earlier turns are the prompt).
-- preference (RM, DPO): ``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}``.
+- preference (RM, DPO): ``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}``,
+  optionally ``"label"``: p(chosen is preferred) in [0, 1], a soft label (see :data:`LABEL`).
 - RL (GRPO, PPO): ``{"prompt": str | messages, ...}``; every other field is kept for the reward functions.
 
 A malformed row raises a :class:`DataError` naming the file and line (row, for Parquet).
@@ -67,6 +68,16 @@ def _check_text(where: str, row: dict, key: str, *, messages_ok: bool = True) ->
                     "messages" if messages_ok else "") + f", got {type(value).__name__}")
 
 
+LABEL = "label"  # an optional soft preference label: p(chosen is preferred) in [0, 1]
+
+
+def _check_label(where: str, row: dict) -> None:
+    value = row.get(LABEL)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+        raise DataError(f"{where}: field {LABEL!r} must be a number in [0, 1] (the probability that 'chosen' is "
+                        f"preferred), got {value!r}")
+
+
 def validate_row(where: str, row: Any, kind: str) -> None:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -84,6 +95,7 @@ def validate_row(where: str, row: Any, kind: str) -> None:
     elif kind == "preference":
         for key in ("prompt", "chosen", "rejected"):
             _check_text(where, row, key)
+        _check_label(where, row)
     elif kind == "rl":
         _check_text(where, row, "prompt")
     else:
