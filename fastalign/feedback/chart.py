@@ -49,11 +49,7 @@ def pairwise_chart(summary: dict, path: str | Path) -> Path:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=5, frameon=False)
     else:
         ax.text(0.5, 0.5, "no parseable verdicts", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def single_chart(summary: dict, path: str | Path) -> Path:
@@ -71,6 +67,10 @@ def single_chart(summary: dict, path: str | Path) -> Path:
     ax.set_xlabel(f"mean grade ({low}-{high})")
     if not models:
         ax.text(0.5, 0.5, "no parseable grades", ha="center", transform=ax.transAxes)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

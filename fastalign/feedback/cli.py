@@ -20,6 +20,7 @@ import sys
 import yaml
 
 from fastalign.feedback import config as cfgs
+from fastalign.train.config_parsing import add_arguments
 
 # (group, verb) -> (config class, module, function)
 VERBS = {
@@ -45,7 +46,7 @@ def add_commands(subparsers) -> None:
             if g == group:
                 doc = (cls.__doc__ or "").strip()
                 sub = verbs.add_parser(verb, help=doc.splitlines()[0] if doc else verb, description=doc)
-                cfgs.add_arguments(sub, cls)
+                add_arguments(sub, cls)
 
 
 def _error(exc) -> int:

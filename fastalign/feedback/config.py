@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from fastalign.feedback.engine import SamplingParams
 
-from fastalign.train.config_parsing import add_arguments, from_dict, load_yaml, option, validate
+from fastalign.train.config_parsing import from_dict, load_yaml, option, validate
 
 METHODS = ("auto", "logprobs", "text")
 

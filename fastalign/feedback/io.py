@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from fastalign.train import formats
+
 
 class FeedbackError(ValueError):
     """Bad input to a feedback stage (a file, a row, a constitution field); the message says where."""
@@ -27,28 +29,15 @@ class FeedbackError(ValueError):
 # ----------------------------------------------------------------------------------------------- reading rows
 
 def read_rows(path: str | Path) -> list[tuple[str, Any]]:
-    """(location, value) for every row of a ``.jsonl`` or ``.json`` file; location is ``file:line N``."""
+    """(location, value) for every row of a ``.jsonl``, ``.json`` or ``.parquet`` file (the trainers' reader);
+    location is ``file:line N``."""
     path = Path(path)
     if not path.is_file():
         raise FeedbackError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FeedbackError(f"{path}:line {exc.lineno}: invalid JSON ({exc.msg})") from None
-        return [(f"{path}:item {i}", row) for i, row in enumerate(items)]
-    if path.suffix.lower() not in (".jsonl", ".ndjson", ".json"):
-        raise FeedbackError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .json)")
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}:line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise FeedbackError(f"{path}:line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    return rows
+    try:
+        return formats.read_rows(path)
+    except formats.DataError as exc:
+        raise FeedbackError(str(exc)) from None
 
 
 def is_messages(value) -> bool:
