@@ -66,11 +66,16 @@ def actor_loss_from_config(model: nn.Module, mb: dict, cfg, *, kl_coef: float) -
     ``kl_token``: ``kl`` in the step metrics is the per-sequence KL at sampling time, which the monitor watches."""
     loss, stats = actor_loss(
         model, mb, fused=cfg.fused, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        agg=cfg.agg, norm_len=cfg.max_new_tokens, kl_coef=kl_coef, kl_kind=cfg.kl_kind,
+        agg=cfg.agg, norm_len=norm_len(cfg), kl_coef=kl_coef, kl_kind=cfg.kl_kind,
         entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, backend=cfg.backend)
     if "kl" in stats:
         stats["kl_token"] = stats.pop("kl")
     return loss, stats
+
+
+def norm_len(cfg) -> int | None:
+    """The fixed length of "seq-mean-token-sum-norm" (``max_new_tokens``); None for the modes that take none."""
+    return cfg.max_new_tokens if cfg.agg == "seq-mean-token-sum-norm" else None
 
 
 def loss_weight(mb: dict, agg: str) -> torch.Tensor:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from fastalign.reference.rl import AGG_MODES
-from fastalign.train.config_parsing import option, validate
+from fastalign.train.config_parsing import option, require, validate
 
 DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections of Llama-likes
-RUN_DIR_HELP = "run directory: config.yaml, metrics.jsonl, checkpoints/, final/"
+RUN_DIR_HELP = "run directory: run.json, config.yaml, metrics.jsonl, checkpoints/, final/"
 LEARNING_RATE_HELP = "peak learning rate (AdamW)"
 
 
@@ -68,7 +68,8 @@ class TrainConfig:
     output_dir: str = option("runs/run", RUN_DIR_HELP)
     save_steps: int = option(0, "save a checkpoint every N steps (0: only at the end)")
     save_total_limit: int = option(2, "keep at most this many step checkpoints (0: keep all)")
-    resume: bool = option(False, "continue from the newest checkpoint in output_dir/checkpoints, bit-for-bit")
+    resume: bool = option(False, "continue the run in output_dir from its newest verified checkpoint, bit-for-bit")
+    overwrite: bool = option(False, "output_dir holds a run: move it aside (to a timestamped sibling) and start anew")
     progress: bool = option(True, "show a progress bar")
     # monitors: a warning is logged when a value crosses its threshold (none: never)
     warn_kl: float | None = option(10.0, "warn when KL to the reference (nats per sequence) exceeds this")
@@ -78,6 +79,18 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(self)
+        if self.resume and self.overwrite:
+            raise ValueError(f"{type(self).__name__}: resume and overwrite exclude each other (resume continues the "
+                             "run in output_dir, overwrite moves it aside)")
+        require(self, "learning_rate", 0, low_open=True)
+        require(self, "max_grad_norm", 0, low_open=True)
+        require(self, "lora_alpha", 0, low_open=True)
+        for name in ("weight_decay", "warmup_steps", "save_steps", "save_total_limit", "max_bad_steps", "lora_r"):
+            require(self, name, 0)
+        for name in ("max_samples", "max_prompt_length"):
+            require(self, name, 1)
+        for name in ("adam_beta1", "adam_beta2", "lora_dropout"):
+            require(self, name, 0, 1, high_open=True)
 
 
 @dataclass
@@ -99,6 +112,10 @@ class RMConfig(TrainConfig):
     margin_column: str | None = option(None, "data column with a per-pair margin for the loss")
     center_rewards_coef: float = option(0.0, "add coef * mean((r_chosen + r_rejected)^2) to keep rewards centred")
 
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, "center_rewards_coef", 0)
+
 
 @dataclass
 class DPOConfig(TrainConfig):
@@ -116,6 +133,20 @@ class DPOConfig(TrainConfig):
                                          "disabled)")
     precompute_ref: bool = option(True, "score the reference once in a no-grad pass before training (the "
                                          "reference is then freed); off: score it every step")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, "beta", 0, low_open=True)
+        # the same rules as fa.dpo_loss, checked before any model loads; eps > 0.5 would flip every preference
+        if self.loss_type in ("hinge", "ipo") and self.label_smoothing != 0:
+            raise ValueError(f"DPOConfig: label_smoothing must be 0 for loss_type={self.loss_type!r}, "
+                             f"got {self.label_smoothing}")
+        if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig: label_smoothing must lie in [0, 0.5) for loss_type='robust', "
+                             f"got {self.label_smoothing}")
+        require(self, "label_smoothing", 0, 0.5)
+        if self.loss_type != "simpo" and self.simpo_gamma != 0:
+            raise ValueError(f"DPOConfig: simpo_gamma only applies to loss_type='simpo', got {self.simpo_gamma}")
 
 
 @dataclass
@@ -152,10 +183,21 @@ class RLConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         name = type(self).__name__
-        if self.num_generations < 1 or self.num_iterations < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"{name}: num_generations, num_iterations and max_new_tokens must be >= 1")
-        if not reward_function_names(self.reward_funcs) and not self.reward_model:
+        for field in ("num_generations", "num_iterations", "max_new_tokens", "generation_batch_size"):
+            require(self, field, 1)
+        for field in ("kl_coef", "entropy_coef", "top_k"):
+            require(self, field, 0)
+        for field in ("temperature", "clip_high"):
+            require(self, field, 0, low_open=True)
+        require(self, "top_p", 0, 1, low_open=True)
+        require(self, "clip_low", 0, 1, low_open=True, high_open=True)
+        require(self, "dual_clip", 1, low_open=True)
+        names = reward_function_names(self.reward_funcs)
+        if not names and not self.reward_model:
             raise ValueError(f"{name}: give reward_funcs and/or reward_model")
+        if self.reward_weights and len(self.reward_weights) != len(names):
+            raise ValueError(f"{name}: reward_weights has {len(self.reward_weights)} values for {len(names)} reward "
+                             f"function(s) {names}")
 
 
 def reward_function_names(names: Sequence[str]) -> list[str]:

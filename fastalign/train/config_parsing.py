@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -89,6 +90,9 @@ def validate(cfg) -> None:
     for f in dataclasses.fields(cfg):
         value = _coerce(f.name, hints[f.name], getattr(cfg, f.name), type(cfg).__name__)
         setattr(cfg, f.name, value)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{type(cfg).__name__}: {f.name} must be a finite number, got {value!r}")
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ValueError(f"{type(cfg).__name__}: {f.name} must be one of {choices}, got {value!r}")
@@ -97,10 +101,33 @@ def validate(cfg) -> None:
             raise ValueError(f"{type(cfg).__name__}: {name} must be >= 1, got {getattr(cfg, name)}")
 
 
+def require(cfg, name: str, low: float, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> None:
+    """Range check of field ``name`` (None passes): ``low <= value`` (``<`` when ``low_open``), and ``value <= high``
+    (``<`` when ``high_open``) when a ``high`` is given. The error names the config class and the field."""
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    ok = (value > low if low_open else value >= low) and (
+        high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    if high is None:
+        what = f"be {'>' if low_open else '>='} {low:g}"
+    else:
+        what = f"lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{type(cfg).__name__}: {name} must {what}, got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------- YAML, flags
 
 def from_dict(cls, data: dict, where: str = "config"):
     """Build ``cls`` from a mapping; unknown keys are an error that lists the valid ones."""
+    return cls(**_coerced(cls, data, where))
+
+
+def _coerced(cls, data: dict, where: str) -> dict:
+    """``data`` with every value coerced to its field's type; unknown keys and bad values name ``where``."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of field: value, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -108,14 +135,26 @@ def from_dict(cls, data: dict, where: str = "config"):
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
     hints = _hints(cls)
-    return cls(**{k: _coerce(k, hints[k], v, where) for k, v in data.items()})
+    return {k: _coerce(k, hints[k], v, where) for k, v in data.items()}
 
 
 def load_yaml(path: str | Path) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    """The mapping in a YAML file; a missing file, broken YAML or a non-mapping is a ValueError naming the file."""
+    if not Path(path).is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist" if not Path(path).exists()
+                         else f"config file {str(path)!r} is not a file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"{path}: invalid YAML{where} ({problem})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a YAML mapping of field: value")
+        raise ValueError(f"{path}: expected a YAML mapping of field: value, got {type(data).__name__}")
     return data
 
 
@@ -154,15 +193,14 @@ def _metavar(f, hints) -> str:
 
 
 def config_from_namespace(cls, ns: argparse.Namespace):
-    """Defaults < ``ns.config`` YAML < the flags present in ``ns``."""
-    data = load_yaml(ns.config) if getattr(ns, "config", None) else {}
-    flags = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(cls)}}
-    cfg = from_dict(cls, data, where=str(ns.config) if getattr(ns, "config", None) else "config")
+    """Defaults < ``ns.config`` YAML < the flags present in ``ns``; the config is built once from the merged
+    values, so its own checks (``__post_init__``) see what the flags set."""
+    where = str(ns.config) if getattr(ns, "config", None) else "config"
+    data = _coerced(cls, load_yaml(ns.config), where) if getattr(ns, "config", None) else {}
     hints = _hints(cls)
-    for k, v in flags.items():
-        setattr(cfg, k, _coerce(k, hints[k], v, f"--{k.replace('_', '-')}"))
-    validate(cfg)
-    return cfg
+    flags = {k: _coerce(k, hints[k], v, f"--{k.replace('_', '-')}")
+             for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(cls)}}
+    return cls(**{**data, **flags})
 
 
 def parse_config(cls, argv: list[str] | None = None, prog: str | None = None):

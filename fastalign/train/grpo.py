@@ -46,8 +46,9 @@ class GRPOConfig(RLConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_generations < 2 and self.scale_rewards != "batch":
-            raise ValueError("GRPOConfig: num_generations must be >= 2 (a group of one has no baseline)")
+        if self.num_generations < 2:  # every scale centres on the group mean: a group of one gives zero advantages
+            raise ValueError(f"GRPOConfig: num_generations must be >= 2 (a group of one has no baseline), "
+                             f"got {self.num_generations}")
 
 
 def rollout_metrics(exp: rollout.Experience, group_size: int, kl_seq) -> dict[str, float]:

@@ -24,7 +24,7 @@ import torch
 import fastalign as fa
 from fastalign.train import actor, data, distributed, generation, models, rollout
 from fastalign.train.config import RLConfig, RUN_DIR_HELP
-from fastalign.train.config_parsing import option
+from fastalign.train.config_parsing import option, require
 from fastalign.train.loop import TrainLoop, prepare
 from fastalign.train.ref_model import ReferenceModel
 
@@ -47,6 +47,13 @@ class PPOConfig(RLConfig):
                                       "off: add kl_coef * KL(kl_kind) to the loss (GRPO/verl style)")
     kl_kind: str = option("k3", "KL estimator of the loss term (kl_in_reward=False)", choices=("k1", "k2", "k3"))
     num_iterations: int = option(2, "optimizer steps per rollout batch (PPO epochs)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("gamma", "lam"):
+            require(self, name, 0, 1)
+        require(self, "vf_coef", 0)
+        require(self, "cliprange_value", 0, low_open=True)
 
 
 def shifted_values(value_model, input_ids, attention_mask) -> torch.Tensor:
@@ -81,7 +88,7 @@ def ppo_loss(policy, value_model, mb: dict, cfg: PPOConfig) -> tuple[torch.Tenso
     pg, stats = actor.actor_loss_from_config(policy, mb, cfg, kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef)
     values = shifted_values(value_model, mb["input_ids"], mb["attention_mask"])
     vf, vstats = fa.value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], clip=cfg.cliprange_value,
-                               agg=cfg.agg, norm_len=cfg.max_new_tokens, backend=cfg.backend)
+                               agg=cfg.agg, norm_len=actor.norm_len(cfg), backend=cfg.backend)
     stats.update({f"value/{k}": v for k, v in vstats.items()}, policy_loss=pg.detach(), value_loss=vf.detach())
     return pg + cfg.vf_coef * vf, stats
 

@@ -1,5 +1,6 @@
 """Configs: defaults < YAML < flags, help for every field, clear errors."""
 import dataclasses
+import re
 
 import pytest
 
@@ -43,3 +44,62 @@ def test_errors(tmp_path):
         from_dict(SFTConfig, {"max_steps": 1.5})
     with pytest.raises(SystemExit):  # argparse rejects unknown flags
         parse_config(SFTConfig, ["--beta", "0.1"])
+
+
+@pytest.mark.parametrize("cls,field,value,message", [
+    (SFTConfig, "learning_rate", -1e-5, "learning_rate must be > 0"),
+    (SFTConfig, "learning_rate", float("nan"), "learning_rate must be a finite number"),
+    (SFTConfig, "learning_rate", float("inf"), "learning_rate must be a finite number"),
+    (SFTConfig, "weight_decay", -0.1, "weight_decay must be >= 0"),
+    (SFTConfig, "adam_beta2", 1.0, "adam_beta2 must lie in [0, 1)"),
+    (SFTConfig, "max_grad_norm", 0.0, "max_grad_norm must be > 0"),
+    (SFTConfig, "warmup_steps", -1, "warmup_steps must be >= 0"),
+    (SFTConfig, "save_steps", -2, "save_steps must be >= 0"),
+    (SFTConfig, "max_samples", 0, "max_samples must be >= 1"),
+    (SFTConfig, "lora_dropout", 1.0, "lora_dropout must lie in [0, 1)"),
+    (DPOConfig, "beta", 0.0, "beta must be > 0"),
+    (DPOConfig, "label_smoothing", 0.6, "label_smoothing must lie in [0, 0.5]"),
+    (RMConfig, "center_rewards_coef", -1.0, "center_rewards_coef must be >= 0"),
+])
+def test_values_are_range_checked_with_the_field_named(cls, field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cls(**{field: value})
+
+
+def test_dpo_option_combinations():
+    with pytest.raises(ValueError, match=r"label_smoothing must be 0 for loss_type='ipo'"):
+        DPOConfig(loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 0.5\) for loss_type='robust'"):
+        DPOConfig(loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="simpo_gamma only applies to loss_type='simpo'"):
+        DPOConfig(simpo_gamma=0.5)
+    assert DPOConfig(loss_type="simpo", simpo_gamma=0.5, label_smoothing=0.5).simpo_gamma == 0.5
+
+
+def test_resume_and_overwrite_exclude_each_other():
+    with pytest.raises(ValueError, match="resume and overwrite"):
+        SFTConfig(resume=True, overwrite=True)
+
+
+def test_flags_run_the_algorithm_checks(tmp_path):
+    """Flags and YAML values go through the config's own checks (__post_init__), not only the type checks."""
+    from fastalign.train.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match="GRPOConfig: num_generations must be >= 1, got 0"):
+        parse_config(GRPOConfig, ["--num-generations", "0"])
+    path = tmp_path / "c.yaml"
+    path.write_text("beta: 0\n")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        parse_config(DPOConfig, ["--config", str(path)])
+
+
+def test_broken_or_missing_yaml_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("beta: [0.1\nloss_type: ipo\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: invalid YAML")):
+        parse_config(DPOConfig, ["--config", str(path)])
+    with pytest.raises(ValueError, match="config file .*nope.yaml.* does not exist"):
+        parse_config(DPOConfig, ["--config", str(tmp_path / "nope.yaml")])
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="expected a YAML mapping"):
+        parse_config(DPOConfig, ["--config", str(path)])

@@ -138,3 +138,27 @@ def test_config_validation():
         grpo.GRPOConfig(agg="sum")
     with pytest.raises(ValueError, match="reward"):
         grpo.GRPOConfig(reward_funcs=[])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_generations", 1, "num_generations must be >= 2"),
+    ("num_iterations", 0, "num_iterations must be >= 1"),
+    ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+    ("clip_low", 1.0, "clip_low must lie in (0, 1)"),
+    ("clip_high", 0.0, "clip_high must be > 0"),
+    ("dual_clip", 1.0, "dual_clip must be > 1"),
+    ("kl_coef", -0.1, "kl_coef must be >= 0"),
+    ("entropy_coef", -0.01, "entropy_coef must be >= 0"),
+    ("temperature", 0.0, "temperature must be > 0"),
+    ("top_p", 0.0, "top_p must lie in (0, 1]"),
+    ("top_k", -1, "top_k must be >= 0"),
+    ("reward_weights", [1.0, 2.0], "reward_weights has 2 values for 1 reward function"),
+])
+def test_rl_values_are_checked_before_anything_loads(field, value, message):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        grpo.GRPOConfig(**{field: value})
+    # num_generations 1 is no group at all: every scale mode would give zero advantages
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        grpo.GRPOConfig(num_generations=1, scale_rewards="batch")

@@ -88,3 +88,14 @@ def test_config_validation():
         ppo.PPOConfig(num_iterations=0)
     with pytest.raises(ValueError, match="kl_kind"):
         ppo.PPOConfig(kl_kind="k9")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("gamma", 1.5, "gamma must lie in [0, 1]"), ("lam", -0.1, "lam must lie in [0, 1]"),
+    ("vf_coef", -1.0, "vf_coef must be >= 0"), ("cliprange_value", 0.0, "cliprange_value must be > 0"),
+])
+def test_ppo_values_are_range_checked(field, value, message):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ppo.PPOConfig(**{field: value})
