@@ -4,12 +4,16 @@ Layout of ``RUN_DIR/checkpoints/step-000010/``::
 
     model/               save_pretrained (config.json, model.safetensors; adapter_* files for LoRA) + tokenizer
     value/ ...           the same for each extra trained model (a PPO value model)
-    trainer_state.pt     step, optimizer, scheduler, data position and other ``extra`` state, counters
+    trainer_state.pt     algorithm, step, optimizer, scheduler, data position and other ``extra`` state, counters
     rng-rank0.pt ...     python, numpy, torch (and CUDA) RNG state of each process
+    rank0-state.pt ...   per-process state that is not the same on every rank (the rollout in use), when there is any
+    MANIFEST.json        every file above with its size and SHA-256 (manifest.py)
     COMPLETE             written last; a directory without it is ignored
 
 Written into ``checkpoints/.tmp-step-000010`` and renamed when complete, so a crash never leaves a checkpoint
-that looks whole. The ``.pt`` files are our own pickles: ``torch.load(weights_only=False)`` of trusted files.
+that looks whole; a resume verifies the manifest and falls back past checkpoints that fail (``resume.py``).
+Weights holding NaN/inf are never saved. The ``.pt`` files are our own pickles: ``torch.load(weights_only=False)``
+of trusted files.
 """
 from __future__ import annotations
 
@@ -17,16 +21,45 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastalign.train import distributed
+from fastalign.train import distributed, manifest
 from fastalign.train.models import unwrap
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+KILL_ENV = "FASTALIGN_TEST_KILL_AT"  # "<stage>[@<step>]": SIGKILL this process at that stage of a save (tests only)
+
+
+class NonFiniteWeights(RuntimeError):
+    """The weights hold NaN/inf: they are not saved (the last checkpoint stays the newest)."""
+
+
+def fault_point(stage: str, step: int | str) -> None:
+    """The kill tests' hook: with ``FASTALIGN_TEST_KILL_AT=stage`` (or ``stage@step``) set, the process SIGKILLs
+    itself here, as a crash at that point of a save would stop it. A no-op otherwise."""
+    spec = os.environ.get(KILL_ENV)
+    if spec:
+        name, _, at = spec.partition("@")
+        if name == stage and at in ("", str(step)):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_finite(models: dict[str, nn.Module], where: str) -> None:
+    """Raise :class:`NonFiniteWeights` (on every process) when any parameter holds NaN/inf (collective)."""
+    bad = []
+    for model_name, model in models.items():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 shard
+            if not bool(torch.isfinite(local.detach()).all()):
+                bad.append(f"{model_name}: {name}")
+    if distributed.sum_over_processes([len(bad)])[0]:
+        raise NonFiniteWeights(f"the weights hold NaN/inf ({', '.join(bad[:3]) or 'on another process'}); not saved "
+                               f"to {where}, the newest checkpoint is kept as it is")
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -131,31 +164,50 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``run_dir/checkpoints``, or None."""
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoints under ``run_dir/checkpoints`` that carry COMPLETE, newest first (not yet verified)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
-    return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+        return []
+    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / manifest.COMPLETE).is_file()]
+    return sorted(done, key=step_of, reverse=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``run_dir/checkpoints``, or None (``resume.select_checkpoint`` also
+    verifies it)."""
+    return next(iter(complete_checkpoints(run_dir)), None)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, models: dict[str, nn.Module], optimizer, scheduler, info,
-                    tokenizer=None, extra: dict | None = None, counters: dict | None = None,
-                    keep: int = 0) -> Path:
-    """Write a checkpoint atomically (a collective: call it on every rank). Returns its directory."""
+                    tokenizer=None, extra: dict | None = None, counters: dict | None = None, keep: int = 0,
+                    rank_state: dict | None = None, algorithm: str | None = None) -> Path:
+    """Write a checkpoint atomically (a collective: call it on every rank). Returns its directory.
+
+    ``extra``: objects with ``state_dict`` whose state is the same on every process (saved once);
+    ``rank_state``: the same for state each process holds its own of (saved per process)."""
     final = checkpoint_dir(run_dir, step)
+    check_finite(models, str(final))
     tmp = final.parent / f".tmp-{final.name}"
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier()
+    fault_point("tmp-created", step)
     torch.save(rng_state(), tmp / f"rng-rank{info.rank}.pt")
+    if rank_state:
+        torch.save({name: obj.state_dict() for name, obj in rank_state.items()}, tmp / f"rank{info.rank}-state.pt")
     for name, model in models.items():
         save_model(model, tmp / name, tokenizer if name == "model" else None, is_main=info.is_main)
+    fault_point("weights-written", step)
     opt_state = optimizer_state(models, optimizer)
     if info.is_main:
         state = {
+            "algorithm": algorithm,
             "step": step,
             "world_size": info.world_size,
             "optimizer": opt_state,
@@ -164,31 +216,75 @@ def save_checkpoint(run_dir: str | Path, step: int, *, models: dict[str, nn.Modu
             "counters": dict(counters or {}),
         }
         torch.save(state, tmp / "trainer_state.pt")
+    fault_point("state-written", step)
     distributed.barrier()
     if info.is_main:
-        (tmp / "COMPLETE").write_text(str(step))
+        manifest.write_manifest(tmp)
+        fault_point("manifest-written", step)
+        manifest.mark_complete(tmp, str(step))
+        fault_point("complete-written", step)
         if final.exists():  # re-saving the same step (e.g. the final step after a cadence save)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _prune(final.parent, keep)
+        manifest.sync_dir(final.parent)
+        fault_point("renamed", step)
+        _prune(final.parent, keep, step)
     distributed.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, step: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step`` (the one just written); never one past it."""
     if keep <= 0:
         return
-    steps = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name)),
-                   key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    steps = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and step_of(p) <= step), key=step_of)
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_trainer_state(path: str | Path, info) -> tuple[dict, dict | None]:
-    """(trainer_state, this rank's RNG state or None when the world size changed)."""
+def save_final(run_dir: str | Path, models: dict[str, nn.Module], tokenizer, info) -> Path:
+    """The trained model(s) in ``RUN_DIR/final`` (``save_pretrained`` + tokenizer; extra models in ``final/<name>``),
+    written like a checkpoint: into ``.tmp-final``, checked for weights, sealed with a manifest, renamed, verified.
+    A collective. Raises :class:`NonFiniteWeights` (nothing written) or ``RuntimeError`` naming what is missing."""
+    run_dir = Path(run_dir)
+    final, tmp, old = run_dir / "final", run_dir / ".tmp-final", run_dir / ".old-final"
+    check_finite(models, str(final))
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    dirs = {name: tmp if name == "model" else tmp / name for name in models}
+    for name, model in models.items():
+        save_model(model, dirs[name], tokenizer if name == "model" else None, is_main=info.is_main)
+    fault_point("final-written", "final")
+    if info.is_main:
+        for name, path in dirs.items():
+            if not list(path.glob("*.safetensors")):
+                raise RuntimeError(f"saving {name} to {path} wrote no weights (save_pretrained failed)")
+        manifest.write_manifest(tmp)
+        manifest.mark_complete(tmp, "final")
+        fault_point("final-sealed", "final")
+        if final.exists():  # a resumed run that had finished before: the old final stays until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        manifest.sync_dir(run_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        problem = manifest.verify(final)
+        if problem:
+            raise RuntimeError(f"{final} fails verification after the save: {problem}")
+    distributed.barrier()
+    return final
+
+
+def load_trainer_state(path: str | Path, info) -> tuple[dict, dict | None, dict | None]:
+    """(trainer_state, this rank's RNG state, this rank's ``rank_state``); the last two are None when the world
+    size changed (or the checkpoint has none)."""
     path = Path(path)
     state = torch.load(path / "trainer_state.pt", weights_only=False, map_location="cpu")
-    rng_file = path / f"rng-rank{info.rank}.pt"
-    rng = torch.load(rng_file, weights_only=False) if state["world_size"] == info.world_size and \
-        rng_file.is_file() else None
-    return state, rng
+    same_world = state["world_size"] == info.world_size
+    rng_file, rank_file = path / f"rng-rank{info.rank}.pt", path / f"rank{info.rank}-state.pt"
+    rng = torch.load(rng_file, weights_only=False) if same_world and rng_file.is_file() else None
+    rank = torch.load(rank_file, weights_only=False, map_location="cpu") if same_world and rank_file.is_file() \
+        else None
+    return state, rng, rank

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastalign.train import checkpoint, distributed, metrics as metrics_mod, models, tiny
-from fastalign.train.config_parsing import save_yaml
+from fastalign.train import checkpoint, distributed, metrics as metrics_mod, models, resume, run_dir, tiny
 from fastalign.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("fastalign.train")
@@ -71,19 +70,17 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare(cfg) -> Run:
-    """Logging, torchrun process group, seeds, the model directory (the embedded tiny model when none is
-    given), the tokenizer, and ``config.yaml`` in the run directory."""
+    """Logging, torchrun process group, the run directory's rules and record (``run_dir.open_run``: every path is
+    checked before a model loads), seeds, the model directory (the embedded tiny model when none is given), the
+    tokenizer."""
     info = distributed.setup(cfg.device)
     setup_logging(info.is_main)
+    directory = run_dir.open_run(cfg, info)
     seed_everything(cfg.seed)
     model_path = Path(cfg.model) if cfg.model else _tiny_model(info)
-    run_dir = Path(cfg.output_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-        if not cfg.model:
-            log.info("no model given: using the embedded tiny model at %s", model_path)
-    return Run(info=info, model_path=model_path, tokenizer=models.load_tokenizer(model_path), run_dir=run_dir)
+    if info.is_main and not cfg.model:
+        log.info("no model given: using the embedded tiny model at %s", model_path)
+    return Run(info=info, model_path=model_path, tokenizer=models.load_tokenizer(model_path), run_dir=directory)
 
 
 def _tiny_model(info) -> Path:
@@ -110,16 +107,17 @@ class TrainLoop:
             available as ``self.models[name]``.
         extra_state: objects with ``state_dict``/``load_state_dict`` (the data sampler, an adaptive KL
             controller) saved in checkpoints and restored on resume.
+        rank_state: the same, for state each process holds its own of (the rollout in use): saved per process.
     """
 
     def __init__(self, cfg, model: nn.Module, run: Run, *, extra_models: dict[str, nn.Module] | None = None,
-                 extra_state: dict | None = None, desc: str | None = None):
+                 extra_state: dict | None = None, rank_state: dict | None = None, desc: str | None = None):
         self.cfg, self.run, self.info = cfg, run, run.info
-        self.extra_state = dict(extra_state or {})
+        self.extra_state, self.rank_state = dict(extra_state or {}), dict(rank_state or {})
         unwrapped = {"model": model, **(extra_models or {})}
         self.step_count, self.bad_steps, self.last_saved = 0, 0, -1
         self.history: list[dict] = []
-        resume_from = checkpoint.latest_checkpoint(run.run_dir) if cfg.resume else None
+        resume_from = resume.resume_point(run.run_dir, self.info) if cfg.resume else None
         if cfg.resume and resume_from is None:
             log.info("resume: no complete checkpoint in %s/checkpoints, starting from scratch", run.run_dir)
         if resume_from is not None:  # weights go into the unsharded models, before wrapping
@@ -144,7 +142,10 @@ class TrainLoop:
 
     # ------------------------------------------------------------------------------------------------ state
     def _restore(self, path: Path) -> None:
-        state, rng = checkpoint.load_trainer_state(path, self.info)
+        state, rng, rank = checkpoint.load_trainer_state(path, self.info)
+        algorithm = run_dir.algorithm_name(self.cfg)
+        if state.get("algorithm") not in (None, algorithm):
+            raise resume.CheckpointError(f"resume: {path} is a {state['algorithm']!r} checkpoint, not {algorithm!r}")
         checkpoint.load_optimizer_state(self.models, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for name, obj in self.extra_state.items():
@@ -152,6 +153,9 @@ class TrainLoop:
                 obj.load_state_dict(state["extra"][name])
         self.step_count = self.last_saved = int(state["step"])
         self.bad_steps = int(state["counters"].get("bad_steps", 0))
+        for name, obj in self.rank_state.items():
+            if rank is not None and name in rank:
+                obj.load_state_dict(rank[name])
         if rng is not None:
             checkpoint.set_rng_state(rng)
         else:
@@ -164,7 +168,8 @@ class TrainLoop:
         path = checkpoint.save_checkpoint(
             self.run.run_dir, self.step_count, models=self.models, optimizer=self.optimizer,
             scheduler=self.scheduler, info=self.info, tokenizer=self.run.tokenizer, extra=self.extra_state,
-            counters={"bad_steps": self.bad_steps}, keep=self.cfg.save_total_limit,
+            counters={"bad_steps": self.bad_steps}, keep=self.cfg.save_total_limit, rank_state=self.rank_state,
+            algorithm=run_dir.algorithm_name(self.cfg),
         )
         self.last_saved = self.step_count
         return path
@@ -279,14 +284,11 @@ class TrainLoop:
 
     def finish(self) -> dict:
         """Final checkpoint (when saving is on), the trained model in ``RUN_DIR/final`` (save_pretrained, with
-        the tokenizer), a summary line. Returns ``{"run_dir", "final_dir", "history", "bad_steps"}``."""
+        the tokenizer; written and verified like a checkpoint), a summary line. Returns ``{"run_dir", "final_dir",
+        "history", "bad_steps"}``."""
         if self.cfg.save_steps and self.last_saved != self.step_count:
             self.save()
-        final = self.run.run_dir / "final"
-        for name, m in self.models.items():
-            checkpoint.save_model(m, final if name == "model" else final / name, self.run.tokenizer,
-                                  is_main=self.info.is_main)
-        distributed.barrier()
+        final = checkpoint.save_final(self.run.run_dir, self.models, self.run.tokenizer, self.info)
         self.metrics.close()
         if self.bad_steps:
             log.warning("%d of %d steps were skipped for a NaN/inf loss or gradient", self.bad_steps,

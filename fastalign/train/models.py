@@ -39,9 +39,16 @@ def check_local_path(path: str | os.PathLike) -> Path:
     """A local checkpoint directory with a config.json, or a clear error (no hub look-ups, ever)."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        hint = (" It looks like a hub id; fastalign only loads local directories: download it first "
-                "(e.g. `huggingface-cli download NAME --local-dir DIR`) and pass DIR.") if "/" in str(path) else ""
-        raise FileNotFoundError(f"model path {str(path)!r} is not a local directory.{hint}")
+        text = str(path)
+        hub_like = text.count("/") == 1 and not text.startswith((".", "~", "/")) and not p.parent.exists()
+        if p.exists():
+            problem = "is a file, not a checkpoint directory"
+        elif hub_like:
+            problem = ("is not a local directory. It looks like a hub id; fastalign only loads local directories: "
+                       "download it first (e.g. `huggingface-cli download NAME --local-dir DIR`) and pass DIR.")
+        else:
+            problem = "does not exist"
+        raise FileNotFoundError(f"model path {text!r} {problem}")
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model directory {str(p)!r} has no config.json: not a transformers checkpoint")
     return p

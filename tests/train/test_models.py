@@ -14,10 +14,13 @@ def _batch(tokenizer):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a local directory"):
+    with pytest.raises(FileNotFoundError, match="missing' does not exist"):  # an absolute path is no hub id
         M.load_model(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="hub id"):
         M.load_model("Qwen/Qwen2.5-0.5B")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint directory"):
+        M.load_model(tmp_path / "weights.bin")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         M.load_model(tmp_path)
 
