@@ -69,24 +69,26 @@ def train(cfg: GRPOConfig) -> dict:
     # the reference is needed for the KL term, and worth logging whenever one is named
     reference = ReferenceModel(cfg, run.model_path, info.device) if cfg.kl_coef or cfg.ref_model else None
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
+    in_use = rollout.RolloutInUse(cfg.num_iterations, info.device)
+    loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler}, rank_state={"rollout": in_use})
     backend, sampling = generation.build_sampler(cfg, loop.model, tokenizer)
     group, rows_per_micro = cfg.num_generations, cfg.batch_size * cfg.num_generations
 
     while not loop.done:
-        prompts = [examples[i] for _ in range(cfg.grad_accum) for i in sampler.next()]
-        exp = rollout.collect(backend, tokenizer, prompts, group_size=group, sampling=sampling, reward_fn=reward_fn)
-        batch = exp.batch.to(info.device)
-        per_row, kl = rollout.score_rollout(loop.model, reference, batch, temperature=cfg.temperature,
-                                            fused=cfg.fused, micro_batch_size=rows_per_micro)
-        per_row["advantages"] = fa.group_advantages(exp.rewards, group, scale=cfg.scale_rewards).to(info.device)  # (B,)
-        kl_seq = kl.sum(1).cpu() if kl is not None else None
-        stats = distributed.mean_over_processes(rollout_metrics(exp, group, kl_seq), info)
-        micro = rollout.micro_batches(batch, per_row, rows_per_micro)
-        for _ in range(cfg.num_iterations):
-            if loop.done:
-                break
-            loop.step(micro, lambda mb: actor.actor_loss_from_config(loop.model, mb, cfg, kl_coef=cfg.kl_coef),
-                      weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=stats)
-        backend.sync_weights(loop.model)
+        if not in_use.pending:  # a resume inside a rollout continues the one in the checkpoint
+            prompts = [examples[i] for _ in range(cfg.grad_accum) for i in sampler.next()]
+            exp = rollout.collect(backend, tokenizer, prompts, group_size=group, sampling=sampling,
+                                  reward_fn=reward_fn)
+            batch = exp.batch.to(info.device)
+            per_row, kl = rollout.score_rollout(loop.model, reference, batch, temperature=cfg.temperature,
+                                                fused=cfg.fused, micro_batch_size=rows_per_micro)
+            per_row["advantages"] = fa.group_advantages(exp.rewards, group,
+                                                        scale=cfg.scale_rewards).to(info.device)  # (B,)
+            kl_seq = kl.sum(1).cpu() if kl is not None else None
+            stats = distributed.mean_over_processes(rollout_metrics(exp, group, kl_seq), info)
+            in_use.start(rollout.micro_batches(batch, per_row, rows_per_micro), stats)
+        loop.step(in_use.take(), lambda mb: actor.actor_loss_from_config(loop.model, mb, cfg, kl_coef=cfg.kl_coef),
+                  weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=in_use.stats)
+        if not in_use.pending:
+            backend.sync_weights(loop.model)
     return loop.finish()

@@ -103,31 +103,32 @@ def train(cfg: PPOConfig) -> dict:
     examples, reward_fn = rollout.prompts_and_rewards(cfg, tokenizer, info.device)
     reference = ReferenceModel(cfg, run.model_path, info.device) if cfg.kl_coef or cfg.ref_model else None
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    loop = TrainLoop(cfg, policy, run, extra_models={"value": value_model}, extra_state={"sampler": sampler})
+    in_use = rollout.RolloutInUse(cfg.num_iterations, info.device)
+    loop = TrainLoop(cfg, policy, run, extra_models={"value": value_model}, extra_state={"sampler": sampler},
+                     rank_state={"rollout": in_use})
     policy, value_model = loop.model, loop.models["value"]
     backend, sampling = generation.build_sampler(cfg, policy, tokenizer)
     rows_per_micro = cfg.batch_size * cfg.num_generations
 
     while not loop.done:
-        prompts = [examples[i] for _ in range(cfg.grad_accum) for i in sampler.next()]
-        exp = rollout.collect(backend, tokenizer, prompts, group_size=cfg.num_generations, sampling=sampling,
-                              reward_fn=reward_fn)
-        batch = exp.batch.to(info.device)
-        mask = batch.response_mask
-        per_row, kl = rollout.score_rollout(policy, reference, batch, temperature=cfg.temperature, fused=cfg.fused,
-                                            micro_batch_size=rows_per_micro)  # kl: (B, T) k1 per token
-        old_values = rollout_values(value_model, batch, rows_per_micro)  # (B, T), no grad
-        rewards_t = token_rewards(exp.rewards, mask, kl if cfg.kl_in_reward else None, cfg.kl_coef)
-        advantages, returns = fa.gae(rewards_t, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                     whiten=cfg.whiten_advantages)
-        per_row.update(advantages=advantages, returns=returns, old_values=old_values)
-        kl_seq = kl.sum(1) if kl is not None else None
-        stats = distributed.mean_over_processes(rollout.rollout_metrics(exp, kl_seq), info)
-        micro = rollout.micro_batches(batch, per_row, rows_per_micro)
-        for _ in range(cfg.num_iterations):
-            if loop.done:
-                break
-            loop.step(micro, lambda mb: ppo_loss(policy, value_model, mb, cfg),
-                      weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=stats)
-        backend.sync_weights(policy)
+        if not in_use.pending:  # a resume inside a rollout continues the one in the checkpoint
+            prompts = [examples[i] for _ in range(cfg.grad_accum) for i in sampler.next()]
+            exp = rollout.collect(backend, tokenizer, prompts, group_size=cfg.num_generations, sampling=sampling,
+                                  reward_fn=reward_fn)
+            batch = exp.batch.to(info.device)
+            mask = batch.response_mask
+            per_row, kl = rollout.score_rollout(policy, reference, batch, temperature=cfg.temperature,
+                                                fused=cfg.fused, micro_batch_size=rows_per_micro)  # kl: (B, T) k1
+            old_values = rollout_values(value_model, batch, rows_per_micro)  # (B, T), no grad
+            rewards_t = token_rewards(exp.rewards, mask, kl if cfg.kl_in_reward else None, cfg.kl_coef)
+            advantages, returns = fa.gae(rewards_t, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                         whiten=cfg.whiten_advantages)
+            per_row.update(advantages=advantages, returns=returns, old_values=old_values)
+            kl_seq = kl.sum(1) if kl is not None else None
+            stats = distributed.mean_over_processes(rollout.rollout_metrics(exp, kl_seq), info)
+            in_use.start(rollout.micro_batches(batch, per_row, rows_per_micro), stats)
+        loop.step(in_use.take(), lambda mb: ppo_loss(policy, value_model, mb, cfg),
+                  weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=in_use.stats)
+        if not in_use.pending:
+            backend.sync_weights(policy)
     return loop.finish()

@@ -4,6 +4,7 @@
     RolloutBatch --score_logprobs(policy / reference)--> old / ref log-probs (B, T), via the fused op
     collect(): the above for G completions per prompt, plus decoded texts and rewards -> Experience
     micro_batches(): the rollout and its per-row tensors (log-probs, advantages) as the actor loss's inputs
+    RolloutInUse: the micro-batches the next num_iterations optimizer steps take, checkpointed with the run
 
 Layout: sequences are stored right-padded, ``[prompt | completion | pad]``; the sampler sees the prompts left-padded
 with positions counted from each row's first real token, so each real token sits at the same position in both
@@ -155,6 +156,48 @@ def micro_batches(batch: RolloutBatch, per_row: dict[str, torch.Tensor], size: i
             mb[name] = t[rows] if t.dim() == 1 else t[rows, :width]
         out.append(mb)
     return out
+
+
+class RolloutInUse:
+    """The rollout the optimizer steps are on, and how many of its ``iterations`` steps are taken.
+
+    Checkpointed per process (``TrainLoop(rank_state=...)``) with the micro-batches and their metrics, so a
+    checkpoint taken inside a rollout's ``num_iterations`` resumes that rollout bit for bit instead of sampling a
+    new one. ``take()`` counts a step before the step runs: the checkpoint written at the end of that step then
+    records it as taken.
+    """
+
+    def __init__(self, iterations: int, device):
+        self.iterations, self.device = iterations, device
+        self.micro: list[dict] = []
+        self.stats: dict[str, float] = {}
+        self.taken = iterations  # none in use: the next step samples one
+
+    @property
+    def pending(self) -> bool:
+        return self.taken < self.iterations
+
+    def start(self, micro: list[dict], stats: dict[str, float]) -> None:
+        self.micro, self.stats, self.taken = micro, stats, 0
+
+    def take(self) -> list[dict]:
+        self.taken += 1
+        return self.micro
+
+    def state_dict(self) -> dict:
+        if not self.pending:
+            return {"taken": self.taken}
+        # clone: a micro-batch is a slice of the whole rollout, and torch.save would write the whole storage
+        micro = [{k: v.detach().cpu().clone() for k, v in mb.items()} for mb in self.micro]
+        return {"taken": self.taken, "micro": micro, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "micro" not in state:
+            self.taken = self.iterations
+            return
+        self.taken = int(state["taken"])
+        self.micro = [{k: v.to(self.device) for k, v in mb.items()} for mb in state["micro"]]
+        self.stats = dict(state["stats"])
 
 
 def score_rollout(policy: nn.Module, reference: ReferenceModel | None, batch: RolloutBatch, *, temperature: float,

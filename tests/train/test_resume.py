@@ -46,3 +46,34 @@ def test_resume_is_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch, algo, cls,
     rows = metrics.read_metrics(tmp_path / "cut")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in rows] == [r["loss"] for r in metrics.read_metrics(tmp_path / "full")]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_resume_inside_a_rollout_is_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch, algo):
+    """num_iterations=2: steps 3 and 4 share a rollout, and the step-3 checkpoint falls between them. The resumed
+    run must take step 4 on that same rollout (not sample a new one), then sample step 5's as the full run did."""
+    from fastalign.train import grpo, ppo
+
+    import test_grpo  # noqa: F401  (registers test_has_vowel: a reward that differs between completions)
+
+    module = {"grpo": grpo, "ppo": ppo}[algo]
+    cls = {"grpo": grpo.GRPOConfig, "ppo": ppo.PPOConfig}[algo]
+    kw = dict(model=str(tiny_model_dir), max_steps=5, batch_size=2, num_generations=4, max_new_tokens=3,
+              num_iterations=2, save_steps=3, learning_rate=3e-3, reward_funcs=["test_has_vowel"], progress=False,
+              dtype="float32", seed=1, kl_coef=0.05)
+    full = module.train(cls(output_dir=str(tmp_path / "full"), **kw))
+    rewards = [h["reward"] for h in full["history"]]
+    assert rewards[2] == rewards[3] and len(set(rewards)) > 1  # one rollout for steps 3-4; the reward varies
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 4)
+        with pytest.raises(Interrupt):
+            module.train(cls(output_dir=str(tmp_path / "cut"), **kw))
+    resumed = module.train(cls(output_dir=str(tmp_path / "cut"), resume=True, **kw))
+    assert [h["step"] for h in resumed["history"]] == [4, 5]
+    for key in ("loss", "reward", "grad_norm", "ratio_max"):
+        assert [h[key] for h in resumed["history"]] == [h[key] for h in full["history"][3:]], key
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if algo == "ppo":
+        a, b = (load_file(str(r["final_dir"] / "value" / "model.safetensors")) for r in (full, resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a)
