@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -82,12 +83,18 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if start_step == 0 and self.path.exists():
-            self.path.unlink()
-        elif start_step > 0 and self.path.exists():  # resumed: drop lines past the checkpoint
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+        if self.path.exists():  # a resumed run: keep the rows up to the checkpoint, drop a torn last line
+            rows, torn = parse_rows(self.path)
+            keep = [r for r in rows if r.get("step", 0) <= start_step]
+            if torn:
+                log.warning("%s: dropped a torn last line (the run was stopped while writing it)", self.path)
+            if len(keep) < len(rows):
+                log.info("%s: dropped %d row(s) past step %d, the step resumed from", self.path,
+                         len(rows) - len(keep), start_step)
+            if torn or len(keep) < len(rows):
+                tmp = self.path.with_name(f".tmp-{self.path.name}")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+                os.replace(tmp, self.path)
         if progress:
             from tqdm.auto import tqdm
 
@@ -125,8 +132,31 @@ class MetricsLogger:
             self.bar = None
 
 
+def parse_rows(path: Path) -> tuple[list[dict], bool]:
+    """(rows, torn) of a metrics.jsonl: a last line that does not parse as a JSON object (a run killed while
+    writing it) is left out and reported as ``torn``; a broken line anywhere else is a ValueError naming it."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    rows = []
+    for k, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            if k == len(numbered) - 1:
+                return rows, True
+            raise ValueError(f"{path}:line {lineno}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+        rows.append(row)
+    return rows, False
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of ``RUN_DIR/metrics.jsonl``; a torn last line is skipped with a warning."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a fastalign run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, torn = parse_rows(path)
+    if torn:
+        log.warning("%s: skipped a torn last line (the run was stopped while writing it)", path)
+    return rows

@@ -74,3 +74,34 @@ def test_metrics_jsonl_and_plot(tmp_path):
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
     with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
         plot.plot_run(tmp_path / "nothing")
+
+
+def _torn_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "loss": 0.2')  # killed mid-write
+    return run
+
+
+def test_a_torn_last_line_is_dropped_on_resume_and_skipped_by_plot(tmp_path, caplog):
+    run = _torn_run(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fastalign.train"):
+        assert [r["step"] for r in metrics.read_metrics(run)] == [1, 2, 3]
+        assert "skipped a torn last line" in caplog.text
+        assert {p.name for p in plot.plot_run(run)} == {"curves.png", "loss.png"}
+    run = _torn_run(tmp_path / "again")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastalign.train"):
+        logger = metrics.MetricsLogger(run, total_steps=5, start_step=2, progress=False)
+    assert "dropped a torn last line" in caplog.text and "dropped 1 row(s) past step 2" in caplog.text
+    logger.log(3, {"loss": 0.3})
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_broken_line_inside_the_file_is_an_error_naming_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:line 2: not valid JSON"):
+        metrics.read_metrics(run)
