@@ -5,6 +5,11 @@
     torchrun --nproc_per_node 2 -m fastalign.cli train sft --model DIR --train-file data.jsonl
     fastalign plot runs/sft                               # PNG curves from metrics.jsonl
 
+A failure caused by the input (a bad flag, config value, YAML or data file, run directory) prints one line,
+``fastalign: error: ...`` naming the file, field or flag, and exits 2; a run that cannot go on (no checkpoint passes
+verification, too many NaN steps, NaN weights) prints one line and exits 1. ``--debug`` (anywhere on the command
+line) or ``FASTALIGN_DEBUG=1`` shows the traceback instead.
+
 Algorithms register in :data:`ALGORITHMS` (name -> (module, config class, train function)) and are imported
 only when used, so ``fastalign --help`` stays fast and a missing optional module only disables its command.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 
 # name -> (module, config class name, train function name); the train function takes the config
@@ -23,6 +29,19 @@ ALGORITHMS: dict[str, tuple[str, str, str]] = {
     "grpo": ("fastalign.train.grpo", "GRPOConfig", "train"),
     "ppo": ("fastalign.train.ppo", "PPOConfig", "train"),
 }
+
+
+# exceptions a run raises when it cannot go on, by name (their modules load torch: not imported for --help)
+RUN_FAILURES = ("CheckpointError", "NonFiniteWeights", "TooManyBadSteps")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of every other input error."""
+
+    hint: str | None = None  # the command whose --help to point at, when not this parser's own
+
+    def error(self, message: str):
+        self.exit(2, f"fastalign: error: {message} (see `{self.hint or self.prog} --help`)\n")
 
 
 def register_algorithm(name: str, module: str, config: str, train: str = "train") -> None:
@@ -86,8 +105,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     from fastalign import __version__
     from fastalign.train.config_parsing import add_arguments
 
-    parser = argparse.ArgumentParser(prog="fastalign", description="Fused ops and a minimal alignment trainer.")
+    parser = Parser(prog="fastalign", description="Fused ops and a minimal alignment trainer.")
     parser.add_argument("--version", action="version", version=f"fastalign {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (or FASTALIGN_DEBUG=1); "
+                                                           "accepted anywhere on the command line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     available = _available() if argv[:1] == ["train"] and argv[1:2] in (["-h"], ["--help"]) else {}
     train = sub.add_parser(
@@ -128,9 +149,35 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FASTALIGN_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except Exception as exc:
+        code = _exit_code(exc)
+        if debug or code is None:  # asked for, or a bug: the traceback
+            raise
+        print(f"fastalign: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return code
+
+
+def _exit_code(exc: Exception) -> int | None:
+    """2 for an error in the user's input, 1 for a run that cannot go on, None for anything else (a bug)."""
+    import yaml
+
+    if isinstance(exc, (ValueError, OSError, yaml.YAMLError)):
+        return 2
+    if any(cls.__name__ in RUN_FAILURES for cls in type(exc).__mro__):
+        return 1
+    return None
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] in (["demo"], ["bench"], ["ext"]):  # they parse their own flags (argparse's REMAINDER drops a leading -x)
         return _delegate(argv[0], argv[1:])
     parser = build_parser(argv)
+    if argv[:1] == ["train"] and argv[1:2] and argv[1] in ALGORITHMS:  # leftover flags are reported at the top
+        parser.hint = f"fastalign train {argv[1]}"
     args = parser.parse_args(argv)
     if args.command == "train":
         if not args.algorithm:
@@ -141,14 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         cls, train_fn = load_algorithm(args.algorithm)
         sub = parser
         if hasattr(args, "rest"):  # the algorithm was imported lazily: parse its flags now
-            sub = argparse.ArgumentParser(prog=f"fastalign train {args.algorithm}")
+            sub = Parser(prog=f"fastalign train {args.algorithm}")
             add_arguments(sub, cls)
             args = sub.parse_args(args.rest)
-        try:
-            cfg = config_from_namespace(cls, args)
-        except (ValueError, OSError) as exc:  # a bad value or YAML file: a usage error, not a traceback
-            sub.error(str(exc))
-        train_fn(cfg)
+        train_fn(config_from_namespace(cls, args))  # a bad value or file: ValueError, one line from main
         return 0
     if args.command == "plot":
         from fastalign.train.plot import plot_run

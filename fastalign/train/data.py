@@ -64,7 +64,7 @@ def load_rows(path: str | Path | None, kind: str, *, max_samples: int | None = N
         path = SHIPPED[kind]
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
+        raise DataError(f"data file {str(path)!r} " + ("is a directory" if path.is_dir() else "does not exist"))
     rows = read_rows(path)
     for where, row in rows:
         validate_row(where, row, kind)

@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", "--output_dir", default=None,
                    help="where the stage runs go (default: a temporary directory, removed at the end)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and sampling")
+    p.add_argument("--overwrite", action="store_true",
+                   help="stage runs already in --output-dir are moved aside (without it they are refused)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p.parse_args(argv)
 
@@ -70,12 +72,13 @@ def _accuracy(path: Path, rows: list[dict]) -> float:
     return task.evaluate_accuracy(model, tokenizer, rows, max_new_tokens=ANSWER_TOKENS)
 
 
-def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, echo=print) -> list[dict]:
+def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, overwrite: bool = False,
+        echo=print) -> list[dict]:
     """Build, evaluate, SFT, DPO, GRPO, evaluating after each stage. Returns one row per stage:
     ``{"stage", "accuracy", "seconds", "model"}`` (the first row is the untrained model)."""
     files = data.demo_files()
     heldout = list(data.load_rows(files["heldout"], "rl", max_samples=plan.heldout))
-    common = dict(seed=seed, progress=progress, dtype="float32", **SEQUENCE_LIMITS)
+    common = dict(seed=seed, progress=progress, dtype="float32", overwrite=overwrite, **SEQUENCE_LIMITS)
     results: list[dict] = []
 
     def record(stage: str, path: Path, started: float) -> None:
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
           f"greedy exact match on {plan.heldout} unseen problems", flush=True)
     with tempfile.TemporaryDirectory(prefix="fastalign-demo-") as tmp:
         out = Path(args.output_dir) if args.output_dir else Path(tmp)
-        results = run(plan, out, seed=args.seed, progress=args.progress)
+        results = run(plan, out, seed=args.seed, progress=args.progress, overwrite=args.overwrite)
     first, last = results[0]["accuracy"], results[-1]["accuracy"]
     print("[demo] stage  held-out accuracy   seconds")
     for r in results:

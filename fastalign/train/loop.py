@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import random
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +56,15 @@ class Run:
     run_dir: Path
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a redirected or captured stream), not the one at setup."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def setup_logging(is_main: bool) -> None:
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[fastalign] %(levelname)s %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO if is_main else logging.WARNING)

@@ -42,6 +42,8 @@ def test_malformed_rows_name_file_and_line(tmp_path, lines, kind, match):
 def test_missing_file_and_parquet(tmp_path):
     with pytest.raises(D.DataError, match="does not exist"):
         D.load_rows(tmp_path / "nope.jsonl", "sft")
+    with pytest.raises(D.DataError, match="is a directory"):
+        D.load_rows(tmp_path, "sft")
     from datasets import Dataset
 
     Dataset.from_list([{"prompt": "p", "answer": "4"}, {"prompt": None, "answer": "5"}]).to_parquet(

@@ -18,3 +18,8 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     # the chain: each stage starts from the previous stage's model
     assert f"model: {tmp_path / 'sft' / 'final'}" in (tmp_path / "dpo" / "config.yaml").read_text()
     assert f"model: {tmp_path / 'dpo' / 'final'}" in (tmp_path / "grpo" / "config.yaml").read_text()
+    # a second demo into the same directory is refused, then runs with --overwrite (the old stages moved aside)
+    assert cli.main(["demo", "--quick", "--no-progress", "--output-dir", str(tmp_path)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli.main(["demo", "--quick", "--no-progress", "--overwrite", "--output-dir", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("sft.replaced-*"))) == 1
