@@ -24,7 +24,7 @@ import fastalign as fa
 from fastalign.reference.rl import AGG_MODES
 from fastalign.train import actor, data, distributed, generation, metrics, models, rollout
 from fastalign.train.config import RLConfig, RUN_DIR_HELP
-from fastalign.train.config_parsing import option
+from fastalign.train.config_parsing import option, require
 from fastalign.train.loop import TrainLoop, prepare
 from fastalign.train.ref_model import ReferenceModel
 
@@ -43,12 +43,15 @@ class GRPOConfig(RLConfig):
                                     "seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)", choices=AGG_MODES)
     kl_coef: float = option(0.0, "beta: weight of the KL(pi || ref) loss term (0: no reference model needed)")
     num_iterations: int = option(1, "optimizer steps per rollout batch (mu); > 1 makes the clip active")
+    warn_uniform_groups: int | None = option(5, "warn when every group's rewards are equal (no signal) for this "
+                                                "many steps running; none: never")
 
     def __post_init__(self):
         super().__post_init__()
         if self.num_generations < 2:  # every scale centres on the group mean: a group of one gives zero advantages
             raise ValueError(f"GRPOConfig: num_generations must be >= 2 (a group of one has no baseline), "
                              f"got {self.num_generations}")
+        require(self, "warn_uniform_groups", 1)
 
 
 def rollout_metrics(exp: rollout.Experience, group_size: int, kl_seq) -> dict[str, float]:

@@ -24,6 +24,11 @@ MONITORS = {
     "clip_frac": ("warn_clip_frac", "above"),
     "reward_length_corr": ("warn_reward_length_corr", "abs_above"),
 }
+# name in the metrics -> (config field K, value): warn when the metric holds that value for K steps running
+STREAKS = {"uniform_group_frac": ("warn_uniform_groups", 1.0)}
+STREAK_MESSAGES = {"uniform_group_frac": "every group's rewards were equal for {k} steps running: every advantage is "
+                                         "0 and nothing trains (check the reward functions, or sample more diverse "
+                                         "completions: num_generations, temperature)"}
 BAR_KEYS = ("loss", "reward", "kl", "accuracy", "rewards/accuracies", "tokens_per_s")
 
 
@@ -50,9 +55,21 @@ class Monitors:
         self.thresholds = {name: (getattr(cfg, field, None), how) for name, (field, how) in MONITORS.items()}
         self.active: set[str] = set()
         self.counts: dict[str, int] = {name: 0 for name in MONITORS}
+        self.streak_limits = {name: (getattr(cfg, field), value) for name, (field, value) in STREAKS.items()
+                              if getattr(cfg, field, None) is not None}
+        self.streaks = {name: 0 for name in self.streak_limits}
+        self.counts.update({name: 0 for name in self.streak_limits})
 
     def check(self, step: int, metrics: dict) -> list[str]:
         fired = []
+        for name, (k, value) in self.streak_limits.items():
+            self.streaks[name] = self.streaks[name] + 1 if metrics.get(name) == value else 0
+            if self.streaks[name] >= k:
+                self.counts[name] += 1
+            if self.streaks[name] == k:
+                msg = f"step {step}: " + STREAK_MESSAGES[name].format(k=k)
+                log.warning(msg)
+                fired.append(msg)
         for name, (limit, how) in self.thresholds.items():
             if limit is None or name not in metrics or not math.isfinite(metrics[name]):
                 continue

@@ -162,3 +162,29 @@ def test_rl_values_are_checked_before_anything_loads(field, value, message):
     # num_generations 1 is no group at all: every scale mode would give zero advantages
     with pytest.raises(ValueError, match="num_generations must be >= 2"):
         grpo.GRPOConfig(num_generations=1, scale_rewards="batch")
+
+
+@rewards.register_reward("test_constant")
+def constant(prompts, completions, **_):
+    return [1.0] * len(completions)
+
+
+def test_all_uniform_groups_for_k_steps_warn(tiny_model_dir, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fastalign.train"):
+        out = grpo.train(_config(tiny_model_dir, tmp_path / "run", max_steps=3, batch_size=2, num_generations=2,
+                                 reward_funcs=["test_constant"], warn_uniform_groups=2))
+    assert [h["uniform_group_frac"] for h in out["history"]] == [1.0, 1.0, 1.0]
+    assert caplog.text.count("every group's rewards were equal for 2 steps running") == 1  # once per streak
+    assert "step 2:" in caplog.text
+
+
+def test_uniform_group_monitor_resets_when_a_group_differs():
+    from fastalign.train import metrics
+
+    mon = metrics.Monitors(grpo.GRPOConfig(warn_uniform_groups=2))
+    fired = [mon.check(step, {"uniform_group_frac": frac}) for step, frac in enumerate([1, 1, 1, 0.5, 1, 1], 1)]
+    assert [bool(f) for f in fired] == [False, True, False, False, False, True]
+    assert mon.counts["uniform_group_frac"] == 3  # steps 2, 3 and 6: at or past the limit
+    assert "uniform_group_frac" not in metrics.Monitors(grpo.GRPOConfig(warn_uniform_groups=None)).counts
