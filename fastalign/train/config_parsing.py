@@ -150,7 +150,8 @@ def load_yaml(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ValueError(f"{path}: invalid YAML{where} ({problem})") from None
+        context = getattr(exc, "context", None)
+        raise ValueError(f"{path}: invalid YAML{where} ({context + ': ' if context else ''}{problem})") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
     if not isinstance(data, dict):

@@ -42,13 +42,13 @@ def check_local_path(path: str | os.PathLike) -> Path:
         text = str(path)
         hub_like = text.count("/") == 1 and not text.startswith((".", "~", "/")) and not p.parent.exists()
         if p.exists():
-            problem = "is a file, not a checkpoint directory"
+            problem = " (it is a file, not a checkpoint directory)"
         elif hub_like:
-            problem = ("is not a local directory. It looks like a hub id; fastalign only loads local directories: "
-                       "download it first (e.g. `huggingface-cli download NAME --local-dir DIR`) and pass DIR.")
+            problem = (". It looks like a hub id; fastalign only loads local directories: download it first "
+                       "(e.g. `huggingface-cli download NAME --local-dir DIR`) and pass DIR.")
         else:
-            problem = "does not exist"
-        raise FileNotFoundError(f"model path {text!r} {problem}")
+            problem = " (it does not exist)"
+        raise FileNotFoundError(f"model path {text!r} is not a local directory{problem}")
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model directory {str(p)!r} has no config.json: not a transformers checkpoint")
     return p

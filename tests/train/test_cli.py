@@ -113,7 +113,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys, m
     _fails_in_one_line(capsys, ["train", "dpo", "--label-smoothing", "0.7", *out], "label_smoothing")
     _fails_in_one_line(capsys, ["train", "sft", "--train-file", str(tmp_path), *out], "train_file", "is a directory")
     _fails_in_one_line(capsys, ["train", "sft", "--model", str(tmp_path / "gone"), "--output-dir",
-                                str(tmp_path / "run")], "gone' does not exist")
+                                str(tmp_path / "run")], "gone' is not a local directory (it does not exist)")
     _fails_in_one_line(capsys, ["train", "sft", "--max-steps", "many"], "--max-steps: max_steps must be int")
     with pytest.raises(SystemExit) as exit_info:  # argparse's own errors: the same one-line format
         cli.main(["train", "sft", "--beta", "0.1"])

@@ -65,7 +65,7 @@ def test_paths_are_checked_before_training(tmp_path, tiny_model_dir, monkeypatch
         sft.train(_sft(tiny_model_dir, tmp_path / "file"))
     with pytest.raises(run_dir.RunDirError, match="train_file .* is a directory"):
         sft.train(_sft(tiny_model_dir, tmp_path / "new", train_file=str(tmp_path)))
-    with pytest.raises(run_dir.RunDirError, match="model: model path .*nowhere' does not exist"):
+    with pytest.raises(run_dir.RunDirError, match=r"model: model path .*nowhere' is not a local directory \(it does not exist\)"):
         sft.train(_sft(tmp_path / "nowhere", tmp_path / "new"))
     with pytest.raises(run_dir.RunDirError, match="ref_model: model path"):
         dpo.train(DPOConfig(model=str(tiny_model_dir), ref_model=str(tmp_path / "nowhere"),
