@@ -194,8 +194,10 @@ def _main(argv: list[str]) -> int:
         train_fn(config_from_namespace(cls, args))  # a bad value or file: ValueError, one line from main
         return 0
     if args.command == "plot":
+        from fastalign.train.metrics import setup_logging
         from fastalign.train.plot import plot_run
 
+        setup_logging(is_main=True)  # a skipped torn line is reported like the trainers' warnings
         for path in plot_run(args.run_dir, args.out):
             print(path)
         return 0

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import math
 import random
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,20 +55,6 @@ class Run:
     run_dir: Path
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (a redirected or captured stream), not the one at setup."""
-
-    stream = property(lambda self: sys.stderr, lambda self, value: None)
-
-
-def setup_logging(is_main: bool) -> None:
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[fastalign] %(levelname)s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -81,7 +66,7 @@ def prepare(cfg) -> Run:
     checked before a model loads), seeds, the model directory (the embedded tiny model when none is given), the
     tokenizer."""
     info = distributed.setup(cfg.device)
-    setup_logging(info.is_main)
+    metrics_mod.setup_logging(info.is_main)
     directory = run_dir.open_run(cfg, info)
     seed_everything(cfg.seed)
     model_path = Path(cfg.model) if cfg.model else _tiny_model(info)

@@ -1,4 +1,4 @@
-"""Observability: metrics JSONL per step, a progress bar, and reward-hacking / collapse monitors.
+"""Observability: the log, metrics JSONL per step, a progress bar, and reward-hacking / collapse monitors.
 
 Each optimizer step appends one JSON object to ``RUN_DIR/metrics.jsonl`` (``step``, ``loss``, ``lr``,
 ``grad_norm``, ``tokens_per_s``, and whatever the algorithm reports: ``reward``, ``kl``, ``entropy``,
@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,21 @@ STREAK_MESSAGES = {"uniform_group_frac": "every group's rewards were equal for {
                                          "0 and nothing trains (check the reward functions, or sample more diverse "
                                          "completions: num_generations, temperature)"}
 BAR_KEYS = ("loss", "reward", "kl", "accuracy", "rewards/accuracies", "tokens_per_s")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a redirected or captured stream), not the one at setup."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+def setup_logging(is_main: bool) -> None:
+    """``[fastalign] LEVEL message`` lines on stderr: INFO on the main process, warnings only on the others."""
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[fastalign] %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
 def to_float(value) -> float:
