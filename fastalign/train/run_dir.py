@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from fastalign import __version__
-from fastalign.train import distributed, models
+from fastalign.train import checkpoint, distributed, models
 from fastalign.train.config_parsing import save_yaml, to_dict
 
 log = logging.getLogger("fastalign.train")
@@ -87,6 +87,10 @@ def open_run(cfg, info) -> Path:
     if present and not (cfg.resume or cfg.overwrite):
         raise RunDirError(f"output_dir {str(run_dir)!r} already holds a run ({', '.join(present)}); pass --resume to "
                           "continue it, --overwrite to move it aside and start anew, or choose another --output-dir")
+    if cfg.resume and "final" in present and not checkpoint.complete_checkpoints(run_dir):
+        raise RunDirError(f"resume: the run in {str(run_dir)!r} finished without checkpoints (save_steps 0), so there "
+                          "is nothing to continue from; pass --overwrite to start anew, or train on from its final/ "
+                          "with --model in another --output-dir")
     record = _read_record(run_dir) if cfg.resume and present else None
     changed = _check_resume(cfg, run_dir, record, info) if cfg.resume and present else {}
     if cfg.overwrite and present and Path.cwd().resolve().is_relative_to(run_dir.resolve()):

@@ -85,3 +85,13 @@ def test_pruning_keeps_the_checkpoints_of_this_run(tmp_path, tiny_model_dir):
     assert train.save() == checkpoint.checkpoint_dir(run.run_dir, 2)
     assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000007"]
     assert stale.is_dir()
+
+
+def test_resuming_a_finished_run_without_checkpoints_is_refused(tmp_path, tiny_model_dir):
+    """Starting such a run from step 0 would replace its final/ with nothing gained: an error, not a restart."""
+    out = tmp_path / "run"
+    sft.train(_sft(tiny_model_dir, out, save_steps=0))
+    before = (out / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(run_dir.RunDirError, match="finished without checkpoints"):
+        sft.train(_sft(tiny_model_dir, out, save_steps=0, resume=True, max_steps=3))
+    assert (out / "final" / "model.safetensors").read_bytes() == before
