@@ -161,7 +161,7 @@ def config_from_namespace(cls, ns: argparse.Namespace):
     hints = _hints(cls)
     for k, v in flags.items():
         setattr(cfg, k, _coerce(k, hints[k], v, f"--{k.replace('_', '-')}"))
-    validate(cfg)
+    cfg.__post_init__()  # validate() plus the config's own cross-field checks, now with the flags applied
     return cfg
 
 
