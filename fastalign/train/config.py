@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from fastalign.reference.preference import LOSS_TYPES as DPO_LOSS_TYPES
 from fastalign.reference.rl import AGG_MODES
 from fastalign.train.config_parsing import option, validate
 
@@ -107,15 +108,28 @@ class DPOConfig(TrainConfig):
     output_dir: str = option("runs/dpo", RUN_DIR_HELP)
     learning_rate: float = option(1e-6, LEARNING_RATE_HELP)
     beta: float = option(0.1, "DPO temperature beta (strength of the KL constraint)")
-    loss_type: str = option("sigmoid", "preference loss (fa.dpo_loss): sigmoid = DPO, robust = rDPO, hinge = SLiC, "
-                                       "ipo = IPO, simpo = SimPO (reference-free)",
-                            choices=("sigmoid", "robust", "hinge", "ipo", "simpo"))
-    label_smoothing: float = option(0.0, "label smoothing eps (sigmoid: cDPO, robust, simpo)")
+    loss_type: list[str] = option(["sigmoid"], "preference loss (fa.dpo_loss); several, comma-separated, are summed "
+                                               "with loss_weights (TRL's list loss_type): " + ", ".join(DPO_LOSS_TYPES))
+    loss_weights: list[float] = option([], "one weight per loss_type (TRL's loss_weights, e.g. MPO's 0.8,0.2,1.0); "
+                                           "empty: all 1")
+    label_smoothing: float = option(0.0, "label smoothing eps (sigmoid: cDPO; robust, exo_pair, aot, aot_unpaired, "
+                                         "simpo)")
+    discopop_tau: float = option(0.05, "DiscoPOP temperature tau (discopop only)")
     simpo_gamma: float = option(0.0, "SimPO target reward margin gamma (simpo only)")
     ref_model: str | None = option(None, "reference checkpoint; none: the initial policy (with LoRA: adapters "
                                          "disabled)")
     precompute_ref: bool = option(True, "score the reference once in a no-grad pass before training (the "
                                          "reference is then freed); off: score it every step")
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
+        if not self.loss_type or unknown:
+            raise ValueError(f"DPOConfig: loss_type must be one of {DPO_LOSS_TYPES} (or a comma-separated list of "
+                             f"them), got {unknown[0] if unknown else self.loss_type!r}")
+        if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"DPOConfig: loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} "
+                             f"loss types {self.loss_type}")
 
 
 @dataclass

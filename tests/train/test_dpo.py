@@ -26,12 +26,25 @@ def test_dpo_improves_and_fused_matches_unfused(tmp_path, tiny_model_dir):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "simpo"])
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "simpo", "exo_pair", "apo_zero", "aot", "sft",
+                                       "sigmoid,bco_pair,sft"])
 def test_dpo_loss_types_train(tmp_path, tiny_model_dir, loss_type):
-    kw = dict(label_smoothing=0.1) if loss_type == "robust" else {}
-    out = dpo.train(_cfg(tmp_path, tiny_model_dir, loss_type, loss_type=loss_type, max_steps=4, **kw))
+    kw = dict(label_smoothing={"robust": 0.1, "exo_pair": 1e-3}.get(loss_type, 0.0))
+    if "," in loss_type:
+        kw["loss_weights"] = [0.8, 0.2, 1.0]  # MPO
+    out = dpo.train(_cfg(tmp_path, tiny_model_dir, loss_type.replace(",", "+"), loss_type=loss_type, max_steps=4, **kw))
     losses = [h["loss"] for h in out["history"]]
     assert losses[-1] < losses[0]
+    if "," in loss_type:
+        assert {"loss/sigmoid", "loss/bco_pair", "loss/sft"} <= set(out["history"][-1])
+
+
+def test_dpo_combination_fused_matches_unfused(tmp_path, tiny_model_dir):
+    kw = dict(loss_type=["ipo", "sigmoid", "sft", "aot_unpaired"], loss_weights=[0.5, 1.0, 0.2, 0.3], max_steps=3)
+    runs = [dpo.train(_cfg(tmp_path, tiny_model_dir, f"mix{fused}", fused=fused, **kw))["history"]
+            for fused in (True, False)]
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in runs[0]]), torch.tensor([h["loss"] for h in runs[1]]),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_dpo_lora_reference_is_adapters_off(tmp_path, tiny_model_dir):
