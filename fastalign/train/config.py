@@ -46,7 +46,9 @@ class TrainConfig:
     max_length: int = option(512, "max tokens per sequence (prompt + completion); longer rows are truncated "
                                   "(counted in the log)")
     max_prompt_length: int = option(256, "max prompt tokens (prompts are truncated from the left)")
-    chat_template: str = option("auto", "wrap prompts in the tokenizer's chat template: auto = when it has one",
+    chat_template: str = option("auto", "the tokenizer's chat template: auto = for conversational (message-list) "
+                                        "rows only, strings stay plain text (TRL's convention); on = every row, "
+                                        "strings as user/assistant messages; off = never",
                                 choices=("auto", "on", "off"))
     # optimisation
     seed: int = option(0, "seed for init, data order and sampling")

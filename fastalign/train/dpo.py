@@ -123,7 +123,8 @@ def train(cfg: DPOConfig) -> dict:
     run = prepare(cfg)
     tokenizer, info = run.tokenizer, run.info
     model = models.load_trainable(run.model_path, cfg, device=info.device)
-    rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples)
+    rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples, tokenizer=tokenizer,
+                          chat_template=cfg.chat_template)
     soft = data.LABEL in rows.column_names  # per-pair soft labels
     if soft and (cfg.loss_type != ["sigmoid"] or cfg.label_smoothing):
         raise data.DataError(f"{cfg.train_file}: rows with a {data.LABEL!r} field set label smoothing per pair; "

@@ -100,8 +100,9 @@ def numeric_closeness(prompts: Sequence[str], completions: Sequence[str], **fiel
 class RewardModelScorer:
     """Score ``prompt + completion`` with a reward-model checkpoint (``RUN_DIR/final`` of ``fastalign train rm``).
 
-    Rows are tokenized exactly as the RM trainer tokenized its pairs (``data.encode_prompt`` +
-    ``data.render_completion``, chat template when the RM's tokenizer has one), so a policy with another
+    Rows are tokenized exactly as the RM trainer tokenized its pairs (``data.encode_completions``: a
+    conversational prompt through the RM tokenizer's chat template with the completion as the assistant's
+    message, a string prompt as plain text; ``chat_template`` as in the trainer configs), so a policy with another
     tokenizer can still be scored. The scalar head's output at the last token is the reward; no grad.
 
     Args:
@@ -115,15 +116,15 @@ class RewardModelScorer:
         self.model = models.load_model(path, kind="score", dtype=dtype, device=device)
         self.model.eval().requires_grad_(False)
         self.tokenizer = models.load_tokenizer(path)
-        self.chat = data.uses_chat(self.tokenizer, chat_template)
+        self.chat_template = chat_template
         self.device = torch.device(device)
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.__name__ = f"reward_model:{path}"
 
     def encode(self, prompt, completion: str) -> list[int]:
-        p = data.encode_prompt(self.tokenizer, prompt, self.chat, self.max_prompt_length)
-        text = data.render_completion(self.tokenizer, prompt, completion, self.chat)
-        c = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        chat = data.chat_for(isinstance(prompt, list), self.chat_template, self.tokenizer)
+        p, (c,) = data.encode_completions(self.tokenizer, prompt, [completion], chat)
+        p = p[-self.max_prompt_length:]
         return (p + c)[:self.max_length]
 
     @torch.no_grad()
