@@ -14,10 +14,10 @@ warmup, gradient clipping at 1.0, max_length 64, DPO sigmoid with beta 0.1 and t
 (TRL's ``precompute_ref_log_probs=True``, fastalign's default), no checkpoints, logging every step.
 
 Both processes run torch with ``--threads`` threads (default 1: steadier on a shared machine). Step time: the
-median (and 20th percentile) interval between consecutive optimizer-step ends after ``--warmup`` steps (everything a step
-costs: batch, forward, backward, update, logging; TRL's first steps also recompile its torch.compile'd helpers),
-the median over ``--repeats`` runs of each, run alternately. Peak memory: the highest resident set size sampled every 2 ms
-while the steps run, and that peak minus the resident size just before the first step (what training adds on top
+median (and 20th percentile) interval between consecutive optimizer-step ends after ``--warmup`` steps (everything
+a step costs: batch, forward, backward, update, logging; TRL's first steps also recompile its torch.compile'd
+helpers), the median over ``--repeats`` runs of each, run alternately. Peak memory: the highest resident set size
+sampled every 2 ms while the steps run, and that peak minus the resident size just before the first step (what training adds on top
 of the loaded model and data). Not a test: numbers depend on the machine and its load; the report prints both.
 """
 from __future__ import annotations
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads in both trainers' processes")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--json", default=None, help="write the full results here")
+    p.add_argument("--json", default=None,
+                   help="write the full results here (e.g. benchmarks/results/trl_parity/cpu-h64.json)")
     p.add_argument("--worker", choices=("fastalign", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--algo", choices=("sft", "dpo"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
