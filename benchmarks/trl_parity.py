@@ -17,8 +17,9 @@ Both processes run torch with ``--threads`` threads (default 1: steadier on a sh
 median (and 20th percentile) interval between consecutive optimizer-step ends after ``--warmup`` steps (everything
 a step costs: batch, forward, backward, update, logging; TRL's first steps also recompile its torch.compile'd
 helpers), the median over ``--repeats`` runs of each, run alternately. Peak memory: the highest resident set size
-sampled every 2 ms while the steps run, and that peak minus the resident size just before the first step (what training adds on top
-of the loaded model and data). Not a test: numbers depend on the machine and its load; the report prints both.
+sampled every 2 ms while the steps run, and that peak minus the resident size just before the first step (what
+training adds on top of the loaded model and data). Not a test: numbers depend on the machine and its load; the
+report prints both.
 """
 from __future__ import annotations
 
