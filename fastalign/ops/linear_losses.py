@@ -16,13 +16,13 @@ Memory above inputs: O(N) fp32 (log-probs, lse, mu, per-token gradients) plus th
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from fastalign.ops._checks import agg_mode, number, ppo_clips
 from fastalign.ops.logprobs import head_backward, head_forward, prepare_head, resolve_head_backend
-from fastalign.ops.preference import check_dpo_options
+from fastalign.ops.preference import check_dpo_options, check_lengths
 from fastalign.reference import linear_losses as ref
 from fastalign.reference import preference as ref_pref
 from fastalign.reference import rl as ref_rl
@@ -159,9 +159,11 @@ def linear_dpo_loss(
     *,
     bias: torch.Tensor | None = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     gamma: float = 0.0,
+    discopop_tau: float | None = None,
     length_normalize: bool | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
@@ -175,23 +177,28 @@ def linear_dpo_loss(
         logp = linear_logprobs(hidden, weight, labels, ...).logprobs             # (2B, T)
         valid = labels != ignore_index
         seq = sequence_logprobs(logp, valid)                                     # (2B,) sums
-        lengths = valid.sum(-1) if length_normalize else None
+        lengths = valid.sum(-1)
         loss, stats = dpo_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
-                               loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
-                               chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+                               loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
+                               gamma=gamma, discopop_tau=discopop_tau, chosen_lengths=lengths[:B],
+                               rejected_lengths=lengths[B:], length_normalize=length_normalize)
 
     without [2B T, V] logits and without a per-token autograd graph: backward is one recompute pass fed with
-    dL/dlogp_n = dL/dS_b (/ L_b), constant over the response tokens of each sequence b.
+    dL/dlogp_n = dL/dS_b (/ L_b), constant over the response tokens of each sequence b. Every loss type of
+    :func:`fastalign.dpo_loss` runs here, combinations included: each is a function of the per-sequence sums and
+    lengths (``sft``'s token-mean NLL is sum / count; ``aot`` sorts the batch's per-sequence values).
 
     Args:
         hidden: (2B, T, D) bf16/fp16/fp32; rows [0, B) are the chosen responses, [B, 2B) the rejected ones of
             the same prompts. weight: (V, D), bias: (V,) or None.
         labels: (2B, T) int; ``ignore_index`` at prompt and padding positions. Every sequence needs at least
             one response token.
-        ref_chosen_logps, ref_rejected_logps: (B,) float reference log-prob sums (None for ``simpo``).
-        beta, loss_type, label_smoothing, gamma: as in :func:`fastalign.dpo_loss`.
-        length_normalize: divide log-ratios by the response lengths. None (default): True for ``ipo`` (as TRL)
-            and ``simpo`` (as the SimPO paper), False otherwise; True with ``sigmoid`` is TRL's ``sigmoid_norm``.
+        ref_chosen_logps, ref_rejected_logps: (B,) float reference log-prob sums (None when every type is
+            reference-free: ``simpo``, ``sft``).
+        beta, loss_type, loss_weights, label_smoothing, gamma, discopop_tau: as in :func:`fastalign.dpo_loss`.
+        length_normalize: divide log-ratios by the response lengths. None (default): for ``sigmoid_norm``,
+            ``ipo`` (as TRL) and ``simpo`` (as the SimPO paper), not otherwise; True: every type (with
+            ``sigmoid``: TRL's ``sigmoid_norm``); False: none.
         temperature, softcap, ignore_index, backend: as in :func:`fastalign.linear_logprobs`.
     Returns:
         loss: () fp32; stats: detached () tensors as :func:`fastalign.dpo_loss` (``logps/*`` are sums).
@@ -202,9 +209,11 @@ def linear_dpo_loss(
     """
     op = "linear_dpo_loss"
     has_ref = ref_chosen_logps is not None or ref_rejected_logps is not None
-    beta, eps, gamma = check_dpo_options(
-        op, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, has_reference=has_ref
+    opts = check_dpo_options(
+        op, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, has_reference=has_ref,
+        loss_weights=loss_weights, discopop_tau=discopop_tau,
     )
+    check_lengths(op, opts.loss_type, length_normalize, True, from_caller=False)  # lengths: from the labels
     head = _prepare_batched_head(
         op, hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index
     )
@@ -216,7 +225,7 @@ def linear_dpo_loss(
         )
     pairs = rows // 2
     extras = ()
-    if loss_type != "simpo":
+    if has_ref:
         for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
                 raise TypeError(f"{op}: {name} must be a floating-point tensor of shape ({pairs},)")
@@ -240,8 +249,9 @@ def linear_dpo_loss(
 
     def loss_fn(logp, entropy, *refs):
         return ref.dpo_loss_from_logprobs(
-            logp.view(head.shape), valid, *refs, beta=beta, loss_type=loss_type, label_smoothing=eps, gamma=gamma,
-            length_normalize=length_normalize,
+            logp.view(head.shape), valid, *refs, beta=opts.beta, loss_type=opts.loss_type,
+            loss_weights=opts.loss_weights, label_smoothing=opts.label_smoothing, gamma=opts.gamma,
+            discopop_tau=opts.discopop_tau, length_normalize=length_normalize,
         )
 
     return _head_loss(head, backend, False, loss_fn, extras)

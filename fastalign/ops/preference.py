@@ -6,6 +6,7 @@ hidden states (``linear_dpo_loss``, ``linear_sequence_logprobs``) live in :mod:`
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -15,32 +16,92 @@ from fastalign.reference import preference as ref
 LOSS_TYPES = ref.LOSS_TYPES
 
 
+class DPOOptions(NamedTuple):
+    """The validated DPO hyper-parameters (what the reference functions take)."""
+
+    loss_type: tuple[str, ...]
+    loss_weights: tuple[float, ...]
+    beta: float
+    label_smoothing: float
+    gamma: float
+    discopop_tau: float
+
+
 def check_dpo_options(
-    op: str, *, beta, loss_type, label_smoothing, gamma, has_reference: bool
-) -> tuple[float, float, float]:
-    """Validate the DPO hyper-parameters; every option either takes effect or raises. Returns (beta, eps, gamma)."""
-    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
-        raise ValueError(f"{op}: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    op: str, *, beta, loss_type, label_smoothing, gamma, has_reference: bool, loss_weights=None, discopop_tau=None
+) -> DPOOptions:
+    """Validate the DPO hyper-parameters; every option either takes effect or raises.
+
+    ``loss_type`` is one name or a non-empty list of names (a weighted sum, TRL's list ``loss_type``);
+    ``loss_weights`` one finite number per type (None: all 1); ``discopop_tau`` None means the default 0.05 and
+    may only be set with ``discopop``.
+    """
+    if isinstance(loss_type, str):
+        types = (loss_type,)
+    elif isinstance(loss_type, (list, tuple)) and loss_type and all(isinstance(t, str) for t in loss_type):
+        types = tuple(loss_type)
+    else:
+        raise ValueError(f"{op}: loss_type must be one of {LOSS_TYPES} or a non-empty list of them, got {loss_type!r}")
+    unknown = [t for t in types if t not in LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"{op}: loss_type must be one of {LOSS_TYPES}, got {unknown[0]!r}")
+    if loss_weights is None:
+        weights = (1.0,) * len(types)
+    else:
+        if not isinstance(loss_weights, (list, tuple)) or len(loss_weights) != len(types):
+            got = len(loss_weights) if isinstance(loss_weights, (list, tuple)) else type(loss_weights).__name__
+            raise ValueError(f"{op}: loss_weights must hold one number per loss type ({len(types)} for {list(types)}), "
+                             f"got {got}")
+        weights = tuple(number(op, f"loss_weights[{i}]", w) for i, w in enumerate(loss_weights))
     beta = number(op, "beta", beta)
     if beta <= 0:
         raise ValueError(f"{op}: beta must be > 0, got {beta}")
     eps = number(op, "label_smoothing", label_smoothing)
     gamma = number(op, "gamma", gamma)
-    if loss_type == "robust" and not 0 <= eps < 0.5:
-        raise ValueError(f"{op}: label_smoothing must lie in [0, 0.5) for loss_type='robust', got {eps}")
-    if loss_type in ("sigmoid", "simpo") and not 0 <= eps <= 1:
-        raise ValueError(f"{op}: label_smoothing must lie in [0, 1] for loss_type={loss_type!r}, got {eps}")
-    if loss_type in ("hinge", "ipo") and eps != 0:
-        raise ValueError(f"{op}: label_smoothing is not defined for loss_type={loss_type!r}; got {eps}, must be 0")
-    if loss_type != "simpo" and gamma != 0:
+    smoothed = [t for t in types if t in ref.SMOOTHED]
+    if eps != 0 and not smoothed:
+        raise ValueError(f"{op}: label_smoothing is not defined for loss_type={_show(types)}; got {eps}, must be 0 "
+                         f"(it applies to {ref.SMOOTHED})")
+    for t in smoothed:
+        if t == "robust" and not 0 <= eps < 0.5:
+            raise ValueError(f"{op}: label_smoothing must lie in [0, 0.5) for loss_type='robust', got {eps}")
+        if t == "exo_pair" and not 0 < eps < 1:
+            raise ValueError(f"{op}: label_smoothing must lie in (0, 1) for loss_type='exo_pair' (the EXO paper "
+                             f"suggests 1e-3), got {eps}")
+        if not 0 <= eps <= 1:
+            raise ValueError(f"{op}: label_smoothing must lie in [0, 1] for loss_type={t!r}, got {eps}")
+    plain = [t for t in smoothed if t in ("sigmoid", "sigmoid_norm")]
+    if eps != 0 and plain and len(set(smoothed)) > len(set(plain)):
+        # TRL 1.16's sigmoid ignores label_smoothing while robust / exo_pair / aot read it; here sigmoid reads it
+        # too (cDPO), so one eps for both would train another objective than the same TRL config
+        raise ValueError(f"{op}: label_smoothing={eps} would smooth {plain[0]!r} (cDPO) as well as "
+                         f"{[t for t in smoothed if t not in plain]}; TRL's {plain[0]!r} ignores it. Combine them "
+                         f"only with label_smoothing=0")
+    if gamma != 0 and "simpo" not in types:
         raise ValueError(f"{op}: gamma (the SimPO target margin) only applies to loss_type='simpo', got {gamma}")
-    if loss_type == "simpo" and has_reference:
+    if discopop_tau is None:
+        tau = ref.DISCOPOP_TAU
+    else:
+        tau = number(op, "discopop_tau", discopop_tau)
+        if "discopop" not in types:
+            raise ValueError(f"{op}: discopop_tau only applies to loss_type='discopop', got {tau}")
+        if tau <= 0:
+            raise ValueError(f"{op}: discopop_tau must be > 0, got {tau}")
+    need_ref = ref.needs_reference(types)
+    if "simpo" in types and need_ref:
+        raise ValueError(f"{op}: loss_type='simpo' is reference-free and cannot be combined with "
+                         f"{[t for t in types if t not in ref.REFERENCE_FREE]}, which need a reference model")
+    if "simpo" in types and has_reference:
         raise ValueError(
-            f"{op}: loss_type='simpo' is reference-free; ref_chosen_logps and ref_rejected_logps must be None"
+            f"{op}: loss_type={_show(types)} is reference-free; ref_chosen_logps and ref_rejected_logps must be None"
         )
-    if loss_type != "simpo" and not has_reference:
-        raise ValueError(f"{op}: ref_chosen_logps and ref_rejected_logps are required for loss_type={loss_type!r}")
-    return beta, eps, gamma
+    if need_ref and not has_reference:
+        raise ValueError(f"{op}: ref_chosen_logps and ref_rejected_logps are required for loss_type={_show(types)}")
+    return DPOOptions(types, weights, beta, eps, gamma, tau)
+
+
+def _show(types: tuple[str, ...]) -> str:
+    return repr(types[0]) if len(types) == 1 else repr(list(types))
 
 
 def _check_vector(op: str, name: str, t, n: int | None, device, *, floating: bool = True) -> None:
@@ -61,11 +122,14 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor | None = None,
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     gamma: float = 0.0,
+    discopop_tau: float | None = None,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    length_normalize: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family loss on per-sequence log-probs, mean over pairs, with TRL's logged stats.
 
@@ -74,43 +138,53 @@ def dpo_loss(
         u = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))
         loss = (-(1 - label_smoothing) * F.logsigmoid(u) - label_smoothing * F.logsigmoid(-u)).mean()
 
-    Notation: pi/ref = policy/reference sequence log-probs, L = response length, d = the difference of the
-    (optionally length-normalised) log-ratios, u = beta * d, eps = label_smoothing.
+    and for a list of types, ``sum_k loss_weights[k] * loss_k`` (TRL's ``loss_type=[...]``, ``loss_weights=[...]``,
+    e.g. MPO's ``["sigmoid", "bco_pair", "sft"]`` with ``[0.8, 0.2, 1.0]``).
 
-    - ``sigmoid``: -(1-eps) log sig(u) - eps log sig(-u) (DPO; cDPO with eps > 0).
-    - ``robust``: (-(1-eps) log sig(u) + eps log sig(-u)) / (1 - 2 eps) (rDPO), 0 <= eps < 0.5.
-    - ``hinge``: relu(1 - u) (SLiC). ``ipo``: (d - 1/(2 beta))^2 (IPO).
-    - ``simpo``: reference-free, -(1-eps) log sig(u') - eps log sig(-u') with
-      u' = beta (pi_c / L_c - pi_r / L_r) - gamma. Pass mean log-probs (``sequence_logprobs(..., average=True)``)
-      or sums plus the lengths.
+    Loss types (formulas and papers: :mod:`fastalign.reference.preference`): every type of TRL 1.16's
+    ``DPOTrainer`` (``sigmoid``, ``sigmoid_norm``, ``robust``, ``hinge``, ``ipo``, ``exo_pair``, ``nca_pair``,
+    ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop``, ``sft``) and
+    the reference-free ``simpo`` (CPO/SimPO trainer's). ``sigmoid`` with ``label_smoothing`` > 0 is cDPO (TRL 1.16's
+    ``sigmoid`` ignores it). ``sft`` is the NLL per chosen token of the batch: it needs the lengths to count tokens.
+    ``simpo``: pass mean log-probs (``sequence_logprobs(..., average=True)``) or sums plus the lengths.
 
-    With ``chosen_lengths``/``rejected_lengths`` the log-ratios are divided by the lengths: TRL's ``ipo`` does so
-    always, and TRL's ``sigmoid_norm`` is ``sigmoid`` with lengths.
+    Lengths: with ``chosen_lengths``/``rejected_lengths`` the types that normalise divide their log-probs by them:
+    under ``length_normalize=None`` (TRL's rule) ``sigmoid_norm``, ``ipo`` and ``simpo``; ``True``: every type
+    (``sigmoid`` + True is ``sigmoid_norm``); ``False``: none. Lengths that no listed type uses raise.
 
     Args:
         chosen_logps, rejected_logps: (B,) float policy log-probs of each pair's chosen / rejected response.
-        ref_chosen_logps, ref_rejected_logps: (B,) float reference log-probs; must be None for ``simpo`` only.
-        beta: > 0. loss_type: sigmoid | robust | hinge | ipo | simpo.
-        label_smoothing: eps for sigmoid / robust / simpo; must be 0 for hinge and ipo.
+        ref_chosen_logps, ref_rejected_logps: (B,) float reference log-probs; required unless every type is
+            reference-free (``simpo``, ``sft``); must be None with ``simpo``; optional with ``sft`` alone (then
+            the logged rewards are beta (pi - ref), else beta pi).
+        beta: > 0. loss_type: a name or a list of names. loss_weights: one number per type, or None (all 1).
+        label_smoothing: eps for sigmoid, sigmoid_norm, robust (< 0.5), exo_pair (> 0), aot, aot_unpaired, simpo;
+            must be 0 when no listed type reads it.
         gamma: SimPO's target margin (simpo only; TRL's ``simpo_gamma``).
+        discopop_tau: DiscoPOP's tau (discopop only); None: 0.05.
         chosen_lengths, rejected_lengths: (B,) positive response lengths, or None.
+        length_normalize: None, True or False (above).
     Returns:
         loss: () float; stats: detached () tensors ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
-        ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
+        ``rewards/accuracies`` (a margin within rounding of 0 is a tie, not a win:
+        :func:`fastalign.reference.preference.reward_accuracy`), ``logps/chosen``, ``logps/rejected``, and
+        ``loss/<type>`` for each type of a combination.
 
     Raises:
-        ValueError / TypeError naming the argument: mismatched shapes, beta <= 0, unknown loss_type, an option
-        the loss type does not use (label_smoothing for hinge/ipo, gamma outside simpo, references for simpo).
+        ValueError / TypeError naming the argument: mismatched shapes, beta <= 0, unknown loss_type, weights that
+        do not match the types, an option no listed type uses (label_smoothing for hinge/ipo, gamma outside simpo,
+        references for reference-free types, unused lengths), lengths missing for sft / sigmoid_norm.
     """
     op = "dpo_loss"
     has_ref = ref_chosen_logps is not None or ref_rejected_logps is not None
-    beta, eps, gamma = check_dpo_options(
-        op, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, has_reference=has_ref
+    opts = check_dpo_options(
+        op, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, has_reference=has_ref,
+        loss_weights=loss_weights, discopop_tau=discopop_tau,
     )
     _check_vector(op, "chosen_logps", chosen_logps, None, None)
     n, device = chosen_logps.shape[0], chosen_logps.device
     _check_vector(op, "rejected_logps", rejected_logps, n, device)
-    if loss_type != "simpo":
+    if has_ref:  # needed by every type but simpo and sft; sft alone uses them for the logged rewards
         _check_vector(op, "ref_chosen_logps", ref_chosen_logps, n, device)
         _check_vector(op, "ref_rejected_logps", ref_rejected_logps, n, device)
     for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
@@ -120,10 +194,35 @@ def dpo_loss(
                 raise ValueError(f"{op}: {name} must be > 0 (a response with no token has no log-prob)")
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError(f"{op}: pass both chosen_lengths and rejected_lengths, or neither")
+    check_lengths(op, opts.loss_type, length_normalize, chosen_lengths is not None)
     return ref.dpo_loss(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
-        label_smoothing=eps, gamma=gamma, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=opts.beta,
+        loss_type=opts.loss_type, loss_weights=opts.loss_weights, label_smoothing=opts.label_smoothing,
+        gamma=opts.gamma, discopop_tau=opts.discopop_tau, chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths, length_normalize=length_normalize,
     )
+
+
+def check_lengths(op: str, types: tuple[str, ...], length_normalize, has_lengths: bool, *,
+                  from_caller: bool = True) -> None:
+    """Lengths must be given when a type needs them (sft counts tokens, sigmoid_norm and length_normalize=True
+    divide by them) and, when the caller passed them (``from_caller``), must be used by some type."""
+    if length_normalize is not None and not isinstance(length_normalize, bool):
+        raise TypeError(f"{op}: length_normalize must be None, True or False, got {length_normalize!r}")
+    if length_normalize is False and "sigmoid_norm" in types:
+        raise ValueError(f"{op}: loss_type='sigmoid_norm' is length-normalised by definition; length_normalize=False "
+                         f"contradicts it (use 'sigmoid')")
+    needs = [t for t in types if t in ("sft", "sigmoid_norm")] or (list(types) if length_normalize else [])
+    if needs and not has_lengths:
+        raise ValueError(f"{op}: loss_type={needs[0]!r} needs chosen_lengths and rejected_lengths"
+                         + (" (length_normalize=True)" if length_normalize and needs[0] not in ("sft", "sigmoid_norm")
+                            else ""))
+    if from_caller and has_lengths and not needs and not any(ref.normalizes(t, length_normalize) for t in types):
+        raise ValueError(
+            f"{op}: chosen_lengths/rejected_lengths are given but loss_type={_show(types)} does not use them "
+            f"(length_normalize={length_normalize}); TRL's length-normalised DPO is loss_type='sigmoid_norm', or pass "
+            f"length_normalize=True"
+        )
 
 
 def reward_loss(

@@ -17,10 +17,12 @@ D hidden size, V vocabulary; ``valid`` (B, T) bool marks the tokens that enter t
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from fastalign.reference.logprobs import linear_logprobs_naive
-from fastalign.reference.preference import dpo_loss, sequence_logprobs
+from fastalign.reference.preference import DISCOPOP_TAU, dpo_loss, sequence_logprobs
 from fastalign.reference.rl import aggregate, kl_penalty, masked_mean, ppo_policy_loss
 
 
@@ -31,9 +33,11 @@ def dpo_loss_from_logprobs(
     ref_rejected_logps: torch.Tensor | None = None,
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     gamma: float = 0.0,
+    discopop_tau: float = DISCOPOP_TAU,
     length_normalize: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family loss of 2B sequences from their token log-probs.
@@ -41,27 +45,27 @@ def dpo_loss_from_logprobs(
     Equal to::
 
         seq = sequence_logprobs(logprobs, valid)                                 # (2B,) sums
-        lengths = valid.sum(-1) if length_normalize else None                    # default: ipo and simpo
-        dpo_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, ..., lengths[:B], lengths[B:])
+        lengths = valid.sum(-1)                                                  # used per type (normalizes)
+        dpo_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, ..., lengths[:B], lengths[B:],
+                 length_normalize=length_normalize)
 
     Args:
         logprobs: (2B, T) float token log-probs; valid: (2B, T) bool response tokens.
-        ref_chosen_logps, ref_rejected_logps: (B,) reference sums; None for ``simpo``.
-        beta, loss_type, label_smoothing, gamma: as :func:`fastalign.reference.preference.dpo_loss`.
-        length_normalize: divide the log-ratios by the response lengths; None: True for ``ipo`` and ``simpo``.
+        ref_chosen_logps, ref_rejected_logps: (B,) reference sums; None for reference-free types (simpo, sft).
+        beta, loss_type, loss_weights, label_smoothing, gamma, discopop_tau: as
+            :func:`fastalign.reference.preference.dpo_loss`.
+        length_normalize: None: sigmoid_norm, ipo and simpo divide by the response lengths; True: every type;
+            False: none.
     Returns:
         loss (); stats: the detached () tensors of :func:`fastalign.reference.preference.dpo_loss`.
     """
     pairs = logprobs.shape[0] // 2
-    if length_normalize is None:
-        length_normalize = loss_type in ("ipo", "simpo")
-    lengths = valid.sum(-1) if length_normalize else None
+    lengths = valid.sum(-1)
     seq = sequence_logprobs(logprobs, valid)
     return dpo_loss(
         seq[:pairs], seq[pairs:], ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
-        label_smoothing=label_smoothing, gamma=gamma,
-        chosen_lengths=lengths[:pairs] if lengths is not None else None,
-        rejected_lengths=lengths[pairs:] if lengths is not None else None,
+        loss_weights=loss_weights, label_smoothing=label_smoothing, gamma=gamma, discopop_tau=discopop_tau,
+        chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:], length_normalize=length_normalize,
     )
 
 
@@ -144,9 +148,11 @@ def linear_dpo_loss(
     *,
     bias: torch.Tensor | None = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     gamma: float = 0.0,
+    discopop_tau: float = DISCOPOP_TAU,
     length_normalize: bool | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
@@ -158,7 +164,8 @@ def linear_dpo_loss(
     )
     return dpo_loss_from_logprobs(
         logprobs, labels != ignore_index, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
-        label_smoothing=label_smoothing, gamma=gamma, length_normalize=length_normalize,
+        loss_weights=loss_weights, label_smoothing=label_smoothing, gamma=gamma, discopop_tau=discopop_tau,
+        length_normalize=length_normalize,
     )
 
 

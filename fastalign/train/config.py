@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from fastalign.reference.preference import LOSS_TYPES as DPO_LOSS_TYPES
 from fastalign.reference.rl import AGG_MODES
 from fastalign.train.config_parsing import option, require, validate
 
@@ -45,7 +46,9 @@ class TrainConfig:
     max_length: int = option(512, "max tokens per sequence (prompt + completion); longer rows are truncated "
                                   "(counted in the log)")
     max_prompt_length: int = option(256, "max prompt tokens (prompts are truncated from the left)")
-    chat_template: str = option("auto", "wrap prompts in the tokenizer's chat template: auto = when it has one",
+    chat_template: str = option("auto", "the tokenizer's chat template: auto = for conversational (message-list) "
+                                        "rows only, strings stay plain text (TRL's convention); on = every row, "
+                                        "strings as user/assistant messages; off = never",
                                 choices=("auto", "on", "off"))
     # optimisation
     seed: int = option(0, "seed for init, data order and sampling")
@@ -124,10 +127,13 @@ class DPOConfig(TrainConfig):
     output_dir: str = option("runs/dpo", RUN_DIR_HELP)
     learning_rate: float = option(1e-6, LEARNING_RATE_HELP)
     beta: float = option(0.1, "DPO temperature beta (strength of the KL constraint)")
-    loss_type: str = option("sigmoid", "preference loss (fa.dpo_loss): sigmoid = DPO, robust = rDPO, hinge = SLiC, "
-                                       "ipo = IPO, simpo = SimPO (reference-free)",
-                            choices=("sigmoid", "robust", "hinge", "ipo", "simpo"))
-    label_smoothing: float = option(0.0, "label smoothing eps (sigmoid: cDPO, robust, simpo)")
+    loss_type: list[str] = option(["sigmoid"], "preference loss (fa.dpo_loss); several, comma-separated, are summed "
+                                               "with loss_weights (TRL's list loss_type): " + ", ".join(DPO_LOSS_TYPES))
+    loss_weights: list[float] = option([], "one weight per loss_type (TRL's loss_weights, e.g. MPO's 0.8,0.2,1.0); "
+                                           "empty: all 1")
+    label_smoothing: float = option(0.0, "label smoothing eps (sigmoid: cDPO; robust, exo_pair, aot, aot_unpaired, "
+                                         "simpo)")
+    discopop_tau: float = option(0.05, "DiscoPOP temperature tau (discopop only)")
     simpo_gamma: float = option(0.0, "SimPO target reward margin gamma (simpo only)")
     ref_model: str | None = option(None, "reference checkpoint; none: the initial policy (with LoRA: adapters "
                                          "disabled)")
@@ -137,15 +143,23 @@ class DPOConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         require(self, "beta", 0, low_open=True)
+        unknown = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
+        if not self.loss_type or unknown:
+            raise ValueError(f"DPOConfig: loss_type must be one of {DPO_LOSS_TYPES} (or a comma-separated list of "
+                             f"them), got {unknown[0] if unknown else self.loss_type!r}")
+        if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"DPOConfig: loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} "
+                             f"loss types {self.loss_type}")
         # the same rules as fa.dpo_loss, checked before any model loads; eps > 0.5 would flip every preference
-        if self.loss_type in ("hinge", "ipo") and self.label_smoothing != 0:
+        types = set(self.loss_type)
+        if types & {"hinge", "ipo"} and self.label_smoothing != 0:
             raise ValueError(f"DPOConfig: label_smoothing must be 0 for loss_type={self.loss_type!r}, "
                              f"got {self.label_smoothing}")
-        if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
+        if "robust" in types and not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig: label_smoothing must lie in [0, 0.5) for loss_type='robust', "
                              f"got {self.label_smoothing}")
         require(self, "label_smoothing", 0, 0.5)
-        if self.loss_type != "simpo" and self.simpo_gamma != 0:
+        if "simpo" not in types and self.simpo_gamma != 0:
             raise ValueError(f"DPOConfig: simpo_gamma only applies to loss_type='simpo', got {self.simpo_gamma}")
 
 

@@ -24,6 +24,8 @@ from fastalign.train.config import DPOConfig, SFTConfig
 
 ANSWER_TOKENS = 6  # completion budget: a sum up to 198 is at most 3 digit tokens + EOS
 SEQUENCE_LIMITS = dict(max_length=64, max_prompt_length=48)  # tokens; a chat-templated task row is under 20
+# the task's rows are plain strings; the demo trains and evaluates them as chat turns of the tiny template
+CHAT_TEMPLATE = "on"
 SFT_WARMUP_STEPS = 30  # at most a quarter of the SFT steps
 
 
@@ -69,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _accuracy(path: Path, rows: list[dict]) -> float:
     tokenizer = models.load_tokenizer(path)
     model = models.load_model(path, dtype="float32")
-    return task.evaluate_accuracy(model, tokenizer, rows, max_new_tokens=ANSWER_TOKENS)
+    return task.evaluate_accuracy(model, tokenizer, rows, max_new_tokens=ANSWER_TOKENS, chat_template=CHAT_TEMPLATE)
 
 
 def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, overwrite: bool = False,
@@ -78,7 +80,8 @@ def run(plan: DemoPlan, out: Path, *, seed: int = 0, progress: bool = True, over
     ``{"stage", "accuracy", "seconds", "model"}`` (the first row is the untrained model)."""
     files = data.demo_files()
     heldout = list(data.load_rows(files["heldout"], "rl", max_samples=plan.heldout))
-    common = dict(seed=seed, progress=progress, dtype="float32", overwrite=overwrite, **SEQUENCE_LIMITS)
+    common = dict(seed=seed, progress=progress, dtype="float32", overwrite=overwrite, chat_template=CHAT_TEMPLATE,
+                  **SEQUENCE_LIMITS)
     results: list[dict] = []
 
     def record(stage: str, path: Path, started: float) -> None:

@@ -1,9 +1,10 @@
-"""Direct preference optimisation (and its loss family: rDPO, IPO, SLiC hinge, SimPO).
+"""Direct preference optimisation and its loss family: every loss type of TRL 1.16's DPOTrainer, SimPO, and
+weighted combinations of them (``loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]``: MPO).
 
 Notation: pi(y|x), ref(y|x) = sums of token log-probs of response y under the policy and the frozen reference;
 for pairs b with chosen y+ and rejected y-,
-    u_b = beta * ((pi(y+_b) - ref(y+_b)) - (pi(y-_b) - ref(y-_b))),   loss = mean_b l(u_b)
-with l from ``fa.dpo_loss`` (sigmoid: -log sigmoid(u)). ``fused=True`` computes it with ``fa.linear_dpo_loss``
+    u_b = beta * ((pi(y+_b) - ref(y+_b)) - (pi(y-_b) - ref(y-_b))),   loss = sum_k w_k mean_b l_k(...)
+with each l_k from ``fa.dpo_loss`` (sigmoid: -log sigmoid(u)). ``fused=True`` computes it with ``fa.linear_dpo_loss``
 from the policy's last hidden states (no [2B, T, V] logits, no per-token autograd graph); ``fused=False``
 computes token log-probs from full logits, then ``fa.sequence_logprobs`` and ``fa.dpo_loss`` (the reference).
 
@@ -24,13 +25,22 @@ import fastalign as fa
 from fastalign.train import data, models
 from fastalign.train.config import DPOConfig
 from fastalign.train.loop import TrainLoop, prepare
+from fastalign.reference.preference import needs_reference, normalizes
 from fastalign.train.ref_model import ReferenceModel
 
 log = logging.getLogger("fastalign.train")
 
 
 def _uses_lengths(cfg: DPOConfig) -> bool:
-    return cfg.loss_type in ("ipo", "simpo")  # as fa.linear_dpo_loss's length_normalize=None default
+    # as fa.linear_dpo_loss's length_normalize=None default: sft counts tokens, the others divide by the lengths
+    return any(t == "sft" or normalizes(t, None) for t in cfg.loss_type)
+
+
+def _loss_options(cfg: DPOConfig) -> dict:
+    """The loss keyword arguments of fa.dpo_loss / fa.linear_dpo_loss for ``cfg``."""
+    return dict(beta=cfg.beta, loss_type=cfg.loss_type, loss_weights=cfg.loss_weights or None,
+                label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
+                discopop_tau=cfg.discopop_tau if "discopop" in cfg.loss_type else None)
 
 
 @torch.no_grad()
@@ -45,14 +55,14 @@ def sequence_logps(model, batch: dict, cfg: DPOConfig) -> torch.Tensor:
 def _dpo_from_hidden(model, hidden, *, labels, ref_c, ref_r, cfg):
     weight, bias = models.lm_head_weight(model)
     # hidden[:, t] predicts labels[:, t + 1]
-    return fa.linear_dpo_loss(hidden[:, :-1], weight, labels[:, 1:], ref_c, ref_r, bias=bias, beta=cfg.beta,
-                              loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
+    return fa.linear_dpo_loss(hidden[:, :-1], weight, labels[:, 1:], ref_c, ref_r, bias=bias, **_loss_options(cfg),
                               softcap=models.logit_softcap(model), ignore_index=data.IGNORE, backend=cfg.backend)
 
 
 def dpo_loss(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
     """Mean pair loss of a (2B, T) micro-batch (chosen rows, then rejected) and its stats.
-    ``batch["ref_chosen"]``/``["ref_rejected"]``: (B,) reference log-prob sums (absent for simpo)."""
+    ``batch["ref_chosen"]``/``["ref_rejected"]``: (B,) reference log-prob sums (absent for reference-free
+    types: simpo, sft)."""
     if "label" in batch:  # per-pair soft labels
         return soft_label_dpo_loss(model, batch, cfg)
     labels = batch["labels"]
@@ -65,8 +75,7 @@ def dpo_loss(model, batch: dict, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
     seq = fa.sequence_logprobs(out.logprobs, mask)  # (2B,)
     pairs = seq.shape[0] // 2
     lengths = mask.sum(-1) if _uses_lengths(cfg) else None
-    return fa.dpo_loss(seq[:pairs], seq[pairs:], ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
-                       label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
+    return fa.dpo_loss(seq[:pairs], seq[pairs:], ref_c, ref_r, **_loss_options(cfg),
                        chosen_lengths=lengths[:pairs] if lengths is not None else None,
                        rejected_lengths=lengths[pairs:] if lengths is not None else None)
 
@@ -114,9 +123,10 @@ def train(cfg: DPOConfig) -> dict:
     run = prepare(cfg)
     tokenizer, info = run.tokenizer, run.info
     model = models.load_trainable(run.model_path, cfg, device=info.device)
-    rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples)
+    rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples, tokenizer=tokenizer,
+                          chat_template=cfg.chat_template)
     soft = data.LABEL in rows.column_names  # per-pair soft labels
-    if soft and (cfg.loss_type != "sigmoid" or cfg.label_smoothing):
+    if soft and (cfg.loss_type != ["sigmoid"] or cfg.label_smoothing):
         raise data.DataError(f"{cfg.train_file}: rows with a {data.LABEL!r} field set label smoothing per pair; "
                              "they need loss_type sigmoid and label_smoothing 0")
     examples = data.tokenize_preference(rows, tokenizer, max_length=cfg.max_length,
@@ -126,7 +136,7 @@ def train(cfg: DPOConfig) -> dict:
         log.info("soft labels: per-pair cDPO with eps = 1 - %r (mean label %.3f)", data.LABEL,
                  float(data.soft_labels(examples).mean()))
     pad = tokenizer.pad_token_id
-    need_ref = cfg.loss_type != "simpo"
+    need_ref = needs_reference(cfg.loss_type)
     reference = ReferenceModel(cfg, run.model_path, info.device,
                                scored_before_training=cfg.precompute_ref) if need_ref else None
 

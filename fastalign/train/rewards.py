@@ -6,13 +6,15 @@ so that ``fields[k][i]`` belongs to ``completions[i]``, plus ``truncated`` (list
 ``max_new_tokens`` without EOS). Functions take what they need by name and swallow the rest with ``**_``.
 
 Names resolve through :data:`REWARD_FUNCTIONS` (add yours with :func:`register_reward`) or as an import path
-``"package.module:function"``. :class:`RewardModelScorer` turns a reward-model checkpoint directory written by
+``"package.module:function"``, found on sys.path or in the current directory (as ``python -m`` finds it). :class:`RewardModelScorer` turns a reward-model checkpoint directory written by
 ``fastalign train rm`` into such a callable, so rule-based and learned rewards mix freely with weights.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,15 +47,48 @@ def get_reward(name: str) -> RewardFn:
         return REWARD_FUNCTIONS[name]
     if ":" in name:
         module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import reward function {name!r}: {err}") from err
+        mod = import_reward_module(module, name)
+        if not hasattr(mod, attr):
+            raise ValueError(f"cannot import reward function {name!r}: module {module!r} "
+                             f"({getattr(mod, '__file__', None) or 'no file'}) has no attribute {attr!r}")
+        fn = getattr(mod, attr)
         if not callable(fn):
             raise TypeError(f"reward function {name!r} is not callable")
         return fn
     known = ", ".join(sorted(REWARD_FUNCTIONS))
     raise ValueError(f"unknown reward function {name!r}; registered: {known}; or pass 'package.module:function'")
+
+
+def import_reward_module(module: str, name: str):
+    """Import ``module`` as ``python -m`` would: from sys.path, then from the current directory (a console script
+    such as ``fastalign`` does not put it on the path). A module found nowhere raises saying where it looked."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
+            raise ValueError(f"cannot import reward function {name!r}: {err}") from err  # an import inside it
+        missing = err.name
+    except ImportError as err:
+        raise ValueError(f"cannot import reward function {name!r}: {err}") from err
+    cwd = os.getcwd()
+    searched_cwd = cwd in sys.path or "" in sys.path
+    if not searched_cwd:
+        sys.path.insert(0, cwd)  # where python -m puts it; kept, so the module's own later imports work too
+        importlib.invalidate_caches()
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            sys.path.remove(cwd)
+            if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
+                raise ValueError(f"cannot import reward function {name!r}: {err}") from err
+            missing = err.name
+        except ImportError as err:
+            raise ValueError(f"cannot import reward function {name!r}: {err}") from err
+    places = [p or "(current directory)" for p in sys.path]
+    shown = ", ".join(places[:6]) + (f", ... ({len(places) - 6} more)" if len(places) > 6 else "")
+    raise ValueError(f"cannot import reward function {name!r}: no module named {missing!r} in the current directory "
+                     f"{cwd} nor on sys.path ({shown}); run from the directory that holds it, or add its directory "
+                     f"to PYTHONPATH")
 
 
 def normalize_answer(text: str) -> str:
@@ -100,8 +135,9 @@ def numeric_closeness(prompts: Sequence[str], completions: Sequence[str], **fiel
 class RewardModelScorer:
     """Score ``prompt + completion`` with a reward-model checkpoint (``RUN_DIR/final`` of ``fastalign train rm``).
 
-    Rows are tokenized exactly as the RM trainer tokenized its pairs (``data.encode_prompt`` +
-    ``data.render_completion``, chat template when the RM's tokenizer has one), so a policy with another
+    Rows are tokenized exactly as the RM trainer tokenized its pairs (``data.encode_completions``: a
+    conversational prompt through the RM tokenizer's chat template with the completion as the assistant's
+    message, a string prompt as plain text; ``chat_template`` as in the trainer configs), so a policy with another
     tokenizer can still be scored. The scalar head's output at the last token is the reward; no grad.
 
     Args:
@@ -115,15 +151,15 @@ class RewardModelScorer:
         self.model = models.load_model(path, kind="score", dtype=dtype, device=device)
         self.model.eval().requires_grad_(False)
         self.tokenizer = models.load_tokenizer(path)
-        self.chat = data.uses_chat(self.tokenizer, chat_template)
+        self.chat_template = chat_template
         self.device = torch.device(device)
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.__name__ = f"reward_model:{path}"
 
     def encode(self, prompt, completion: str) -> list[int]:
-        p = data.encode_prompt(self.tokenizer, prompt, self.chat, self.max_prompt_length)
-        text = data.render_completion(self.tokenizer, prompt, completion, self.chat)
-        c = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        chat = data.chat_for(isinstance(prompt, list), self.chat_template, self.tokenizer)
+        p, (c,) = data.encode_completions(self.tokenizer, prompt, [completion], chat)
+        p = p[-self.max_prompt_length:]
         return (p + c)[:self.max_length]
 
     @torch.no_grad()

@@ -65,7 +65,8 @@ def train(cfg: RMConfig) -> dict:
     run = prepare(cfg)
     tokenizer, info = run.tokenizer, run.info
     model = models.load_trainable(run.model_path, cfg, device=info.device, kind="score")
-    rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples)
+    rows = data.load_rows(cfg.train_file, "preference", max_samples=cfg.max_samples, tokenizer=tokenizer,
+                          chat_template=cfg.chat_template)
     extra = (cfg.margin_column,) if cfg.margin_column else ()
     if cfg.margin_column and cfg.margin_column not in rows.column_names:
         raise data.DataError(f"margin_column {cfg.margin_column!r} is not a column of the data ({rows.column_names})")

@@ -26,7 +26,8 @@ from fastalign.train.ref_model import ReferenceModel
 def prompts_and_rewards(cfg: RLConfig, tokenizer, device) -> tuple[list, rewards.RewardFn]:
     """The tokenized RL prompts of ``cfg.train_file`` (default: the shipped addition task) and the reward function
     built from ``cfg.reward_funcs`` / ``cfg.reward_model``: the data side shared by GRPO and PPO."""
-    rows = data.load_rows(cfg.train_file or data.demo_files()["rl"], "rl", max_samples=cfg.max_samples)
+    rows = data.load_rows(cfg.train_file or data.demo_files()["rl"], "rl", max_samples=cfg.max_samples,
+                          tokenizer=tokenizer, chat_template=cfg.chat_template)
     examples = data.tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
                                      chat_template=cfg.chat_template)
     reward_fn = rewards.build_rewards(cfg.reward_funcs, cfg.reward_weights, reward_model=cfg.reward_model,

@@ -33,7 +33,8 @@ def sft_loss(model, batch: dict, cfg: SFTConfig) -> tuple[torch.Tensor, dict]:
 
 
 def build_examples(cfg: SFTConfig, tokenizer) -> list[dict]:
-    rows = data.load_rows(cfg.train_file, "sft", max_samples=cfg.max_samples)
+    rows = data.load_rows(cfg.train_file, "sft", max_samples=cfg.max_samples, tokenizer=tokenizer,
+                          chat_template=cfg.chat_template)
     examples = data.tokenize_sft(rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                                  chat_template=cfg.chat_template, completion_only_loss=cfg.completion_only_loss)
     if cfg.packing:

@@ -96,7 +96,7 @@ def evaluate_accuracy(model: nn.Module, tokenizer, rows: Sequence[dict], *, max_
     """Exact-match accuracy of greedy completions on rows with ``prompt`` and ``answer`` (e.g. heldout.jsonl).
 
     Prompts are encoded by ``data.tokenize_prompts``, exactly as the trainers encode them (``chat_template``
-    as in the trainer configs: auto = the tokenizer's template when it has one).
+    as in the trainer configs: auto = the template for message-list prompts only, on = for every prompt).
     """
     rows = list(rows)
     if not rows:

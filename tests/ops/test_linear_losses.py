@@ -92,7 +92,25 @@ DPO_TYPES = {
     "hinge": dict(loss_type="hinge", beta=0.05),
     "ipo": dict(loss_type="ipo", beta=0.3),
     "simpo": dict(loss_type="simpo", beta=2.0, gamma=0.8, label_smoothing=0.05),
+    "sigmoid_norm_type": dict(loss_type="sigmoid_norm", beta=0.4),
+    "exo_pair": dict(loss_type="exo_pair", beta=0.1, label_smoothing=1e-3),
+    "nca_pair": dict(loss_type="nca_pair", beta=0.1),
+    "bco_pair": dict(loss_type="bco_pair", beta=0.2),
+    "sppo_hard": dict(loss_type="sppo_hard", beta=0.5),
+    "aot": dict(loss_type="aot", beta=0.1, label_smoothing=0.1),
+    "aot_unpaired": dict(loss_type="aot_unpaired", beta=0.3),
+    "apo_zero": dict(loss_type="apo_zero", beta=0.1),
+    "apo_down": dict(loss_type="apo_down", beta=0.1),
+    "discopop": dict(loss_type="discopop", beta=0.05, discopop_tau=0.3),
+    "sft": dict(loss_type="sft", beta=0.1),  # reference-free: the NLL per chosen token
+    "mpo": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], beta=0.1),
+    "mix": dict(loss_type=["ipo", "aot", "apo_down", "hinge"], loss_weights=[0.1, 1.0, -0.5, 2.0], beta=0.2),
 }
+
+
+def _reference_free(kw):
+    types = [kw["loss_type"]] if isinstance(kw["loss_type"], str) else kw["loss_type"]
+    return all(t in ("simpo", "sft") for t in types)
 
 
 def dpo_refs(rows, device, seed):
@@ -102,7 +120,7 @@ def dpo_refs(rows, device, seed):
 
 def composed_dpo(logp, labels, refs, kw):
     """sequence_logprobs + dpo_loss on per-token log-probs (the unfused path)."""
-    refs = (None, None) if kw["loss_type"] == "simpo" else refs
+    refs = (None, None) if _reference_free(kw) else refs
     return ref_ll.dpo_loss_from_logprobs(logp, labels != IGNORE, *refs, **kw)
 
 
@@ -110,7 +128,7 @@ def run_dpo_case(name, backend, dtype, device, *, seed, bias=False, shape=(6, 11
     kw = DPO_TYPES[name]
     hidden, weight, b, labels = make_batch(*shape, dtype, device, seed=seed, bias=bias)
     refs = dpo_refs(shape[0], device, seed)
-    fused_refs = (None, None) if kw["loss_type"] == "simpo" else refs
+    fused_refs = (None, None) if _reference_free(kw) else refs
 
     h, w, bb = leaves(hidden, weight, b)
     loss, stats = fa.linear_dpo_loss(h, w, labels, *fused_refs, bias=bb, backend=backend, **kw)
@@ -481,6 +499,11 @@ def test_gradcheck_fused_losses_float64(device):
     def simpo(h, w, bb):
         return fa.linear_dpo_loss(h, w, labels, bias=bb, beta=2.0, loss_type="simpo", gamma=0.5, backend="torch")[0]
 
+    def mpo_and_more(h, w, bb):
+        return fa.linear_dpo_loss(h, w, labels, *[r.double() for r in refs], bias=bb, beta=0.5, backend="torch",
+                                  loss_type=["sigmoid", "bco_pair", "sft", "aot", "discopop"],
+                                  loss_weights=[0.8, 0.2, 1.0, 0.5, 0.3])[0]
+
     def policy(h, w, bb):
         return fa.linear_policy_loss(h, w, labels, old, adv, ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.05,
                                      dual_clip=3.0, bias=bb, backend="torch")[0]
@@ -488,7 +511,7 @@ def test_gradcheck_fused_losses_float64(device):
     def seq(h, w, bb):
         return fa.linear_sequence_logprobs(h, w, labels, bias=bb, average=True, backend="torch")
 
-    for fn in (dpo, simpo, policy, seq):
+    for fn in (dpo, simpo, mpo_and_more, policy, seq):
         # atol: the head backward takes per-token upstream gradients in fp32
         assert torch.autograd.gradcheck(fn, (h, w, bb), atol=1e-5, rtol=1e-4), fn.__name__
 
@@ -512,6 +535,10 @@ def _dpo_args(device, rows=4):
         (lambda a, k: (a, {**k, "loss_type": "hinge", "label_smoothing": 0.1}), ValueError, "label_smoothing"),
         (lambda a, k: (a, {**k, "gamma": 1.0}), ValueError, "gamma"),
         (lambda a, k: (a, {**k, "loss_type": "simpo"}), ValueError, "reference-free"),
+        (lambda a, k: (a, {**k, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}), ValueError, "loss_weights"),
+        (lambda a, k: (a, {**k, "loss_type": "sigmoid_norm", "length_normalize": False}), ValueError,
+         "by definition"),
+        (lambda a, k: (a[:3], {**k, "loss_type": ["sft", "bco_pair"]}), ValueError, "required"),
         (lambda a, k: (a[:3], k), ValueError, "required"),
         (lambda a, k: ((a[0][:, 0], *a[1:]), k), ValueError, "hidden"),
         (lambda a, k: ((a[0], a[1], a[2][:, :3], *a[3:]), k), ValueError, "labels"),

@@ -83,9 +83,8 @@ def test_actor_loss_needs_reference_for_kl(tiny_model_dir, tiny_tokenizer):
 
 def test_grpo_raises_the_reward(tiny_model_dir, tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"{a}+{b}="}], add_generation_prompt=True,
-                                       tokenize=False) for a, b in ((3, 4), (12, 30), (7, 7), (50, 1))]
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # the shipped addition prompts are plain strings: tokenized as plain text, as the trainer does
+    prompts = [tok(f"{a}+{b}=")["input_ids"] for a, b in ((3, 4), (12, 30), (7, 7), (50, 1))]
     before = _vowel_mass(tiny_model_dir, tok, prompts)
     out = grpo.train(_config(tiny_model_dir, tmp_path / "run", max_steps=8, learning_rate=1e-2))
     after = _vowel_mass(out["final_dir"], tok, prompts)

@@ -11,7 +11,8 @@ from test_grpo import VOWELS, _vowel_mass  # noqa: F401  (registers the test_has
 def _config(model_dir, out, **kw):
     base = dict(model=str(model_dir), output_dir=str(out), max_steps=4, batch_size=16, max_new_tokens=2,
                 learning_rate=1e-2, lr_scheduler="constant", reward_funcs=["test_has_vowel"], progress=False,
-                dtype="float32", seed=0, num_iterations=2, kl_coef=0.05, vf_coef=0.5)
+                dtype="float32", seed=0, num_iterations=2, kl_coef=0.05, vf_coef=0.5,
+                chat_template="on")  # the addition prompts as chat turns, as the measured prompts below
     base.update(kw)
     return ppo.PPOConfig(**base)
 

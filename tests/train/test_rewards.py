@@ -1,4 +1,8 @@
 """Reward functions: rule-based checks, the registry, dataset fields, weighted sums."""
+import os
+import re
+import sys
+
 import pytest
 import torch
 
@@ -46,6 +50,27 @@ def test_registry_and_import_paths():
             rewards.register_reward("test_len")(lambda p, c, **_: [])
     finally:
         del rewards.REWARD_FUNCTIONS["test_len"]
+
+
+def test_import_path_finds_modules_in_the_current_directory(tmp_path, monkeypatch):
+    # the `fastalign` console script does not put the current directory on sys.path; `python -m` does
+    (tmp_path / "my_rewards_cwd.py").write_text("def short(prompts, completions, **_):\n"
+                                                "    return [1.0 for _ in completions]\n")
+    (tmp_path / "my_rewards_broken.py").write_text("import not_a_real_dependency_xyz\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    for mod in ("my_rewards_cwd", "my_rewards_broken"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    fn = rewards.get_reward("my_rewards_cwd:short")
+    assert fn(["p"], ["c"]) == [1.0] and sys.path[0] == str(tmp_path)
+    with pytest.raises(ValueError, match=r"no module named 'nowhere_xyz' in the current directory .*"
+                                         + re.escape(str(tmp_path)) + r" nor on sys.path \("):
+        rewards.get_reward("nowhere_xyz:fn")
+    with pytest.raises(ValueError, match="has no attribute 'long'"):
+        rewards.get_reward("my_rewards_cwd:long")
+    # a module that is found but fails to import says what failed, not where it looked
+    with pytest.raises(ValueError, match="No module named 'not_a_real_dependency_xyz'"):
+        rewards.get_reward("my_rewards_broken:fn")
 
 
 def test_weighted_sum_passes_extra_fields_and_returns_parts():
