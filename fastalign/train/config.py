@@ -153,7 +153,8 @@ class DPOConfig(TrainConfig):
         # the same rules as fa.dpo_loss, checked before any model loads; eps > 0.5 would flip every preference
         types = set(self.loss_type)
         if types & {"hinge", "ipo"} and self.label_smoothing != 0:
-            raise ValueError(f"DPOConfig: label_smoothing must be 0 for loss_type={self.loss_type!r}, "
+            bad = sorted(types & {'hinge', 'ipo'})[0]
+            raise ValueError(f"DPOConfig: label_smoothing must be 0 for loss_type={bad!r}, "
                              f"got {self.label_smoothing}")
         if "robust" in types and not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig: label_smoothing must lie in [0, 0.5) for loss_type='robust', "
