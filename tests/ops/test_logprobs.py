@@ -211,6 +211,42 @@ def test_bad_input_names_the_argument(mutate, exc, match):
         fa.linear_logprobs(**args)
 
 
+def _forbid_host_reads(monkeypatch):
+    def sync(*args, **kwargs):
+        raise AssertionError("a host sync on the checked path")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+
+
+def test_label_checks_on_cuda_are_device_side_without_a_host_sync(monkeypatch):
+    """On CUDA the label-range check is a device-side assert (torch._assert_async): no host sync, so no stall and
+    CUDA-graph capture works. Simulated on CPU by taking the deferred path, where _assert_async fails at once."""
+    from fastalign.ops import _checks
+    from fastalign.ops.logprobs import validate_labels
+
+    monkeypatch.setattr(_checks, "deferred_checks", lambda device: True)
+    hidden, weight, bias, labels = _valid()
+    with monkeypatch.context() as m:
+        _forbid_host_reads(m)
+        validate_labels(labels, weight.shape[0], -100, op="linear_logprobs")
+    labels[2] = weight.shape[0]
+    with pytest.raises(RuntimeError, match=r"linear_logprobs: labels must lie in \[0, 17\)"):
+        fa.linear_logprobs(hidden, weight, labels)
+
+
+def test_sync_checks_env_makes_cuda_checks_eager_except_under_graph_capture(monkeypatch):
+    from fastalign.ops import _checks
+
+    cuda = torch.device("cuda", 0)
+    assert _checks.deferred_checks(cuda) and not _checks.deferred_checks(torch.device("cpu"))
+    monkeypatch.setenv(_checks.SYNC_CHECKS_ENV, "1")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not _checks.deferred_checks(cuda)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _checks.deferred_checks(cuda)
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     from fastalign import _backend
 
