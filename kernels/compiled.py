@@ -14,6 +14,7 @@ Import this module only with ``TRITON_INTERPRET`` unset or "0" (interpreted kern
 the tests run it in a subprocess (tests/helpers/compile.py), ``benchmarks/compile_table.py`` prints its table.
 
     python -m fastalign.kernels.compiled [case ...]      # JSON reports of the named cases (all by default)
+    FASTALIGN_COMPILE_JOBS='[{"case": "gae", "configs": {"gae": {...}}}]' python -m fastalign.kernels.compiled
 """
 from __future__ import annotations
 
@@ -326,9 +327,18 @@ def run_case(case: Case, configs: dict | None = None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    names = list(argv if argv is not None else sys.argv[1:]) or list(CASES)
-    configs = json.loads(os.environ.get("FASTALIGN_COMPILE_CONFIGS", "{}"))
-    out = [report for name in names for report in run_case(CASES[name], configs)]
+    """Print the JSON reports of the named cases (all by default) with the configs of
+    ``$FASTALIGN_COMPILE_CONFIGS``, or of the jobs in ``$FASTALIGN_COMPILE_JOBS`` (a JSON list of
+    ``{"case": name, "configs": {key: config}}``; each report then carries its job's index as ``job``)."""
+    jobs = json.loads(os.environ.get("FASTALIGN_COMPILE_JOBS", "null") or "null")
+    if jobs is None:
+        configs = json.loads(os.environ.get("FASTALIGN_COMPILE_CONFIGS", "{}"))
+        names = list(argv if argv is not None else sys.argv[1:]) or list(CASES)
+        jobs = [dict(case=name, configs=configs) for name in names]
+    out = []
+    for i, job in enumerate(jobs):
+        for report in run_case(CASES[job["case"]], job.get("configs")):
+            out.append(dict(report, job=i))
     print(json.dumps(out))
     return 0
 

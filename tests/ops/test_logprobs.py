@@ -309,6 +309,7 @@ def compiled():
     return compile_cases(list(REGISTER_BOUNDS))
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("case", list(REGISTER_BOUNDS))
 def test_kernel_compiles_for_sm90a_as_launched(compiled, case):
     """The interpreter runs none of what decides speed: compile what each launcher launches and hold it to
@@ -337,6 +338,7 @@ def test_kernel_compiles_for_sm90a_as_launched(compiled, case):
         assert main["ctas_per_sm"] >= 2, main  # scoring (no entropy) runs two CTAs an SM
 
 
+@pytest.mark.compile
 def test_compile_check_specializes_like_a_real_launch(compiled):
     """Divisible-by-16 ints and aligned pointers are typed as a launch types them, unit strides are constants:
     the kernel compiled here is the kernel that runs (typing every int as plain i32 compiles another one)."""

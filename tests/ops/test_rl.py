@@ -312,6 +312,7 @@ def compiled():
     return compile_cases(list(RL_REGISTER_BOUNDS))
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("case", list(RL_REGISTER_BOUNDS))
 def test_rl_kernels_compile_for_sm90a_as_launched(compiled, case):
     reports = compiled[case]
@@ -324,6 +325,7 @@ def test_rl_kernels_compile_for_sm90a_as_launched(compiled, case):
         assert r["regs"] <= RL_REGISTER_BOUNDS[case][r["kernel"]], f"{where}: {r['regs']} registers"
 
 
+@pytest.mark.compile
 def test_gae_compiles_without_a_reverse_scan(compiled):
     """triton-lang/triton#4362: non-commutative reverse scans can be wrong on the GPU; GAE's scans run forward
     on tiles loaded in reversed time order (checked in the TTIR: no ``tt.scan`` with ``reverse = true``)."""
