@@ -245,3 +245,42 @@ def test_addmm_fp32_check_runs_once_per_device_and_dtype(monkeypatch):
     assert not lp_kernels.addmm_fp32_supported(torch.device("cpu"), torch.bfloat16)  # CPU: never asked
     assert not calls
     assert lp_kernels._ADDMM_FP32 == {("cpu", torch.bfloat16): False}
+
+
+# ------------------------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+def test_gpu_launches_follow_the_current_stream_and_capture_in_a_cuda_graph():
+    """On a card: work issued on a side stream lands there (same values as on the default stream), and a whole
+    forward + backward of the head captures in a CUDA graph (no host sync anywhere on the path)."""
+    n, d, v = 1000, 256, 5000
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(n, d, generator=g).cuda().to(torch.bfloat16)
+    w = (torch.randn(v, d, generator=g) / 16).cuda().to(torch.bfloat16)
+    labels = torch.randint(0, v, (n,), generator=g).cuda()
+    labels[::7] = -100
+    up = torch.randn(n, generator=g).cuda()
+
+    def step():
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        out = fa.linear_logprobs(hh, ww, labels, return_entropy=True, backend="triton")
+        dh, dw = torch.autograd.grad((out.logprobs * up).sum() + out.entropy.sum(), (hh, ww))
+        return out.logprobs, dh, dw
+
+    expected = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = step()
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(on_side, expected):
+        torch.testing.assert_close(a, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        step()  # warm: compile, autotune, allocate outside the capture
+        with torch.cuda.graph(graph):
+            captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, expected):
+        torch.testing.assert_close(a, b)
