@@ -144,7 +144,8 @@ def _linear_logprobs_fwd_kernel(
     k_tiles = tl.cdiv(D, BLOCK_D)
     ki = k_tiles - 1
     v0 = v_begin - BLOCK_V
-    w_tile = w_ptr + offs_d[:, None] * stride_w_d + tl.minimum(v_begin + cols, V - 1).to(tl.int64)[None, :] * stride_w_v
+    w_rows = tl.minimum(v_begin + cols, V - 1).to(tl.int64)
+    w_tile = w_ptr + offs_d[:, None] * stride_w_d + w_rows[None, :] * stride_w_v
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for _ in range(0, tl.cdiv(v_end - v_begin, BLOCK_V) * k_tiles):
         ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
