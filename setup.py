@@ -18,6 +18,7 @@ setup(
     packages=find_packages(include=["fastalign", "fastalign.*"]) + sorted(MAPPED),
     package_dir=MAPPED,
     package_data={"fastalign": ["data/*", "data/**/*"], "fastalign.benchmarks": ["*.sh"],
+                  "fastalign.kernels": ["configs/*.json", "configs/*.md"],
                   "fastalign.csrc": ["*.h", "*.cpp", "*/*.h", "*/*.cpp", "*/*.cu"]},
     include_package_data=True,
 )

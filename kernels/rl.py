@@ -1,8 +1,11 @@
 """RL kernels over (B, T) token grids: GAE, PPO policy / value losses, KL penalties. All math in fp32.
 
 _gae_fwd_kernel            grid (cdiv(B, BLOCK_B),)
-    Two reverse affine scans per [BLOCK_B, BLOCK_T] tile, walking T from the last tile to the first and carrying
-    the state of the tile to the right into the next one (any T, no power-of-two requirement):
+    Two affine scans per [BLOCK_B, BLOCK_T] tile, walking T from the end to the start and carrying the state of
+    the tile to the right into the next one (any T, no power-of-two requirement). Each tile is loaded in reversed
+    time order (column j holds t = T - 1 - (tile * BLOCK_T + j)), so the reverse recurrences become *forward*
+    scans -- no ``tl.associative_scan(reverse=True)`` with a non-commutative combine, the pattern of an open
+    Triton report of wrong GPU results (triton-lang/triton#4362):
       x_t = nv_{t+1} = (1 - m_{t+1}) x_{t+1} + m_{t+1} V_{t+1}     the next valid value (0 past the end)
       A_t = a_t A_{t+1} + b_t, a_t = m_t ? gamma lam : 1, b_t = m_t ? r_t + gamma x_t - V_t : 0
     reads r, V, m (V and m twice, the second time shifted by one: cache hits); writes A and returns = A + V.
@@ -34,6 +37,7 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels._common import cdiv, interpreting, kernel_mask, new_output, next_pow2, present
+from fastalign.kernels._launch import on_input_device, tuned_config
 
 # Module-level numbers a kernel reads are tl.constexpr (Triton refuses other globals); int(c) is the value.
 # Columns of the (B, NUM_ROW_STATS) per-row partials of _rl_loss_fwd_kernel. Both losses: the loss sum and the
@@ -59,9 +63,10 @@ _KL_KINDS = {"k1": KL_K1.value, "k2": KL_K2.value, "k3": KL_K3.value}  # launch 
 
 
 @triton.jit
-def _affine_combine(a_right, b_right, a_left, b_left):
-    # reverse scan of x_t = a_t x_{t+1} + b_t: the first pair is the composed map of the positions to the right
-    return a_right * a_left, b_right * a_left + b_left
+def _affine_combine(a_left, b_left, a_right, b_right):
+    # x_j = a_j x_{j-1} + b_j along the scan (j = reversed time): the composed map of the earlier positions, then
+    # the later ones. A forward scan: the one order every Triton backend runs as written.
+    return a_left * a_right, b_left * a_right + b_right
 
 
 @triton.heuristics({"HAS_MASK": present("mask_ptr"), "WHITEN_STATS": present("moments_ptr")})
@@ -84,14 +89,15 @@ def _gae_fwd_kernel(
     bmask = offs_b < B
     rows = offs_b.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
-    first_col = (offs_t == 0)[None, :]
-    next_value = tl.zeros([BLOCK_B], dtype=tl.float32)  # x at the first column of the tile to the right
-    next_adv = tl.zeros([BLOCK_B], dtype=tl.float32)  # A at the first column of the tile to the right
-    num_tiles = tl.cdiv(T, BLOCK_T)
-    for i in range(num_tiles):
-        t = (num_tiles - 1 - i) * BLOCK_T + offs_t
-        io = bmask[:, None] & (t < T)[None, :]
-        io_next = bmask[:, None] & (t + 1 < T)[None, :]
+    last_col = (offs_t == BLOCK_T - 1)[None, :]  # the earliest time of a tile: its state carries to the next
+    next_value = tl.zeros([BLOCK_B], dtype=tl.float32)  # x at the earliest time of the tile to the right
+    next_adv = tl.zeros([BLOCK_B], dtype=tl.float32)  # A at the earliest time of the tile to the right
+    for tile in range(tl.cdiv(T, BLOCK_T)):
+        # reversed time within and across tiles: tiles are full except the last, whose spare columns (t < 0) come
+        # after every real one in scan order, so they cannot reach a stored value
+        t = T - 1 - (tile * BLOCK_T + offs_t)
+        io = bmask[:, None] & (t >= 0)[None, :]
+        io_next = bmask[:, None] & ((t >= 0) & (t + 1 < T))[None, :]
         r = tl.load(rewards_ptr + rows[:, None] * stride_r_b + t[None, :] * stride_r_t, mask=io, other=0.0)
         v_ptrs = values_ptr + rows[:, None] * stride_v_b + t[None, :] * stride_v_t
         v = tl.load(v_ptrs, mask=io, other=0.0).to(tl.float32)
@@ -106,14 +112,14 @@ def _gae_fwd_kernel(
             valid_next = io_next | ~io_next
         a_x = tl.where(valid_next, 0.0, 1.0)
         b_x = tl.where(valid_next, v_next, 0.0)
-        prod_x, sum_x = tl.associative_scan((a_x, b_x), axis=1, combine_fn=_affine_combine, reverse=True)
+        prod_x, sum_x = tl.associative_scan((a_x, b_x), axis=1, combine_fn=_affine_combine)
         x = prod_x * next_value[:, None] + sum_x
         a_adv = tl.where(valid, gamma * lam, 1.0)
         b_adv = tl.where(valid, r.to(tl.float32) + gamma * x - v, 0.0)
-        prod_a, sum_a = tl.associative_scan((a_adv, b_adv), axis=1, combine_fn=_affine_combine, reverse=True)
+        prod_a, sum_a = tl.associative_scan((a_adv, b_adv), axis=1, combine_fn=_affine_combine)
         adv = prod_a * next_adv[:, None] + sum_a
-        next_value = tl.sum(tl.where(first_col, x, 0.0), axis=1)
-        next_adv = tl.sum(tl.where(first_col, adv, 0.0), axis=1)
+        next_value = tl.sum(tl.where(last_col, x, 0.0), axis=1)
+        next_adv = tl.sum(tl.where(last_col, adv, 0.0), axis=1)
         out = rows[:, None] * stride_out_b + t[None, :]
         tl.store(adv_ptr + out, adv, mask=io)
         tl.store(returns_ptr + out, adv + v, mask=io)
@@ -475,18 +481,28 @@ def _kl_bwd_kernel(
 
 # --------------------------------------------------------------------------------------------------- launchers
 
-def _gae_blocks(batch: int, length: int, block_t: int | None) -> dict:
+# GPU launch configs; a card with an entry in kernels/configs/*.json uses its measured winner instead. BLOCK_T is
+# capped at the next power of two above T.
+_GPU_BLOCKS = {
+    "gae": dict(BLOCK_B=2, BLOCK_T=1024, num_warps=4),
+    "rl_loss": dict(BLOCK_T=2048, num_warps=8),
+}
+
+
+def _gae_blocks(batch: int, length: int, block_t: int | None, device: torch.device) -> dict:
     if interpreting():  # the interpreter pays per op, and custom-combine scans are slow: small tiles
         cap_t = 64 if block_t is None else block_t
         return dict(BLOCK_B=min(next_pow2(batch), 16), BLOCK_T=min(next_pow2(length), cap_t), num_warps=1)
-    cap_t = 1024 if block_t is None else block_t
-    return dict(BLOCK_B=2, BLOCK_T=min(next_pow2(length), cap_t), num_warps=4)
+    cfg = tuned_config(device, "gae", _GPU_BLOCKS["gae"])
+    cfg["BLOCK_T"] = min(next_pow2(length), cfg["BLOCK_T"] if block_t is None else block_t)
+    return cfg
 
 
 def _elementwise_block() -> int:
     return 1024 if interpreting() else 2048
 
 
+@on_input_device
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -509,7 +525,7 @@ def gae(
     adv = new_output((batch, length), torch.float32, rewards.device)
     returns = new_output((batch, length), torch.float32, rewards.device)
     mask = kernel_mask(mask)
-    cfg = _gae_blocks(batch, length, block_t)
+    cfg = _gae_blocks(batch, length, block_t, rewards.device)
     programs = cdiv(batch, cfg["BLOCK_B"])
     moments = new_output((programs, int(NUM_MOMENTS)), torch.float32, rewards.device) if whiten else None
     _gae_fwd_kernel[(programs,)](
@@ -532,12 +548,17 @@ def gae(
     return adv, returns
 
 
-def _loss_blocks(length: int) -> dict:
+def _loss_blocks(length: int, device: torch.device) -> dict:
     if interpreting():
         return dict(BLOCK_T=min(next_pow2(length), 256), num_warps=1)
-    return dict(BLOCK_T=min(next_pow2(length), 2048), num_warps=4 if length <= 1024 else 8)
+    if length <= 1024:  # a short row: one tile of next_pow2(T), fewer warps
+        return dict(BLOCK_T=next_pow2(length), num_warps=4)
+    cfg = tuned_config(device, "rl_loss", _GPU_BLOCKS["rl_loss"])
+    cfg["BLOCK_T"] = min(next_pow2(length), cfg["BLOCK_T"])
+    return cfg
 
 
+@on_input_device
 def rl_loss_forward(
     current: torch.Tensor,
     old: torch.Tensor,
@@ -571,7 +592,7 @@ def rl_loss_forward(
     scale = new_output((batch,), torch.float32, device)
     out = new_output((NUM_VALUE_OUT if is_value else NUM_POLICY_OUT,), torch.float32, device)
     mask = kernel_mask(mask)
-    cfg = _loss_blocks(length)
+    cfg = _loss_blocks(length, device)
     if block_t is not None:
         cfg["BLOCK_T"] = block_t
     _rl_loss_fwd_kernel[(batch,)](
@@ -599,6 +620,7 @@ def rl_loss_forward(
     return out[0], out[1:], grad, scale
 
 
+@on_input_device
 def rl_loss_backward(grad: torch.Tensor, scale: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype):
     """grad_current[b, t] = grad[b, t] * scale[b] * upstream, in ``dtype``. upstream: (1,) fp32."""
     batch, length = grad.shape
@@ -612,6 +634,7 @@ def rl_loss_backward(grad: torch.Tensor, scale: torch.Tensor, upstream: torch.Te
     return out
 
 
+@on_input_device
 def kl_forward(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str) -> torch.Tensor:
     """The ``kind`` ("k1" | "k2" | "k3") estimator of contiguous (...) inputs, as fp32 (...)."""
     out = new_output(logprobs.shape, torch.float32, logprobs.device)
@@ -621,6 +644,7 @@ def kl_forward(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str)
     return out
 
 
+@on_input_device
 def kl_backward(logprobs, ref_logprobs, grad_out, *, kind: str, need_logp: bool, need_ref: bool):
     """Gradients (to logprobs, to ref_logprobs; None where not needed) in the inputs' dtypes. All contiguous."""
     grad_logp = new_output(logprobs.shape, logprobs.dtype, logprobs.device) if need_logp else None

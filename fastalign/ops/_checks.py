@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from typing import Callable
 
 import torch
 
@@ -82,3 +84,32 @@ def agg_mode(op: str, agg, norm_len, length: int) -> float:
         raise ValueError(f"{op}: agg must be one of {AGG_MODES}, got {agg!r}")
     norm_len = positive_int(op, "norm_len", norm_len, allow_none=True)
     return float(length if norm_len is None else norm_len)
+
+
+SYNC_CHECKS_ENV = "FASTALIGN_SYNC_CHECKS"
+
+
+def deferred_checks(device: torch.device) -> bool:
+    """Whether value checks on ``device`` run on the device instead of syncing the host: on CUDA, unless
+    ``FASTALIGN_SYNC_CHECKS=1`` asks for eager checks (a host sync each) -- and always while a CUDA graph is being
+    captured, where a sync is not allowed."""
+    if device.type != "cuda":
+        return False
+    if os.environ.get(SYNC_CHECKS_ENV, "0") in ("", "0"):
+        return True
+    return torch.cuda.is_current_stream_capturing()
+
+
+def check_none(op: str, bad: torch.Tensor, message: str, details: Callable[[], str] | None = None) -> None:
+    """ValueError("{op}: {message}{details()}") if any element of the bool tensor ``bad`` is True.
+
+    On CPU the check is eager. On CUDA (:func:`deferred_checks`) it does not synchronize the host, so it costs no
+    stall and a CUDA graph can capture it: ``torch._assert_async`` fails on the device, and the error surfaces at
+    the next synchronization as "CUDA error: device-side assert triggered" naming ``message`` where the driver
+    prints it; like torch's own index checks, that ends the CUDA context. ``FASTALIGN_SYNC_CHECKS=1`` restores
+    the eager ValueError with its details (one host sync per check) for debugging."""
+    if deferred_checks(bad.device):
+        torch._assert_async(~bad.any(), f"{op}: {message}")
+        return
+    if bool(bad.any()):
+        raise ValueError(f"{op}: {message}" + (details() if details is not None else ""))

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fastalign.ops._checks import agg_mode, number, ppo_clips
+from fastalign.ops._checks import agg_mode, check_none, number, ppo_clips
 from fastalign.ops.logprobs import head_backward, head_forward, prepare_head, resolve_head_backend
 from fastalign.ops.preference import check_dpo_options, check_lengths
 from fastalign.reference import linear_losses as ref
@@ -239,13 +239,14 @@ def linear_dpo_loss(
         extras = (ref_chosen_logps, ref_rejected_logps)
     valid = (head.labels != head.ignore_index).view(head.shape)
     empty = valid.sum(-1) == 0
-    if bool(empty.any()):
+
+    def which_row() -> str:
         first = int(empty.nonzero()[0, 0])
         which = f"chosen response of pair {first}" if first < pairs else f"rejected response of pair {first - pairs}"
-        raise ValueError(
-            f"{op}: labels row {first} (the {which}) has no response token (every label equals "
-            f"ignore_index={head.ignore_index}); DPO needs at least one per sequence"
-        )
+        return f" (labels row {first}, the {which})"
+
+    check_none(op, empty, f"a sequence has no response token (every label equals ignore_index={head.ignore_index}); "
+               "DPO needs at least one per sequence", which_row)
 
     def loss_fn(logp, entropy, *refs):
         return ref.dpo_loss_from_logprobs(
@@ -355,8 +356,7 @@ def linear_policy_loss(
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"{op}: mask must have shape {tuple(shape)}, got {got}")
         valid = mask != 0
-        if bool((valid & ~has_label).any()):
-            raise ValueError(f"{op}: mask marks positions whose labels equal ignore_index={head.ignore_index}")
+        check_none(op, valid & ~has_label, f"mask marks positions whose labels equal ignore_index={head.ignore_index}")
         # positions outside the mask do not enter the loss: let the kernels skip them
         head = head._replace(labels=torch.where(valid.reshape(-1), head.labels, head.ignore_index))
     need_entropy = entropy_coef != 0 or bool(return_entropy)

@@ -16,7 +16,7 @@ import torch
 
 from fastalign import _backend
 from fastalign.kernels._common import TRITON_DTYPES
-from fastalign.ops._checks import float_tensor, positive, tensor
+from fastalign.ops._checks import check_none, float_tensor, positive, tensor
 from fastalign.reference import logprobs as ref
 from fastalign.reference._common import compute_dtype
 
@@ -42,14 +42,14 @@ class Head(NamedTuple):
 
 
 def validate_labels(labels: torch.Tensor, vocab: int, ignore_index: int, *, op: str) -> None:
-    """Raise if any label is outside [0, vocab) and not ``ignore_index`` (one small reduction and host sync)."""
+    """Raise if any label is outside [0, vocab) and not ``ignore_index``: one small reduction; no host sync on
+    CUDA (a device-side assert, see :func:`fastalign.ops._checks.check_none`)."""
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(
-            f"{op}: labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first} "
-            f"({int(bad.sum())} such labels)"
-        )
+
+    def details() -> str:
+        return f"; found {labels[bad][0].item()} ({int(bad.sum())} such labels)"
+
+    check_none(op, bad, f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}", details)
 
 
 def prepare_head(

@@ -238,3 +238,14 @@ def test_shell_scripts_parse(script):
     if script.endswith("gpu_check.sh"):  # one command: carried wheels, GPU tests, extension, the gpu preset
         for needle in (".whl/*.whl", "-m gpu", "fastalign.ext build", "--preset gpu", "--deadline"):
             assert needle in text, needle
+
+
+def test_gpu_check_runs_the_config_sweep_and_its_stage_caps_fit_nine_minutes():
+    import re
+
+    text = (ROOT / "benchmarks/gpu_check.sh").read_text()
+    assert "benchmarks.config_sweep" in text and "FASTALIGN_KERNEL_CONFIGS" in text
+    caps = {name: int(value) for name, value in re.findall(r"^(T_\w+)=\$\{\w+:-(\d+)\}", text, flags=re.M)}
+    assert set(caps) == {"T_TESTS", "T_EXT", "T_SWEEP", "T_BENCH"}, caps
+    # the stage caps plus a minute for the machine, the install and the report stay under 9 minutes
+    assert sum(caps.values()) + 60 < 9 * 60, caps

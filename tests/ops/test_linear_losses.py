@@ -550,11 +550,50 @@ def test_linear_dpo_bad_input_names_the_argument(mutate, exc, match, device):
         fa.linear_dpo_loss(*args, **kw)
 
 
+def test_fused_loss_checks_on_cuda_are_device_side_without_a_host_sync(monkeypatch):
+    """The fused losses' data checks (labels, empty sequences, mask against labels) sync nothing on CUDA, so a
+    CUDA graph can capture a training step: on the deferred path, simulated on CPU, forward and backward read no
+    tensor on the host; each check becomes a device-side assert naming its op."""
+    from fastalign.ops import _checks
+
+    monkeypatch.setattr(_checks, "deferred_checks", lambda device: True)
+    asserted = []
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: asserted.append(msg))
+    hidden, weight, labels, rc, rr = _dpo_args("cpu")
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    old = torch.full(labels.shape, -3.0)
+    adv = torch.linspace(-1, 1, labels.numel()).view(labels.shape)
+    with monkeypatch.context() as m:
+        def sync(*args, **kwargs):
+            raise AssertionError("a host sync on the checked path")
+
+        for name in ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero"):
+            m.setattr(torch.Tensor, name, sync)
+        loss, _ = fa.linear_dpo_loss(h, w, labels, rc, rr, backend="torch")
+        loss.backward()
+        loss, _ = fa.linear_policy_loss(h, w, labels, old, adv, labels != IGNORE, entropy_coef=0.01, backend="torch")
+        loss.backward()
+    assert any(msg.startswith("linear_dpo_loss: a sequence has no response token") for msg in asserted)
+    assert any(msg.startswith("linear_policy_loss: labels must lie") for msg in asserted)
+    assert any(msg.startswith("linear_policy_loss: mask marks positions") for msg in asserted)
+
+
+def test_fused_loss_deferred_check_fails_naming_the_op(monkeypatch):
+    from fastalign.ops import _checks
+
+    monkeypatch.setattr(_checks, "deferred_checks", lambda device: True)  # CPU: _assert_async fails at once
+    hidden, weight, labels, rc, rr = _dpo_args("cpu")
+    labels = labels.clone()
+    labels[3] = IGNORE
+    with pytest.raises(RuntimeError, match="linear_dpo_loss: a sequence has no response token"):
+        fa.linear_dpo_loss(hidden, weight, labels, rc, rr, backend="torch")
+
+
 def test_linear_dpo_sequence_without_response_token(device):
     hidden, weight, labels, rc, rr = _dpo_args(device)
     labels = labels.clone()
     labels[3] = IGNORE  # the rejected response of pair 1
-    with pytest.raises(ValueError, match=r"labels row 3 \(the rejected response of pair 1\) has no response token"):
+    with pytest.raises(ValueError, match=r"has no response token.*\(labels row 3, the rejected response of pair 1\)"):
         fa.linear_dpo_loss(hidden, weight, labels, rc, rr, backend="torch")
 
 
