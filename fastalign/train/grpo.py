@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import fastalign as fa
 from fastalign.reference.rl import AGG_MODES
-from fastalign.train import actor, data, distributed, generation, metrics, models, rollout
+from fastalign.train import actor, data, distributed, generation_backends, metrics, models, rollout
 from fastalign.train.config import RLConfig, RUN_DIR_HELP
 from fastalign.train.config_parsing import option
 from fastalign.train.loop import TrainLoop, prepare
@@ -69,7 +69,9 @@ def train(cfg: GRPOConfig) -> dict:
     reference = ReferenceModel(cfg, run.model_path, info.device) if cfg.kl_coef or cfg.ref_model else None
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
-    backend, sampling = generation.build_sampler(cfg, loop.model, tokenizer)
+    backend, sampling = generation_backends.build_sampler(cfg, loop.model, tokenizer, model_path=run.model_path)
+    if loop.step_count:  # resumed: an engine holding its own weights starts from the checkpoint's
+        backend.sync_weights(loop.model)
     group, rows_per_micro = cfg.num_generations, cfg.batch_size * cfg.num_generations
 
     while not loop.done:
@@ -79,13 +81,18 @@ def train(cfg: GRPOConfig) -> dict:
         per_row, kl = rollout.score_rollout(loop.model, reference, batch, temperature=cfg.temperature,
                                             fused=cfg.fused, micro_batch_size=rows_per_micro)
         per_row["advantages"] = fa.group_advantages(exp.rewards, group, scale=cfg.scale_rewards).to(info.device)  # (B,)
+        if exp.sampler_logprobs is not None:  # (B, T): the sampler's own, compared with (and correcting) old's
+            per_row["sampler_logprobs"] = exp.sampler_logprobs.to(info.device)
         kl_seq = kl.sum(1).cpu() if kl is not None else None
-        stats = distributed.mean_over_processes(rollout_metrics(exp, group, kl_seq), info)
+        stats = {**rollout_metrics(exp, group, kl_seq), **rollout.off_policy_metrics(per_row, batch.response_mask)}
+        stats = distributed.mean_over_processes(stats, info)
         micro = rollout.micro_batches(batch, per_row, rows_per_micro)
         for _ in range(cfg.num_iterations):
             if loop.done:
                 break
             loop.step(micro, lambda mb: actor.actor_loss_from_config(loop.model, mb, cfg, kl_coef=cfg.kl_coef),
                       weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=stats)
-        backend.sync_weights(loop.model)
+        if not loop.done:  # the last rollout is behind us: no engine needs these weights
+            backend.sync_weights(loop.model)
+    generation_backends.close(backend)
     return loop.finish()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 import fastalign as fa
-from fastalign.train import actor, data, distributed, generation, models, rollout
+from fastalign.train import actor, data, distributed, generation_backends, models, rollout
 from fastalign.train.config import RLConfig, RUN_DIR_HELP
 from fastalign.train.config_parsing import option
 from fastalign.train.loop import TrainLoop, prepare
@@ -98,7 +98,9 @@ def train(cfg: PPOConfig) -> dict:
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, policy, run, extra_models={"value": value_model}, extra_state={"sampler": sampler})
     policy, value_model = loop.model, loop.models["value"]
-    backend, sampling = generation.build_sampler(cfg, policy, tokenizer)
+    backend, sampling = generation_backends.build_sampler(cfg, policy, tokenizer, model_path=run.model_path)
+    if loop.step_count:  # resumed: an engine holding its own weights starts from the checkpoint's
+        backend.sync_weights(policy)
     rows_per_micro = cfg.batch_size * cfg.num_generations
 
     while not loop.done:
@@ -114,13 +116,18 @@ def train(cfg: PPOConfig) -> dict:
         advantages, returns = fa.gae(rewards_t, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
                                      whiten=cfg.whiten_advantages)
         per_row.update(advantages=advantages, returns=returns, old_values=old_values)
+        if exp.sampler_logprobs is not None:  # (B, T): the sampler's own, compared with (and correcting) old's
+            per_row["sampler_logprobs"] = exp.sampler_logprobs.to(info.device)
         kl_seq = kl.sum(1) if kl is not None else None
-        stats = distributed.mean_over_processes(rollout.rollout_metrics(exp, kl_seq), info)
+        stats = {**rollout.rollout_metrics(exp, kl_seq), **rollout.off_policy_metrics(per_row, mask)}
+        stats = distributed.mean_over_processes(stats, info)
         micro = rollout.micro_batches(batch, per_row, rows_per_micro)
         for _ in range(cfg.num_iterations):
             if loop.done:
                 break
             loop.step(micro, lambda mb: ppo_loss(policy, value_model, mb, cfg),
                       weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=stats)
-        backend.sync_weights(policy)
+        if not loop.done:  # the last rollout is behind us: no engine needs these weights
+            backend.sync_weights(policy)
+    generation_backends.close(backend)
     return loop.finish()
