@@ -1,4 +1,6 @@
-"""Test setup: run Triton kernels in the interpreter when there is no GPU, before anything imports Triton."""
+"""Test setup: run Triton kernels in the interpreter when there is no GPU, before anything imports Triton; skip the
+GPU tests without a GPU and the vLLM tests without vLLM."""
+import importlib.util
 import os
 
 try:
@@ -18,13 +20,17 @@ import pytest  # noqa: E402
 DEVICE = "cuda" if _HAS_CUDA else "cpu"
 
 
+_HAS_VLLM = importlib.util.find_spec("vllm") is not None  # found, not imported: a broken install fails loudly
+
+
 def pytest_collection_modifyitems(config, items):
-    if _HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device (runs in benchmarks/gpu_check.sh)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (runs in benchmarks/gpu_check.sh)")
+    skip_vllm = pytest.mark.skip(reason="needs vLLM: pip install 'fastalign[vllm]' (runs in .ci/run's vLLM stage)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if item.get_closest_marker("gpu") and not _HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if item.get_closest_marker("vllm") and not _HAS_VLLM:
+            item.add_marker(skip_vllm)
 
 
 @pytest.fixture

@@ -177,7 +177,28 @@ class RLConfig(TrainConfig):
     temperature: float = option(1.0, "sampling temperature (log-probs are taken at the same temperature)")
     top_p: float = option(1.0, "nucleus sampling threshold")
     top_k: int = option(0, "top-k sampling (0: off)")
-    generation_batch_size: int | None = option(None, "sequences per generate call; none: all")
+    generation_batch_size: int | None = option(None, "sequences per generate call (openai: per request); none: all")
+    generation_backend: str = option("hf", "sampler: hf (the policy's own generate), vllm (an in-process vLLM "
+                                           "engine, weights pushed after each step; pip install "
+                                           "'fastalign[vllm]'), openai (an OpenAI-compatible server at --base-url, "
+                                           "no weight sync)", choices=("hf", "vllm", "openai"))
+    base_url: str | None = option(None, "openai backend: the server's URL, e.g. http://127.0.0.1:8000/v1")
+    served_model: str | None = option(None, "openai backend: the model name the server serves; none: its first")
+    request_timeout: float = option(120.0, "openai backend: seconds per HTTP request before it is retried")
+    request_retries: int = option(3, "openai backend: retries of a failed or timed-out request")
+    allow_stale_weights: bool = option(False, "openai backend: keep sampling from the server's fixed weights after "
+                                              "optimizer steps (off-policy; see --sampler-is-cap); off: the "
+                                              "first weight sync raises")
+    vllm_gpu_memory_utilization: float = option(0.3, "vllm: fraction of the GPU the engine (weights + KV cache) "
+                                                     "may take; the trainer shares the card")
+    vllm_kv_cache_gb: float | None = option(None, "vllm: KV cache size in GiB (instead of the utilization "
+                                                  "fraction; what sizes it on a CPU)")
+    vllm_sleep: bool = option(False, "vllm: release the engine's weights and KV cache while the trainer runs "
+                                     "(sleep level 2, woken by the weight sync; needs a GPU)")
+    vllm_enforce_eager: bool = option(False, "vllm: no CUDA graphs / torch.compile (faster start, slower decode)")
+    sampler_is_cap: float | None = option(None, "truncated importance sampling: weight each token's policy loss "
+                                                "by min(pi_old / pi_sampler, C) (needs sampler log-probs: vllm, "
+                                                "openai); none: off")
     reward_funcs: list[str] = option(["exact_match"], "reward functions: registered names (exact_match, format, "
                                                       "numeric_closeness) or 'package.module:function'")
     reward_weights: list[float] = option([], "one weight per reward function; empty: all 1")
@@ -213,6 +234,34 @@ class RLConfig(TrainConfig):
         if self.reward_weights and len(self.reward_weights) != len(names):
             raise ValueError(f"{name}: reward_weights has {len(self.reward_weights)} values for {len(names)} reward "
                              f"function(s) {names}")
+        _check_generation(self, name)
+
+
+def _check_generation(cfg: RLConfig, name: str) -> None:
+    """Errors name the flag: the backend's own options need that backend, and the IS cap needs sampler log-probs."""
+    backend = cfg.generation_backend
+    if backend == "openai":
+        if not cfg.base_url:
+            raise ValueError(f"{name}: --generation-backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        if not cfg.allow_stale_weights:
+            raise ValueError(f"{name}: --generation-backend openai samples from the server's weights, which do not "
+                             "follow the policy after an optimizer step; pass --allow-stale-weights to train "
+                             "off-policy against them, or use --generation-backend vllm")
+    elif cfg.base_url:
+        raise ValueError(f"{name}: --base-url is only used by --generation-backend openai (got {backend!r})")
+    if cfg.request_timeout <= 0 or cfg.request_retries < 0:
+        raise ValueError(f"{name}: --request-timeout must be > 0 and --request-retries >= 0")
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        raise ValueError(f"{name}: --vllm-gpu-memory-utilization must be in (0, 1], "
+                         f"got {cfg.vllm_gpu_memory_utilization}")
+    if cfg.vllm_kv_cache_gb is not None and cfg.vllm_kv_cache_gb <= 0:
+        raise ValueError(f"{name}: --vllm-kv-cache-gb must be > 0, got {cfg.vllm_kv_cache_gb}")
+    if cfg.sampler_is_cap is not None:
+        if cfg.sampler_is_cap <= 0:
+            raise ValueError(f"{name}: --sampler-is-cap must be > 0 (e.g. 2), got {cfg.sampler_is_cap}")
+        if backend == "hf":
+            raise ValueError(f"{name}: --sampler-is-cap needs the sampler's log-probs, which --generation-backend "
+                             "hf does not report; use vllm or openai")
 
 
 def reward_function_names(names: Sequence[str]) -> list[str]:

@@ -1,18 +1,24 @@
 """Generation: a pluggable sampler that maps prompt token ids to completion token ids.
 
-    backend.generate(prompt_ids, SamplingParams) -> Completions(token_ids, truncated)
+    backend.generate(prompt_ids, SamplingParams) -> Completions(token_ids, truncated[, logprobs])
     backend.sync_weights(model)          after each optimizer step (an engine with its own weights refreshes them)
 
-The backend only produces token ids. Log-probs used by the losses are always recomputed by the trainer's own
-forward (``rollout.score_logprobs``), never taken from the sampler's scores: a sampler (HF ``generate`` with a KV
-cache, or vLLM) computes them with different kernels and numerics, which would bias the importance ratio. A vLLM
-engine plugs in by implementing :class:`GenerationBackend`.
+The log-probs the losses use are always recomputed by the trainer's own forward (``rollout.score_logprobs``): a
+sampler (HF ``generate`` with a KV cache, vLLM, a server) computes them with other kernels and numerics, which
+would bias the importance ratio. An engine that reports the log-probs it sampled with (``Completions.logprobs``)
+lets the trainer measure that gap every step and, optionally, correct for it (``--sampler-is-cap``).
+
+Backends: :class:`HFGenerationBackend` (``--generation-backend hf``, the default: the policy itself);
+``generation_vllm.VLLMGenerationBackend`` (``vllm``: an in-process vLLM engine, weights pushed after each step);
+``generation_http.OpenAIGenerationBackend`` (``openai``: any OpenAI-compatible completions server, no weight sync);
+``generation_backends.build_sampler`` builds the one an RL config names.
 
 :class:`HFGenerationBackend` sees the prompts left-padded, with position ids counted from each row's first real
 token, so each real token sits at the same position as in the trainer's right-padded rollout layout.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -24,13 +30,20 @@ from fastalign.train import data, models
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample completions. ``greedy=True`` ignores temperature/top-p/top-k (evaluation)."""
+    """How to sample completions. ``greedy=True`` ignores temperature/top-p/top-k (evaluation).
+
+    ``n`` completions per prompt come back prompt-major (row p * n + j). ``seed`` (None: the backend's own random
+    stream) makes a call reproducible on one backend: the engines seed prompt i with seed + i, so repeated prompts
+    still differ; HF seeds one stream for the whole call.
+    """
 
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off; HF's default of 50 would silently sample from a different distribution
     greedy: bool = False
+    n: int = 1
+    seed: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -39,14 +52,21 @@ class SamplingParams:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
 
 
 @dataclass
 class Completions:
-    """What a backend returns: per prompt, the generated ids (ending with EOS unless truncated)."""
+    """What a backend returns: per row (prompt-major when ``n`` > 1), the generated ids, ending with EOS unless
+    truncated; ``logprobs`` the sampler's own log-prob of each of those tokens (one float per id) when the backend
+    reports them (vLLM, a server), None otherwise (HF ``generate``)."""
 
     token_ids: list[list[int]]
     truncated: list[bool]  # hit max_new_tokens without EOS
+    logprobs: list[list[float]] | None = None
 
 
 @runtime_checkable
@@ -80,12 +100,15 @@ class HFGenerationBackend:
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> Completions:
-        step = self.batch_size or max(len(prompt_ids), 1)
+        rows = [p for p in prompt_ids for _ in range(sampling.n)]
+        step = self.batch_size or max(len(rows), 1)
         out = Completions([], [])
-        for start in range(0, len(prompt_ids), step):
-            part = self._generate(prompt_ids[start:start + step], sampling)
-            out.token_ids += part.token_ids
-            out.truncated += part.truncated
+        # a seed gives one stream for the whole call (HF samples a batch from one generator), restored afterwards
+        with _seeded(sampling.seed, next(models.unwrap(self.model).parameters()).device):
+            for start in range(0, len(rows), step):
+                part = self._generate(rows[start:start + step], sampling)
+                out.token_ids += part.token_ids
+                out.truncated += part.truncated
         return out
 
     def _generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> Completions:
@@ -116,15 +139,16 @@ class HFGenerationBackend:
         return out
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def decode_completions(tokenizer, completions: Completions) -> list[str]:
     """Completion text without EOS/pad/special tokens."""
     return tokenizer.batch_decode(completions.token_ids, skip_special_tokens=True)
-
-
-def build_sampler(cfg, model: nn.Module, tokenizer) -> tuple[HFGenerationBackend, SamplingParams]:
-    """The HF backend on ``model`` and the sampling settings of an RL config (``config.RLConfig``)."""
-    backend = HFGenerationBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  batch_size=cfg.generation_batch_size)
-    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k)
-    return backend, sampling

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import fastalign as fa
 from fastalign.reference.rl import AGG_MODES
-from fastalign.train import actor, data, distributed, generation, metrics, models, rollout
+from fastalign.train import actor, data, distributed, generation_backends, metrics, models, rollout
 from fastalign.train.config import RLConfig, RUN_DIR_HELP
 from fastalign.train.config_parsing import option, require
 from fastalign.train.loop import TrainLoop, prepare
@@ -74,7 +74,9 @@ def train(cfg: GRPOConfig) -> dict:
     sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     in_use = rollout.RolloutInUse(cfg.num_iterations, info.device)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler}, rank_state={"rollout": in_use})
-    backend, sampling = generation.build_sampler(cfg, loop.model, tokenizer)
+    backend, sampling = generation_backends.build_sampler(cfg, loop.model, tokenizer, model_path=run.model_path)
+    if loop.step_count:  # resumed: an engine holding its own weights starts from the checkpoint's
+        backend.sync_weights(loop.model)
     group, rows_per_micro = cfg.num_generations, cfg.batch_size * cfg.num_generations
 
     while not loop.done:
@@ -87,11 +89,15 @@ def train(cfg: GRPOConfig) -> dict:
                                                 fused=cfg.fused, micro_batch_size=rows_per_micro)
             per_row["advantages"] = fa.group_advantages(exp.rewards, group,
                                                         scale=cfg.scale_rewards).to(info.device)  # (B,)
+            if exp.sampler_logprobs is not None:  # (B, T): the sampler's own, compared with (and correcting) old's
+                per_row["sampler_logprobs"] = exp.sampler_logprobs.to(info.device)
             kl_seq = kl.sum(1).cpu() if kl is not None else None
-            stats = distributed.mean_over_processes(rollout_metrics(exp, group, kl_seq), info)
+            stats = {**rollout_metrics(exp, group, kl_seq), **rollout.off_policy_metrics(per_row, batch.response_mask)}
+            stats = distributed.mean_over_processes(stats, info)
             in_use.start(rollout.micro_batches(batch, per_row, rows_per_micro), stats)
         loop.step(in_use.take(), lambda mb: actor.actor_loss_from_config(loop.model, mb, cfg, kl_coef=cfg.kl_coef),
                   weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=in_use.stats)
-        if not in_use.pending:
+        if not in_use.pending and not loop.done:  # a finished rollout: the engine samples the next with these weights
             backend.sync_weights(loop.model)
+    generation_backends.close(backend)
     return loop.finish()

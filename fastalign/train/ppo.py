@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 import fastalign as fa
-from fastalign.train import actor, data, distributed, generation, models, rollout
+from fastalign.train import actor, data, distributed, generation_backends, models, rollout
 from fastalign.train.config import RLConfig, RUN_DIR_HELP
 from fastalign.train.config_parsing import option, require
 from fastalign.train.loop import TrainLoop, prepare
@@ -107,7 +107,9 @@ def train(cfg: PPOConfig) -> dict:
     loop = TrainLoop(cfg, policy, run, extra_models={"value": value_model}, extra_state={"sampler": sampler},
                      rank_state={"rollout": in_use})
     policy, value_model = loop.model, loop.models["value"]
-    backend, sampling = generation.build_sampler(cfg, policy, tokenizer)
+    backend, sampling = generation_backends.build_sampler(cfg, policy, tokenizer, model_path=run.model_path)
+    if loop.step_count:  # resumed: an engine holding its own weights starts from the checkpoint's
+        backend.sync_weights(policy)
     rows_per_micro = cfg.batch_size * cfg.num_generations
 
     while not loop.done:
@@ -124,11 +126,15 @@ def train(cfg: PPOConfig) -> dict:
             advantages, returns = fa.gae(rewards_t, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
                                          whiten=cfg.whiten_advantages)
             per_row.update(advantages=advantages, returns=returns, old_values=old_values)
+            if exp.sampler_logprobs is not None:  # (B, T): the sampler's own, compared with (and correcting) old's
+                per_row["sampler_logprobs"] = exp.sampler_logprobs.to(info.device)
             kl_seq = kl.sum(1) if kl is not None else None
-            stats = distributed.mean_over_processes(rollout.rollout_metrics(exp, kl_seq), info)
+            stats = {**rollout.rollout_metrics(exp, kl_seq), **rollout.off_policy_metrics(per_row, mask)}
+            stats = distributed.mean_over_processes(stats, info)
             in_use.start(rollout.micro_batches(batch, per_row, rows_per_micro), stats)
         loop.step(in_use.take(), lambda mb: ppo_loss(policy, value_model, mb, cfg),
                   weight_fn=lambda mb: actor.loss_weight(mb, cfg.agg), extra_metrics=in_use.stats)
-        if not in_use.pending:
+        if not in_use.pending and not loop.done:  # a finished rollout: the engine samples the next with these weights
             backend.sync_weights(policy)
+    generation_backends.close(backend)
     return loop.finish()

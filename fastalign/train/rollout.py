@@ -3,6 +3,7 @@
     prompts (token ids) --generation backend--> completion ids --build_rollout--> RolloutBatch
     RolloutBatch --score_logprobs(policy / reference)--> old / ref log-probs (B, T), via the fused op
     collect(): the above for G completions per prompt, plus decoded texts and rewards -> Experience
+    off_policy_metrics(): the sampler's own log-probs (when it reports them) against the recomputed old ones
     micro_batches(): the rollout and its per-row tensors (log-probs, advantages) as the actor loss's inputs
     RolloutInUse: the micro-batches the next num_iterations optimizer steps take, checkpointed with the run
 
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+import fastalign as fa
 from fastalign.train import data, generation, metrics, models, rewards
 from fastalign.train.config import RLConfig
 from fastalign.train.ref_model import ReferenceModel
@@ -118,6 +120,7 @@ class Experience:
     completions: list[str]  # decoded completion text of each row, without EOS
     rewards: torch.Tensor  # (B,) fp32, the weighted sum
     reward_parts: dict[str, torch.Tensor]  # name -> (B,) fp32
+    sampler_logprobs: torch.Tensor | None = None  # (B, T) fp32 aligned with batch.labels, 0 off the response
 
 
 _NOT_FIELDS = ("prompt", "prompt_ids", "prompt_text")
@@ -140,7 +143,35 @@ def collect(backend: generation.GenerationBackend, tokenizer, examples: Sequence
     fields["truncated"] = list(completions.truncated)
     prompts = [e["prompt"] for e in rows]
     total, parts = reward_fn(prompts, texts, fields)
-    return Experience(batch=batch, prompts=prompts, completions=texts, rewards=total, reward_parts=parts)
+    return Experience(batch=batch, prompts=prompts, completions=texts, rewards=total, reward_parts=parts,
+                      sampler_logprobs=sampler_logprobs(batch, completions))
+
+
+def sampler_logprobs(batch: RolloutBatch, completions: generation.Completions) -> torch.Tensor | None:
+    """(B, T) fp32: the sampler's log-prob of each completion token, in the columns of ``batch.labels`` (0 off the
+    response); None when the backend reports none."""
+    if completions.logprobs is None:
+        return None
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    for i, (start, lps) in enumerate(zip(batch.prompt_lengths.tolist(), completions.logprobs)):
+        if len(lps) != int(batch.completion_lengths[i]):
+            raise ValueError(f"row {i}: {len(lps)} sampler log-probs for {int(batch.completion_lengths[i])} tokens")
+        out[i, start:start + len(lps)] = torch.tensor(lps, dtype=torch.float32)
+    return out
+
+
+def off_policy_metrics(per_row: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, float]:
+    """How far the sampler's distribution is from the trainer's own recomputation of it, over response tokens:
+    ``sampler_logprob_diff`` mean |log pi_sampler - log pi_old|, ``sampler_kl`` the k3 estimate of
+    KL(pi_sampler || pi_old) (the tokens were drawn from the sampler). Empty when there are no sampler log-probs."""
+    sampler = per_row.get("sampler_logprobs")
+    if sampler is None:
+        return {}
+    old, m = per_row["old_logprobs"], mask.float()
+    count = m.sum().clamp(min=1)
+    kl = fa.kl_penalty(sampler, old, kind="k3")  # d = old - sampler: exp(d) - d - 1, stable for small d
+    return {"sampler_logprob_diff": metrics.to_float(((sampler - old).abs() * m).sum() / count),
+            "sampler_kl": metrics.to_float((kl * m).sum() / count)}
 
 
 def micro_batches(batch: RolloutBatch, per_row: dict[str, torch.Tensor], size: int) -> list[dict]:

@@ -15,6 +15,9 @@ from fastalign.train.data import DATA_DIR
 TINY_CORPUS = DATA_DIR / "tiny_corpus.txt"
 TINY_VOCAB_SIZE = 384
 TINY_RMS_NORM_EPS = 1e-6
+# The same tiny model with head_dim 64 (hidden 128, 2 heads): vLLM's CPU attention refuses the default's 16.
+# build_tiny_model_and_tokenizer(out, **VLLM_TINY_SHAPE) builds it for the vLLM tests and benchmark.
+VLLM_TINY_SHAPE = dict(hidden_size=128, num_heads=2, num_kv_heads=2, intermediate_size=256)
 
 # The tiny tokenizer's specials and chat format. The template is prefix-stable: rendering messages[:-1] with
 # add_generation_prompt=True is a prefix of rendering all messages, which the data code relies on for masks.
