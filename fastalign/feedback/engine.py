@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fastalign.feedback.io import FeedbackError
-from fastalign.train import data, models
+from fastalign.train import batching, data, models
 
 from fastalign.train.generation import Completions, GenerationBackend, HFGenerationBackend, SamplingParams
 from fastalign.train.tiny import default_tiny_model_dir
@@ -65,8 +65,8 @@ class HFChoiceScorer:
         try:
             for start in range(0, len(prompt_ids), step):
                 chunk = [list(p) for p in prompt_ids[start:start + step]]
-                ids = data.pad_right(chunk, self.pad_token_id).to(device)
-                mask = data.pad_right([[1] * len(p) for p in chunk], 0).to(device)
+                ids = batching.pad_right(chunk, self.pad_token_id).to(device)
+                mask = batching.pad_right([[1] * len(p) for p in chunk], 0).to(device)
                 hidden = models.backbone_hidden(base, ids, mask)  # (b, T, D)
                 last = hidden[torch.arange(len(chunk), device=device), mask.sum(1) - 1]  # (b, D)
                 weight, bias = models.lm_head_weight(base)

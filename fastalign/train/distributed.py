@@ -1,7 +1,7 @@
 """torchrun support: process-group setup, model wrapping (FSDP2 on GPU, DDP elsewhere), small collectives.
 
 Run any algorithm on N processes with ``torchrun --nproc_per_node N -m fastalign.cli train <algo> ...``. Each
-process takes its slice of every global batch (data.Sampler), losses are normalized by global counts
+process takes its slice of every global batch (batching.Sampler), losses are normalized by global counts
 (loop.TrainLoop), so N processes compute what one process computes on the same global batch.
 """
 from __future__ import annotations

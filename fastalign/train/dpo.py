@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import fastalign as fa
-from fastalign.train import data, models
+from fastalign.train import batching, data, models
 from fastalign.train.config import DPOConfig
 from fastalign.train.loop import TrainLoop, prepare
 from fastalign.reference.preference import needs_reference, normalizes
@@ -148,17 +148,17 @@ def train(cfg: DPOConfig) -> dict:
             ref_model.eval()  # no dropout in the reference pass; TrainLoop puts the policy back in train mode
             for start in range(0, len(examples), cfg.batch_size):
                 chunk = examples[start:start + cfg.batch_size]
-                seq = sequence_logps(ref_model, to_device(data.collate_preference(chunk, pad)), cfg).cpu()
+                seq = sequence_logps(ref_model, to_device(batching.collate_preference(chunk, pad)), cfg).cpu()
                 for i, e in enumerate(chunk):
                     e["ref_chosen"], e["ref_rejected"] = float(seq[i]), float(seq[len(chunk) + i])
         log.info("reference log-probs precomputed for %d pairs", len(examples))
         reference = None  # frees a loaded reference copy
-    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    sampler = batching.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
 
     def micro_batch() -> dict:
         chunk = [examples[i] for i in sampler.next()]
-        batch = to_device(data.collate_preference(chunk, pad))
+        batch = to_device(batching.collate_preference(chunk, pad))
         if soft:
             batch["label"] = data.soft_labels(chunk).to(info.device)
         if need_ref and cfg.precompute_ref:

@@ -25,7 +25,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from fastalign.train import data, models
+from fastalign.train import batching, models
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class HFGenerationBackend:
         if min(len(p) for p in prompt_ids) == 0:
             raise ValueError("empty prompt: every prompt needs at least one token")
         # left padding: generation continues from the last column
-        ids, mask = data.pad_left(prompt_ids, self.pad_token_id), data.attention_mask(prompt_ids, left=True)
+        ids, mask = batching.pad_left(prompt_ids, self.pad_token_id), batching.attention_mask(prompt_ids, left=True)
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_token_id,
                       eos_token_id=sorted(self.eos_ids), do_sample=not sampling.greedy)
         if sampling.greedy:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import fastalign as fa
 from fastalign.reference.rl import AGG_MODES
-from fastalign.train import actor, data, distributed, generation_backends, metrics, models, rollout
+from fastalign.train import actor, batching, distributed, generation_backends, metrics, models, rollout
 from fastalign.train.config import RLConfig, RUN_DIR_HELP
 from fastalign.train.config_parsing import option, require
 from fastalign.train.loop import TrainLoop, prepare
@@ -71,7 +71,7 @@ def train(cfg: GRPOConfig) -> dict:
     examples, reward_fn = rollout.prompts_and_rewards(cfg, tokenizer, info.device)
     # the reference is needed for the KL term, and worth logging whenever one is named
     reference = ReferenceModel(cfg, run.model_path, info.device) if cfg.kl_coef or cfg.ref_model else None
-    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    sampler = batching.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     in_use = rollout.RolloutInUse(cfg.num_iterations, info.device)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler}, rank_state={"rollout": in_use})
     backend, sampling = generation_backends.build_sampler(cfg, loop.model, tokenizer, model_path=run.model_path)

@@ -5,7 +5,7 @@ An algorithm reads top to bottom::
 
     run = prepare(cfg)                                   # logging, torchrun, seed, model path, tokenizer
     model = models.load_model(run.model_path, ...)
-    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=..., world_size=...)
+    sampler = batching.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=..., world_size=...)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
     while not loop.done:
         micro = [collate(sampler.next()) for _ in range(cfg.grad_accum)]

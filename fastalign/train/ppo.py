@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 import fastalign as fa
-from fastalign.train import actor, data, distributed, generation_backends, models, rollout
+from fastalign.train import actor, batching, distributed, generation_backends, models, rollout
 from fastalign.train.config import RLConfig, RUN_DIR_HELP
 from fastalign.train.config_parsing import option, require
 from fastalign.train.loop import TrainLoop, prepare
@@ -102,7 +102,7 @@ def train(cfg: PPOConfig) -> dict:
     value_model = models.load_trainable(cfg.value_model or run.model_path, cfg, device=info.device, kind="score")
     examples, reward_fn = rollout.prompts_and_rewards(cfg, tokenizer, info.device)
     reference = ReferenceModel(cfg, run.model_path, info.device) if cfg.kl_coef or cfg.ref_model else None
-    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    sampler = batching.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     in_use = rollout.RolloutInUse(cfg.num_iterations, info.device)
     loop = TrainLoop(cfg, policy, run, extra_models={"value": value_model}, extra_state={"sampler": sampler},
                      rank_state={"rollout": in_use})

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fastalign.train import data, models
+from fastalign.train import batching, data, models
 from fastalign.train.config import reward_function_names
 
 RewardFn = Callable[..., list[float]]
@@ -169,8 +169,8 @@ class RewardModelScorer:
         for start in range(0, len(completions), self.batch_size):
             seqs = [self.encode(p, c) for p, c in zip(prompts[start:start + self.batch_size],
                                                        completions[start:start + self.batch_size])]
-            ids = data.pad_right(seqs, pad).to(self.device)
-            mask = data.attention_mask(seqs).to(self.device)
+            ids = batching.pad_right(seqs, pad).to(self.device)
+            mask = batching.attention_mask(seqs).to(self.device)
             scores += models.sequence_scores(self.model, ids, mask).float().cpu().tolist()
         return scores
 

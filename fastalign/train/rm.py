@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fastalign as fa
-from fastalign.train import data, models
+from fastalign.train import batching, data, models
 from fastalign.train.config import RMConfig
 from fastalign.train.loop import TrainLoop, prepare
 
@@ -78,12 +78,12 @@ def train(cfg: RMConfig) -> dict:
     examples = data.tokenize_preference(rows, tokenizer, max_length=cfg.max_length,
                                         max_prompt_length=cfg.max_prompt_length, chat_template=cfg.chat_template,
                                         extra_columns=extra)
-    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    sampler = batching.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
 
     def micro_batch() -> dict:
         chunk = [examples[i] for i in sampler.next()]
-        batch = data.collate_preference(chunk, tokenizer.pad_token_id)
+        batch = batching.collate_preference(chunk, tokenizer.pad_token_id)
         if cfg.margin_column:
             batch["margin"] = torch.tensor([float(e[cfg.margin_column]) for e in chunk])
         if soft:

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from fastalign.train import data, models
+from fastalign.train import batching, data, models
 from fastalign.train.config import SFTConfig
 from fastalign.train.loop import TrainLoop, prepare
 
@@ -38,7 +38,7 @@ def build_examples(cfg: SFTConfig, tokenizer) -> list[dict]:
     examples = data.tokenize_sft(rows, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                                  chat_template=cfg.chat_template, completion_only_loss=cfg.completion_only_loss)
     if cfg.packing:
-        packed = data.pack_sft(examples, cfg.max_length)
+        packed = batching.pack_sft(examples, cfg.max_length)
         log.info("packing: %d examples into %d rows of up to %d tokens", len(examples), len(packed), cfg.max_length)
         examples = packed
     return examples
@@ -50,11 +50,11 @@ def train(cfg: SFTConfig) -> dict:
     tokenizer, info = run.tokenizer, run.info
     model = models.load_trainable(run.model_path, cfg, device=info.device)
     examples = build_examples(cfg, tokenizer)
-    sampler = data.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    sampler = batching.Sampler(len(examples), cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loop = TrainLoop(cfg, model, run, extra_state={"sampler": sampler})
 
     def micro_batch() -> dict:
-        batch = data.collate_sft([examples[i] for i in sampler.next()], tokenizer.pad_token_id)
+        batch = batching.collate_sft([examples[i] for i in sampler.next()], tokenizer.pad_token_id)
         return {k: v.to(info.device) for k, v in batch.items()}
 
     while not loop.done:
