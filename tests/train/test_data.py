@@ -6,6 +6,7 @@ import logging
 import pytest
 
 from fastalign.train import data as D
+from fastalign.train import batching as B
 
 
 def _write(path, lines):
@@ -138,7 +139,7 @@ def test_truncation_and_drops_are_counted(tmp_path, tiny_tokenizer, caplog):
 
 def test_preference_collate_and_rl_extras(tmp_path, tiny_tokenizer):
     pe = D.tokenize_preference(D.load_rows(None, "preference"), tiny_tokenizer, max_length=64, max_prompt_length=32)
-    batch = D.collate_preference(pe[:3], tiny_tokenizer.pad_token_id)
+    batch = B.collate_preference(pe[:3], tiny_tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 6
     for i, key in enumerate(["chosen_ids"] * 3 + ["rejected_ids"] * 3):
         e = pe[i % 3]
@@ -149,28 +150,28 @@ def test_preference_collate_and_rl_extras(tmp_path, tiny_tokenizer):
     assert p["answer"] == "4" and p["id"] == 7 and p["prompt_text"] == "What is 2 + 2?"  # standard: plain text
     (q,) = D.tokenize_prompts(D.load_rows(path, "rl"), tiny_tokenizer, max_prompt_length=32, chat_template="on")
     assert q["prompt_text"].endswith("<|assistant|>\n") and q["prompt_ids"] != p["prompt_ids"]
-    left = D.collate_prompts([p, {**p, "prompt_ids": p["prompt_ids"][:3]}], tiny_tokenizer.pad_token_id)
+    left = B.collate_prompts([p, {**p, "prompt_ids": p["prompt_ids"][:3]}], tiny_tokenizer.pad_token_id)
     assert left["attention_mask"][1, -3:].tolist() == [1, 1, 1] and left["attention_mask"][1, 0] == 0
 
 
 def test_packing_keeps_masks():
     ex = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
-    packed = D.pack_sft(ex, 4)
+    packed = B.pack_sft(ex, 4)
     assert packed == [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, -100]},
                       {"input_ids": [5], "labels": [5]}]
-    batch = D.collate_sft(packed, 0)
+    batch = B.collate_sft(packed, 0)
     assert batch["labels"][1].tolist() == [5, -100, -100, -100] and batch["attention_mask"].sum() == 5
 
 
 def test_sampler_resume_and_sharding():
-    one = D.Sampler(10, 4, seed=3)
+    one = B.Sampler(10, 4, seed=3)
     seen = [one.next() for _ in range(5)]
     assert sorted(seen[0] + seen[1] + seen[2][:2]) == list(range(10))  # an epoch is a permutation
-    again = D.Sampler(10, 4, seed=3)
+    again = B.Sampler(10, 4, seed=3)
     again.next(), again.next()
-    resumed = D.Sampler(10, 4, seed=3)
+    resumed = B.Sampler(10, 4, seed=3)
     resumed.load_state_dict(again.state_dict())
     assert [resumed.next() for _ in range(3)] == seen[2:]
-    ranks = [D.Sampler(10, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    ranks = [B.Sampler(10, 2, seed=3, rank=r, world_size=2) for r in range(2)]
     for step in range(5):
         assert ranks[0].next() + ranks[1].next() == seen[step]

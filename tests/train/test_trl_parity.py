@@ -15,6 +15,7 @@ import types
 import pytest
 
 from fastalign.train import data as D
+from fastalign.train import batching as B
 
 trl_sft = pytest.importorskip("trl.trainer.sft_trainer")
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
@@ -144,7 +145,7 @@ def test_dpo_tokens_and_masks_match_trl(tmp_path, tokenizer, name):
     assert len(got) == len(prepared) > 0
     for i, (g, w) in enumerate(zip(got, prepared)):
         want = collate([{k: w[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
-        ours = D.collate_preference([g], tokenizer.pad_token_id)
+        ours = B.collate_preference([g], tokenizer.pad_token_id)
         for row in range(2):  # chosen, then rejected
             n = int(want["attention_mask"][row].sum())
             assert int(ours["attention_mask"][row].sum()) == n, f"{name} pair {i} row {row}"
