@@ -216,18 +216,19 @@ def _fp32_precision(precision: str | None):
         torch.set_float32_matmul_precision(old)
 
 
-def _logprobs_fwd(dtype, *, entropy=True, bias=False, softcap=None, precision=None):
+def _logprobs_fwd(dtype, *, entropy=True, bias=False, softcap=None, precision=None, logit_scale=1.0, stats=()):
     def call():
         from fastalign.kernels import logprobs
 
         h, w, labels, _, v = _head(dtype)
         with _fp32_precision(precision):
             logprobs.linear_logprobs_forward(h, w, labels, _meta(v, dtype=dtype) if bias else None, temperature=0.7,
-                                             softcap=softcap, ignore_index=-100, need_entropy=entropy)
+                                             softcap=softcap, ignore_index=-100, need_entropy=entropy,
+                                             logit_scale=logit_scale, stats=stats)
     return call
 
 
-def _logprobs_bwd(dtype, *, mode="gemm", entropy=True, bias=False, softcap=None, precision=None):
+def _logprobs_bwd(dtype, *, mode="gemm", entropy=True, bias=False, softcap=None, precision=None, logit_scale=1.0):
     def call():
         from fastalign.kernels import logprobs
 
@@ -240,6 +241,7 @@ def _logprobs_bwd(dtype, *, mode="gemm", entropy=True, bias=False, softcap=None,
                 logprobs.linear_logprobs_backward(
                     h, w, labels, _meta(v, dtype=dtype) if bias else None, stat, stat if entropy else None, stat,
                     stat if entropy else None, temperature=0.7, softcap=softcap, ignore_index=-100,
+                    logit_scale=logit_scale,
                 )
         finally:
             if old is None:
@@ -289,11 +291,16 @@ CASES = {case.name: case for case in [
     Case("logprobs_fwd/bf16", _logprobs_fwd(bf16), "entropy"),
     Case("logprobs_fwd/bf16-score", _logprobs_fwd(bf16, entropy=False), "no entropy (reference / old-policy scoring)"),
     Case("logprobs_fwd/bf16-all", _logprobs_fwd(bf16, bias=True, softcap=30.0), "bias, softcap, entropy"),
+    Case("logprobs_fwd/bf16-stats", _logprobs_fwd(bf16, softcap=30.0, logit_scale=0.5,
+                                                  stats=("mean_logits", "is_top1", "log_sum_sq_probs")),
+         "entropy, softcap, logit scale and TRL's statistics (what DPOTrainer asks for)"),
     Case("logprobs_fwd/fp16", _logprobs_fwd(fp16), "entropy"),
     Case("logprobs_fwd/fp32-ieee", _logprobs_fwd(fp32, precision="highest"), "matmul precision highest"),
     Case("logprobs_fwd/fp32-tf32", _logprobs_fwd(fp32, precision="high"), "matmul precision high"),
     Case("logprobs_bwd/bf16", _logprobs_bwd(bf16), "gemm mode, logp + entropy grads"),
     Case("logprobs_bwd/bf16-all", _logprobs_bwd(bf16, bias=True, softcap=30.0), "gemm mode, bias, softcap"),
+    Case("logprobs_bwd/bf16-scale", _logprobs_bwd(bf16, softcap=30.0, logit_scale=0.5),
+         "gemm mode, softcap, logit scale"),
     Case("logprobs_bwd/bf16-atomic", _logprobs_bwd(bf16, mode="atomic", bias=True), "atomic mode, bias"),
     Case("logprobs_bwd/fp32-ieee", _logprobs_bwd(fp32, precision="highest"), "gemm mode"),
     Case("logprobs_bwd/fp32-tf32", _logprobs_bwd(fp32, precision="high"), "gemm mode"),

@@ -8,7 +8,10 @@ _linear_logprobs_fwd_kernel  grid (cdiv(N, BLOCK_N) * SPLIT_V,), grouped: GROUP_
     reads  hidden rows [BLOCK_N, D] once per vocab tile, weight [V/SPLIT_V, D] once per program
     writes per (split, row) online-softmax partials m, s (= sum e^(z-m)), t (= sum e^(z-m) z): O(SPLIT_V * N)
            floats, never [N, V]. One flattened loop over (vocab tile, D step), so the load pipeline runs on
-           across vocabulary tiles and under the softmax epilogue.
+           across vocabulary tiles and under the softmax epilogue. On request, from the same tiles (flags that
+           compile out when not asked for): q (= sum e^(2(z-m)), for log sum p^2), the sum of z (the mean logit)
+           and the first index of the maximum (top-1, the lowest index winning ties): one number more per
+           (split, row) each.
     FLOPs  2 N D V.
 _target_logit_kernel         grid (cdiv(N, BLOCK_N),)
     the label's logit of each valid row as a gathered dot product: reads 2 N D elements, writes N floats.
@@ -100,22 +103,24 @@ def _even_d(args) -> bool:
 
 
 @triton.heuristics({
-    "HAS_BIAS": present("b_ptr"), "HAS_SOFTCAP": present("softcap"), "RETURN_ENTROPY": present("t_ptr"),
-    "EVEN_D": _even_d,
+    "HAS_BIAS": present("b_ptr"), "HAS_SOFTCAP": present("softcap"), "HAS_LOGIT_SCALE": present("logit_scale"),
+    "RETURN_ENTROPY": present("t_ptr"), "RETURN_SUM_SQ": present("q_ptr"), "RETURN_SUM_Z": present("zsum_ptr"),
+    "RETURN_ARGMAX": present("argmax_ptr"), "EVEN_D": _even_d,
 })
 @triton.jit
 def _linear_logprobs_fwd_kernel(
     # data ptrs
     h_ptr, w_ptr, b_ptr, row_idx_ptr, count_ptr,
-    m_ptr, s_ptr, t_ptr,
+    m_ptr, s_ptr, t_ptr, q_ptr, zsum_ptr, argmax_ptr,
     # shapes
     N, D, V, V_PER_SPLIT,
     # strides
     stride_h_n, stride_h_d, stride_w_v, stride_w_d,
     # constants
-    inv_temperature, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    inv_temperature, softcap, logit_scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr, RETURN_SUM_SQ: tl.constexpr, RETURN_SUM_Z: tl.constexpr,
+    RETURN_ARGMAX: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # GROUP_N row blocks x all splits run together: each keeps its h block hot in L2 while the splits'
@@ -138,6 +143,9 @@ def _linear_logprobs_fwd_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # -inf, never 0: logits can all be negative
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    q = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    argmax = tl.zeros((BLOCK_N,), dtype=tl.int32)
     # One loop over (vocab tile, D step) pairs instead of a D loop nested in a vocab loop: the software pipeline
     # then keeps NUM_STAGES loads in flight across vocab tiles, so the next tile's first h / W tiles arrive while
     # this tile's softmax epilogue runs (a nested loop drains the pipeline at every vocab tile).
@@ -160,17 +168,28 @@ def _linear_logprobs_fwd_kernel(
             z = acc
             if HAS_BIAS:
                 z += tl.load(b_ptr + tl.minimum(v0 + cols, V - 1)).to(tl.float32)[None, :]
+            if HAS_LOGIT_SCALE:
+                z = z * logit_scale
             if HAS_SOFTCAP:
                 z = softcap * _tanh(z / softcap)
             z = z * inv_temperature
             in_split = (cols < v_end - v0)[None, :]
+            if RETURN_SUM_Z:
+                zsum += tl.sum(tl.where(in_split, z, 0.0), axis=1)
             z = tl.where(in_split, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
+            tile_max = tl.max(z, axis=1)
+            if RETURN_ARGMAX:
+                # the first index of the maximum: a later tile takes over only with a strictly larger logit
+                tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int32) + v0
+                argmax = tl.where(tile_max > m, tile_arg, argmax)
+            m_new = tl.maximum(m, tile_max)
             alpha = tl.exp(m - m_new)
             p = tl.exp(z - m_new[:, None])
             s = s * alpha + tl.sum(p, axis=1)
             if RETURN_ENTROPY:
                 t = t * alpha + tl.sum(p * tl.where(in_split, z, 0.0), axis=1)
+            if RETURN_SUM_SQ:
+                q = q * (alpha * alpha) + tl.sum(p * p, axis=1)
             m = m_new
             acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
 
@@ -179,9 +198,16 @@ def _linear_logprobs_fwd_kernel(
     tl.store(s_ptr + part, s, mask=rmask)
     if RETURN_ENTROPY:
         tl.store(t_ptr + part, t, mask=rmask)
+    if RETURN_SUM_SQ:
+        tl.store(q_ptr + part, q, mask=rmask)
+    if RETURN_SUM_Z:
+        tl.store(zsum_ptr + part, zsum, mask=rmask)
+    if RETURN_ARGMAX:
+        tl.store(argmax_ptr + part, argmax, mask=rmask)
 
 
-@triton.heuristics({"HAS_BIAS": present("b_ptr"), "HAS_SOFTCAP": present("softcap")})
+@triton.heuristics({"HAS_BIAS": present("b_ptr"), "HAS_SOFTCAP": present("softcap"),
+                    "HAS_LOGIT_SCALE": present("logit_scale")})
 @triton.jit
 def _target_logit_kernel(
     # data ptrs
@@ -191,10 +217,11 @@ def _target_logit_kernel(
     # strides
     stride_h_n, stride_h_d, stride_w_v, stride_w_d,
     # constants
-    inv_temperature, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    inv_temperature, softcap, logit_scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """zy[i] = s(h[r] . W[y_r] + b[y_r]) / T for the compacted valid rows r = row_idx[i], i < count.
+    """zy[i] = s(k (h[r] . W[y_r] + b[y_r])) / T for the compacted valid rows r = row_idx[i], i < count.
 
     The label's logit as a gathered dot product, apart from the tile loop: a [BLOCK_N, BLOCK_V] compare-and-select
     against the labels in the forward's epilogue held ~60 more registers a thread. Reads 2 D elements a row
@@ -213,6 +240,8 @@ def _target_logit_kernel(
     z = tl.sum(acc, axis=1)
     if HAS_BIAS:
         z += tl.load(b_ptr + label, mask=imask, other=0.0).to(tl.float32)
+    if HAS_LOGIT_SCALE:
+        z = z * logit_scale
     if HAS_SOFTCAP:
         z = softcap * _tanh(z / softcap)
     tl.store(zy_ptr + offs_i, z * inv_temperature, mask=imask)
@@ -223,13 +252,13 @@ def _grad_logit_tile(
     h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, lse_ptr, mu_ptr, g_ptr, e_ptr,
     pid_n, offs_v, v_stop, count,
     D, stride_h_n, stride_h_d, stride_w_v, stride_w_d,
-    inv_temperature, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
+    inv_temperature, softcap, logit_scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Recompute one logit tile (vocabulary rows ``offs_v`` (int32), valid below ``v_stop``) and return
-    (rows, rmask, vmask, da) with da = dLoss/d(raw logit) in fp32, 0 off-range."""
+    (rows, rmask, vmask, da) with da = dLoss/d(h W^T + b) in fp32, 0 off-range."""
     offs_r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = offs_r < count
     rows = tl.load(row_idx_ptr + offs_r, mask=rmask, other=0).to(tl.int64)  # past the count: row 0, in bounds
@@ -240,6 +269,8 @@ def _grad_logit_tile(
         D, stride_h_n, stride_h_d, stride_w_v, stride_w_d,
         HAS_BIAS, EVEN_D, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
+    if HAS_LOGIT_SCALE:
+        a = a * logit_scale
     if HAS_SOFTCAP:
         z = softcap * _tanh(a / softcap) * inv_temperature
     else:
@@ -270,11 +301,14 @@ def _grad_logit_tile(
         # alive next to z cost 64 more registers a thread (spills at 128 x 128)
         tanh_a = z * (1.0 / (softcap * inv_temperature))
         da = da * (1.0 - tanh_a * tanh_a)
+    if HAS_LOGIT_SCALE:
+        da = da * logit_scale
     return rows, rmask, vmask, tl.where(tile_mask, da, 0.0)
 
 
 @triton.heuristics({
-    "HAS_BIAS": present("b_ptr"), "HAS_SOFTCAP": present("softcap"), "HAS_GRAD_LOGP": present("g_ptr"),
+    "HAS_BIAS": present("b_ptr"), "HAS_SOFTCAP": present("softcap"), "HAS_LOGIT_SCALE": present("logit_scale"),
+    "HAS_GRAD_LOGP": present("g_ptr"),
     "HAS_GRAD_ENTROPY": present("e_ptr"), "WRITE_DZ": present("dz_ptr"), "COMPUTE_DH": present("dh_ptr"),
     "COMPUTE_DW": present("dw_ptr"), "COMPUTE_DB": present("db_ptr"), "EVEN_D": _even_d,
 })
@@ -289,8 +323,8 @@ def _linear_logprobs_bwd_kernel(
     # strides
     stride_h_n, stride_h_d, stride_w_v, stride_w_d, stride_dz_n, stride_dh_n, stride_dw_v,
     # constants
-    inv_temperature, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
+    inv_temperature, softcap, logit_scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr, WRITE_DZ: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
@@ -313,8 +347,8 @@ def _linear_logprobs_bwd_kernel(
         h_ptr, w_ptr, b_ptr, labels_ptr, row_idx_ptr, lse_ptr, mu_ptr, g_ptr, e_ptr,
         pid_n, offs_v, V_START + V_CHUNK, count,
         D, stride_h_n, stride_h_d, stride_w_v, stride_w_d,
-        inv_temperature, softcap,
-        HAS_BIAS, HAS_SOFTCAP, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, EVEN_D, UPCAST, DOT_PRECISION,
+        inv_temperature, softcap, logit_scale,
+        HAS_BIAS, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_GRAD_LOGP, HAS_GRAD_ENTROPY, EVEN_D, UPCAST, DOT_PRECISION,
         BLOCK_N, BLOCK_V, BLOCK_D,
     )
     if COMPUTE_DB:
@@ -461,14 +495,17 @@ def linear_logprobs_forward(
     softcap: float | None,
     ignore_index: int,
     need_entropy: bool,
+    logit_scale: float = 1.0,
+    stats: tuple[str, ...] = (),
 ):
     """The Triton twin of :func:`fastalign.reference.logprobs.linear_logprobs_forward`.
 
     Args:
         hidden: (N, D) fp16/bf16/fp32, any strides; weight: (V, D) same dtype; labels: (N,) int64 contiguous;
-        bias: (V,) or None.
+        bias: (V,) or None; stats: names among "mean_logits", "is_top1", "log_sum_sq_probs".
     Returns:
-        logp (N,), entropy (N,) or None, lse (N,), mu (N,) or None: fp32, 0 at ignored rows.
+        logp (N,), entropy (N,) or None, lse (N,), mu (N,) or None: fp32, 0 at ignored rows; and a dict of the
+        ``stats`` asked for ((N,) fp32, is_top1 bool; 0 / False at ignored rows).
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -484,17 +521,24 @@ def linear_logprobs_forward(
     s = new_output((splits, n), torch.float32, hidden.device, fill=0.0)
     t = new_output((splits, n), torch.float32, hidden.device, fill=0.0) if need_entropy else None
     zy = new_output((n,), torch.float32, hidden.device, fill=0.0)  # indexed like row_idx (compacted)
+    # per-split partials of the statistics, only when asked for (None compiles their accumulators out)
+    q, zsum = (new_output((splits, n), torch.float32, hidden.device, fill=0.0) if name in stats else None
+               for name in ("log_sum_sq_probs", "mean_logits"))
+    argmax = None
+    if "is_top1" in stats:  # integers cannot hold NaN: the poison is an index no row has
+        argmax = torch.full((splits, n), -2**31 if _common.poisoning() else 0, dtype=torch.int32, device=hidden.device)
+    scale_arg = None if logit_scale == 1.0 else logit_scale
     if n > 0:
         _linear_logprobs_fwd_kernel[(num_n * splits,)](
             # data ptrs
             hidden, weight, bias, row_idx, count,
-            m, s, t,
+            m, s, t, q, zsum, argmax,
             # shapes
             n, d, v, v_per_split,
             # strides
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             # constants
-            1.0 / temperature, softcap,
+            1.0 / temperature, softcap, scale_arg,
             **_dot_flags(hidden.dtype), **cfg,
         )
         target = _TARGET_BLOCKS
@@ -506,12 +550,13 @@ def linear_logprobs_forward(
             # strides
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             # constants
-            1.0 / temperature, softcap,
+            1.0 / temperature, softcap, scale_arg,
             **target,
         )
     # combine the per-split partials of the compacted rows: O(splits * N) work, negligible next to the GEMM
     valid_pos = torch.arange(n, device=hidden.device) < count
     big_m = m.max(0).values
+    first_max_split = (m == big_m).to(torch.int8).argmax(0) if argmax is not None else None  # splits in V order
     big_m = torch.where(valid_pos, big_m, 0.0)
     scale = torch.exp(m - big_m)
     total = (s * scale).sum(0)
@@ -526,7 +571,19 @@ def linear_logprobs_forward(
         mu_c = torch.where(valid_pos, (t * scale).sum(0) / total, 0.0)
         mu = torch.zeros_like(logp).index_put_((row_idx,), mu_c)
         entropy = lse - mu
-    return logp, entropy, lse, mu
+    extras = {}
+    scatter = lambda values: torch.zeros_like(values).index_put_((row_idx,), values)  # noqa: E731
+    if zsum is not None:
+        extras["mean_logits"] = scatter(torch.where(valid_pos, zsum.sum(0) / v, 0.0))
+    if argmax is not None:
+        # the first index of the maximum over the whole vocabulary: the first split holding the maximum, its index
+        first = argmax.gather(0, first_max_split[None])[0]
+        extras["is_top1"] = scatter((first.long() == labels[row_idx]) & valid_pos)
+    if q is not None:
+        # log sum_j p_j^2 = log sum_j e^(2 (z_j - M)) - 2 log sum_j e^(z_j - M), the splits rescaled to one M
+        total_sq = (q * scale * scale).sum(0)
+        extras["log_sum_sq_probs"] = scatter(torch.where(valid_pos, torch.log(total_sq) - 2 * torch.log(total), 0.0))
+    return logp, entropy, lse, mu, extras
 
 
 _ADDMM_FP32: dict = {}  # (device, dtype) -> whether torch.addmm(..., out_dtype=torch.float32) runs there
@@ -595,6 +652,7 @@ def linear_logprobs_backward(
     softcap: float | None,
     ignore_index: int,
     needs: tuple[bool, bool, bool] = (True, True, True),
+    logit_scale: float = 1.0,
 ):
     """The Triton twin of :func:`fastalign.reference.logprobs.linear_logprobs_backward`.
 
@@ -621,7 +679,7 @@ def linear_logprobs_backward(
         return dh.to(hidden.dtype) if dh is not None else None, dw_out, db.to(bias.dtype) if db is not None else None
     inputs = (hidden, weight, bias, labels, row_idx, count, lse, mu, grad_logp, grad_entropy)
     strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
-    scalars = (1.0 / temperature, softcap)
+    scalars = (1.0 / temperature, softcap, None if logit_scale == 1.0 else logit_scale)
     flags = dict(**_dot_flags(hidden.dtype), **cfg)
     if mode == "gemm":
         # one [N, chunk] buffer reused for every vocab chunk; ignored rows are never written, so they stay 0

@@ -39,7 +39,7 @@ class _HeadLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, head, backend, need_entropy, loss_fn, stats_out: dict, *extras):
         head = head._replace(hidden=hidden, weight=weight, bias=bias)
-        logp, entropy, lse, mu = head_forward(head, backend, need_entropy=need_entropy)
+        logp, entropy, lse, mu, _ = head_forward(head, backend, need_entropy=need_entropy)
         out, stats = loss_fn(logp, entropy, *extras)
         stats_out.update({k: v.detach() for k, v in stats.items()})  # autograd outputs must be tensors
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
@@ -83,7 +83,7 @@ def _head_loss(head, backend, need_entropy: bool, loss_fn: Callable, extras: tup
         t is not None and t.requires_grad for t in (head.hidden, head.weight, head.bias, *extras)
     )
     if not needs_grad:  # forward only: nothing is saved
-        logp, entropy, _, _ = head_forward(head, backend, need_entropy=need_entropy)
+        logp, entropy, _, _, _ = head_forward(head, backend, need_entropy=need_entropy)
         out, stats = loss_fn(logp, entropy, *extras)
         return out, {k: v.detach() for k, v in stats.items()}
     stats: dict = {}

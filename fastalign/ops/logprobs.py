@@ -16,16 +16,21 @@ import torch
 
 from fastalign import _backend
 from fastalign.kernels._common import TRITON_DTYPES
-from fastalign.ops._checks import check_none, float_tensor, positive, tensor
+from fastalign.ops._checks import check_none, float_tensor, number, positive, tensor
 from fastalign.reference import logprobs as ref
 from fastalign.reference._common import compute_dtype
 
 
 class LogprobsOutput(NamedTuple):
-    """logprobs: (...) fp32, 0 at ignored positions; entropy: (...) fp32 or None."""
+    """logprobs: (...) fp32, 0 at ignored positions; entropy: (...) fp32 or None; the statistics
+    (:func:`linear_logprobs` only, None unless asked for): mean_logits, log_sum_sq_probs (...) fp32 and
+    is_top1 (...) bool, 0 / False at ignored positions."""
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
 
 
 class Head(NamedTuple):
@@ -39,6 +44,7 @@ class Head(NamedTuple):
     softcap: float | None
     ignore_index: int
     shape: torch.Size  # hidden.shape[:-1], the shape of per-token outputs
+    logit_scale: float = 1.0  # multiplies h W^T + b before softcap and temperature
 
 
 def validate_labels(labels: torch.Tensor, vocab: int, ignore_index: int, *, op: str) -> None:
@@ -60,6 +66,7 @@ def prepare_head(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     ignore_index: int = -100,
     op: str = "linear_logprobs",
 ) -> Head:
@@ -98,11 +105,13 @@ def prepare_head(
         )
     temperature = positive(op, "temperature", temperature)
     softcap = positive(op, "softcap", softcap, allow_none=True)
+    logit_scale = number(op, "logit_scale", logit_scale)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     labels = labels.reshape(n).long().contiguous()
     validate_labels(labels, weight.shape[0], ignore_index, op=op)
-    return Head(hidden.reshape(n, hidden.shape[-1]), weight, bias, labels, temperature, softcap, ignore_index, shape)
+    return Head(hidden.reshape(n, hidden.shape[-1]), weight, bias, labels, temperature, softcap, ignore_index, shape,
+                logit_scale)
 
 
 # ------------------------------------------------------------------------------------------- backend-generic core
@@ -123,11 +132,12 @@ def _implementation(backend: str):
     return ref
 
 
-def head_forward(head: Head, backend: str, *, need_entropy: bool):
-    """Forward of one resolved backend. Returns (logp (N,), entropy (N,) or None, lse (N,), mu (N,) or None)."""
+def head_forward(head: Head, backend: str, *, need_entropy: bool, stats: tuple[str, ...] = ()):
+    """Forward of one resolved backend. Returns (logp (N,), entropy (N,) or None, lse (N,), mu (N,) or None,
+    a dict of the ``stats`` asked for: names from ``reference.logprobs.STATS``, computed in the same pass)."""
     return _implementation(backend).linear_logprobs_forward(
         head.hidden, head.weight, head.labels, head.bias, temperature=head.temperature, softcap=head.softcap,
-        ignore_index=head.ignore_index, need_entropy=need_entropy,
+        ignore_index=head.ignore_index, need_entropy=need_entropy, logit_scale=head.logit_scale, stats=stats,
     )
 
 
@@ -140,28 +150,36 @@ def head_backward(head: Head, backend: str, lse, mu, grad_logp, grad_entropy, ne
     return _implementation(backend).linear_logprobs_backward(
         head.hidden, head.weight, head.labels, head.bias, lse, mu, grad_logp, grad_entropy,
         temperature=head.temperature, softcap=head.softcap, ignore_index=head.ignore_index, needs=needs,
+        logit_scale=head.logit_scale,
     )
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """Forward saves only O(N) statistics (lse, mu); backward recomputes the logits tile by tile."""
+    """Forward saves only O(N) statistics (lse, mu); backward recomputes the logits tile by tile.
+
+    Returns logp, entropy (or None) and one tensor per requested stat, in ``stats`` order; the stats are
+    metrics (TRL logs them and weighs WPO with them under no_grad): non-differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head: Head, backend: str, return_entropy: bool):
+    def forward(ctx, hidden, weight, bias, head: Head, backend: str, return_entropy: bool, stats: tuple = ()):
+        # an entropy computed for logging only gets no gradient: None, not a materialized zero to multiply
+        ctx.set_materialize_grads(False)
         head = head._replace(hidden=hidden, weight=weight, bias=bias)
-        logp, entropy, lse, mu = head_forward(head, backend, need_entropy=return_entropy)
+        logp, entropy, lse, mu, extras = head_forward(head, backend, need_entropy=return_entropy, stats=stats)
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
         ctx.backend = backend
         ctx.save_for_backward(hidden, weight, bias, lse, mu)
-        return logp, entropy
+        values = [extras[name] for name in stats]
+        ctx.mark_non_differentiable(*values)
+        return (logp, entropy, *values)
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy, *_):
         hidden, weight, bias, lse, mu = ctx.saved_tensors
         head = ctx.head._replace(hidden=hidden, weight=weight, bias=bias)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         dh, dw, db = head_backward(head, ctx.backend, lse, mu, grad_logp, grad_entropy, needs)
-        return dh, dw, db, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def linear_logprobs(
@@ -172,19 +190,28 @@ def linear_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_mean_logits: bool = False,
+    return_is_top1: bool = False,
+    return_log_sum_sq_probs: bool = False,
     backend: str = "auto",
 ) -> LogprobsOutput:
-    """Per-token log-probs of ``labels`` (and entropy) from hidden states and the LM-head weight.
+    """Per-token log-probs of ``labels`` (and entropy, and TRL's per-token statistics) from hidden states and the
+    LM-head weight.
 
     Equal to::
 
         logits = hidden.float() @ weight.float().T + bias          # never materialized here
+        logits = logits * logit_scale
         logits = softcap * torch.tanh(logits / softcap)             # if softcap
-        logp = torch.log_softmax(logits / temperature, -1).gather(-1, labels[..., None])[..., 0]
+        z = logits / temperature
+        logp = torch.log_softmax(z, -1).gather(-1, labels[..., None])[..., 0]
+        mean_logits = z.mean(-1); is_top1 = z.argmax(-1) == labels
+        log_sum_sq_probs = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
 
-    with ``logp = 0`` (and zero gradient) where ``labels == ignore_index``.
+    with every output 0 (False), and zero gradient, where ``labels == ignore_index``.
 
     Args:
         hidden: (..., D) bf16/fp16/fp32 (fp64 on the torch backend) last hidden states.
@@ -193,26 +220,39 @@ def linear_logprobs(
         bias: (V,) optional LM-head bias.
         temperature: > 0, divides the (softcapped) logits, as samplers do.
         softcap: optional c > 0: logits -> c * tanh(logits / c) before temperature (Gemma-style).
+        logit_scale: a finite number multiplying the raw logits before softcap (Cohere's ``logit_scale``,
+            Granite's ``1 / logits_scaling``).
         return_entropy: also return the entropy of each token's distribution (differentiable).
+        return_mean_logits: the mean over the vocabulary of the (scaled, capped, tempered) logits.
+        return_is_top1: whether the label is the arg-max; a tie goes to the lowest index, as ``torch.argmax``.
+        return_log_sum_sq_probs: log sum_j p_j^2 (WPO's weights). The three statistics come from the same pass
+            over the vocabulary as the log-probs and are not differentiable.
         backend: "auto" | "torch" | "triton" (see :mod:`fastalign._backend`).
 
     Returns:
-        LogprobsOutput(logprobs (...) fp32, entropy (...) fp32 or None), shaped like ``hidden.shape[:-1]``.
+        LogprobsOutput(logprobs fp32, entropy fp32 or None, mean_logits fp32 or None, is_top1 bool or None,
+        log_sum_sq_probs fp32 or None), each shaped like ``hidden.shape[:-1]``.
     """
     head = prepare_head(
-        hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index
+        hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        ignore_index=ignore_index,
     )
     name = resolve_head_backend(backend, head, op="linear_logprobs")
+    wanted = (("mean_logits", return_mean_logits), ("is_top1", return_is_top1),
+              ("log_sum_sq_probs", return_log_sum_sq_probs))
+    stats = tuple(stat for stat, flag in wanted if flag)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (head.hidden, head.weight, head.bias)
     )
     if needs_grad:
-        logp, entropy = LinearLogprobsFunction.apply(
-            head.hidden, head.weight, head.bias, head, name, bool(return_entropy)
+        logp, entropy, *values = LinearLogprobsFunction.apply(
+            head.hidden, head.weight, head.bias, head, name, bool(return_entropy), stats
         )
     else:  # forward only: nothing saved beyond the outputs
-        logp, entropy, _, _ = head_forward(head, name, need_entropy=bool(return_entropy))
-    return LogprobsOutput(logp.view(head.shape), entropy.view(head.shape) if entropy is not None else None)
+        logp, entropy, _, _, extras = head_forward(head, name, need_entropy=bool(return_entropy), stats=stats)
+        values = [extras[stat] for stat in stats]
+    shaped = {stat: value.view(head.shape) for stat, value in zip(stats, values)}
+    return LogprobsOutput(logp.view(head.shape), entropy.view(head.shape) if entropy is not None else None, **shaped)
 
 
 def logprobs_from_logits(

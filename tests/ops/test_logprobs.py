@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fastalign as fa
-from fastalign.reference.logprobs import linear_logprobs_naive
-from helpers.accuracy import assert_close_3way
+from fastalign.reference.logprobs import linear_logits_naive, linear_logprobs_naive, linear_stats_naive
+from helpers.accuracy import ATOL, assert_close_3way
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -41,11 +41,25 @@ def run(fn, hidden, weight, bias, labels, grads, **kw):
     return dict(logp=logp, entropy=entropy, dh=h.grad, dw=w.grad, db=b.grad if b is not None else None)
 
 
-def plain_torch(h, w, labels, *, bias=None, temperature=1.0, softcap=None, return_entropy=False):
+def plain_logits(h, w, *, bias=None, softcap=None, logit_scale=1.0):
+    """What a user would write, in the inputs' dtype: the model's logits in that dtype."""
+    logits = h @ w.T
+    if bias is not None:
+        logits = logits + bias
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def plain_torch(h, w, labels, *, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, return_entropy=False):
     """What a user would write, in the inputs' dtype: logits in that dtype, softmax in fp32."""
     logits = h @ w.T
     if bias is not None:
         logits = logits + bias
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     out = fa.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy)
@@ -178,6 +192,160 @@ def test_custom_ignore_index_and_all_negative_logits(device):
     assert (a[::4] == 0).all() and (a[1::4] < 0).all()
 
 
+# ------------------------------------------------------------------ logit_scale and TRL's per-token statistics
+
+STAT_CASES = [
+    # shape, d, v, bias, temperature, softcap, logit_scale
+    ((41,), 40, 1007, False, 1.0, None, 1.0),
+    ((3, 13), 48, 523, True, 0.7, None, 0.45),
+    ((29,), 33, 389, True, 1.3, 5.0, 2.5),
+]
+STAT_MATRIX = [(b, dtype, case) for b in ("triton", "torch") for dtype in DTYPES for case in range(len(STAT_CASES))
+               if b == "triton" or dtype == torch.float32 or case == 1]
+
+
+def _stats_out(fn_out):
+    return {"mean_logits": fn_out.mean_logits, "is_top1": fn_out.is_top1, "log_sum_sq_probs": fn_out.log_sum_sq_probs}
+
+
+def _plain_stats(h, w, labels, *, bias, temperature, softcap, logit_scale):
+    """The statistics a user would compute from the model's logits in the inputs' dtype (the softmax in fp32)."""
+    z = plain_logits(h, w, bias=bias, softcap=softcap, logit_scale=logit_scale).float() / temperature
+    valid = labels != -100
+    lse = torch.logsumexp(z, -1)
+    return {"mean_logits": torch.where(valid, z.mean(-1), 0.0),
+            "is_top1": (z.argmax(-1) == labels) & valid,
+            "log_sum_sq_probs": torch.where(valid, torch.logsumexp(2 * z, -1) - 2 * lse, 0.0)}, z
+
+
+@pytest.mark.parametrize("backend,dtype,case", STAT_MATRIX,
+                         ids=[f"{b}-{str(d)[6:]}-{c}" for b, d, c in STAT_MATRIX])
+def test_stats_and_logit_scale_match_float64_truth(backend, dtype, case, device):
+    shape, d, v, bias, temperature, softcap, logit_scale = STAT_CASES[case]
+    hidden, weight, b, labels = make_inputs(shape, d, v, dtype, device, seed=300 + case, bias=bias)
+    gen = torch.Generator().manual_seed(31 + case)
+    grads = (torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device))
+    kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    up = lambda t: t.double() if t is not None else None  # noqa: E731
+    z64 = linear_logits_naive(up(hidden), up(weight), up(b), temperature, softcap, logit_scale)
+    # a trained model's labels are often its arg-max: make about a third of the valid ones so
+    predicted = (torch.rand(shape, generator=gen) < 0.35).to(device) & (labels != -100)
+    labels = torch.where(predicted, z64.argmax(-1), labels)
+
+    truth = run(linear_logprobs_naive, up(hidden), up(weight), up(b), labels, grads, return_entropy=True, **kw)
+    truth_stats = linear_stats_naive(up(hidden), up(weight), labels, bias=up(b), **kw)
+    same = run(plain_torch, hidden, weight, b, labels, grads, return_entropy=True, **kw)
+    same_stats, same_z = _plain_stats(hidden, weight, labels, bias=b, **kw)
+
+    def mine_fn(h, w, lab, **k):
+        out = fa.linear_logprobs(h, w, lab, backend=backend, return_mean_logits=True, return_is_top1=True,
+                                 return_log_sum_sq_probs=True, **k)
+        mine_fn.out = out
+        return out.logprobs, out.entropy
+
+    mine = run(mine_fn, hidden, weight, b, labels, grads, return_entropy=True, **kw)
+    stats = _stats_out(mine_fn.out)
+    # the gradients with all statistics requested are the gradients of logp and entropy alone
+    for key in ("logp", "entropy", "dh", "dw", "db"):
+        if truth[key] is not None:
+            assert_close_3way(mine[key], same[key], truth[key], dtype, name=f"{backend}/{dtype}/{key}")
+    for key in ("mean_logits", "log_sum_sq_probs"):
+        assert stats[key].dtype == torch.float32 and stats[key].shape == shape and not stats[key].requires_grad
+        assert_close_3way(stats[key], same_stats[key], truth_stats[key], dtype, name=f"{backend}/{dtype}/{key}")
+    top1 = stats["is_top1"]
+    assert top1.dtype == torch.bool and top1.shape == shape
+    # where the label's logit and the best other one are closer than the same-dtype logits' own error, rounding
+    # may flip the arg-max for any implementation; everywhere else the answer must be the truth's
+    safe = labels.clamp(min=0)
+    z_label = z64.gather(-1, safe[..., None])[..., 0]
+    best_other = z64.scatter(-1, safe[..., None], float("-inf")).amax(-1)
+    noise = 2 * (same_z.double() - z64).abs().amax(-1) + ATOL[dtype]
+    decided = (z_label - best_other).abs() > noise
+    assert truth_stats["is_top1"].any() and (~truth_stats["is_top1"] & (labels != -100)).any()
+    assert (top1[decided] == truth_stats["is_top1"][decided]).all()
+    ignored = labels == -100
+    assert not top1[ignored].any()
+    assert (stats["mean_logits"][ignored] == 0).all() and (stats["log_sum_sq_probs"][ignored] == 0).all()
+
+
+def _exact_tie_inputs(device):
+    """Small integers, so every logit is exact in any dtype and every engine: ties are real ties.
+
+    Rows 5 and 900 of W are equal, and so are rows 17 and 18 (different vocabulary splits, then the same tile).
+    Token 0's hidden state picks row 5's direction, so rows 5 and 900 share the maximum: the label 5 is the
+    arg-max (the first index wins), the label 900 is not. Token 1 does the same for rows 17 and 18.
+    """
+    g = torch.Generator().manual_seed(12)
+    d, v = 24, 1007
+    weight = torch.randint(-1, 2, (v, d), generator=g).float()
+    weight[900] = weight[5] = torch.tensor([1.0] * 12 + [0.0] * 12) * 2
+    weight[18] = weight[17] = torch.tensor([0.0] * 12 + [1.0] * 12) * 2
+    hidden = torch.zeros(6, d)
+    hidden[[0, 2, 4], :12] = 1.0
+    hidden[[1, 3, 5], 12:] = 1.0
+    labels = torch.tensor([5, 17, 900, 18, 6, -100])
+    return hidden.to(device), weight.to(device), labels.to(device)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_is_top1_ties_go_to_the_first_index(backend, dtype, device):
+    hidden, weight, labels = _exact_tie_inputs(device)
+    out = fa.linear_logprobs(hidden.to(dtype), weight.to(dtype), labels, return_is_top1=True, backend=backend)
+    # labels 5 and 17 are the first of two equal maxima; 900 and 18 tie with an earlier index; 6 is not a max
+    assert out.is_top1.tolist() == [True, True, False, False, False, False]
+    logits = hidden @ weight.T
+    assert (logits.argmax(-1)[:4] == torch.tensor([5, 17, 5, 17], device=device)).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stats_hand_derived(backend, device):
+    # logits [1, 0, 0] (h = [1, 0], W rows e0, e1, 0): mean 1/3; p = [e, 1, 1] / (e + 2), so
+    # log sum p^2 = log(e^2 + 2) - 2 log(e + 2); label 0 is the arg-max, label 1 is not
+    hidden = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]], device=device)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], device=device)
+    out = fa.linear_logprobs(hidden, weight, torch.tensor([0, 1, 2], device=device), return_mean_logits=True,
+                             return_is_top1=True, return_log_sum_sq_probs=True, backend=backend)
+    e = math.e
+    expect = math.log(e * e + 2) - 2 * math.log(e + 2)
+    torch.testing.assert_close(out.mean_logits, torch.tensor([1 / 3, 1 / 3, 0.0], device=device))
+    torch.testing.assert_close(out.log_sum_sq_probs, torch.tensor([expect, expect, -math.log(3)], device=device))
+    # token 2: all logits 0, a three-way tie won by index 0, so label 2 is not the top-1
+    assert out.is_top1.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stats_all_ignored_and_all_negative_logits(backend, device):
+    hidden, weight, _, labels = make_inputs((23,), 16, 333, torch.float32, device, seed=14, ignore_frac=0.0)
+    bias = torch.full((333,), -200.0, device=device)
+    kw = dict(bias=bias, return_mean_logits=True, return_is_top1=True, return_log_sum_sq_probs=True)
+    out = fa.linear_logprobs(hidden, weight, labels, backend=backend, **kw)
+    truth = linear_stats_naive(hidden.double(), weight.double(), labels, bias=bias.double())
+    torch.testing.assert_close(out.mean_logits.double(), truth["mean_logits"], rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(out.log_sum_sq_probs.double(), truth["log_sum_sq_probs"], rtol=1e-5, atol=1e-4)
+    assert (out.is_top1 == truth["is_top1"]).all()
+    out = fa.linear_logprobs(hidden, weight, torch.full_like(labels, -100), backend=backend, **kw)
+    assert (out.mean_logits == 0).all() and (out.log_sum_sq_probs == 0).all() and not out.is_top1.any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stats_are_not_differentiable_and_leave_gradients_alone(backend, device):
+    hidden, weight, _, labels = make_inputs((19,), 24, 300, torch.float32, device, seed=15)
+    g = torch.randn(19, device=device)
+    grads = []
+    for with_stats in (False, True):
+        h = hidden.clone().requires_grad_()
+        out = fa.linear_logprobs(h, weight, labels, return_mean_logits=with_stats, return_is_top1=with_stats,
+                                 return_log_sum_sq_probs=with_stats, backend=backend)
+        if with_stats:
+            assert not any(t.requires_grad for t in (out.mean_logits, out.is_top1, out.log_sum_sq_probs))
+        else:
+            assert out.mean_logits is None and out.is_top1 is None and out.log_sum_sq_probs is None
+        (out.logprobs * g).sum().backward()
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------------ errors
 
 def _valid(device="cpu"):
@@ -199,6 +367,8 @@ def _valid(device="cpu"):
         (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
         (lambda a: a.update(temperature=-1.0), ValueError, "temperature"),
         (lambda a: a.update(softcap=0.0), ValueError, "softcap"),
+        (lambda a: a.update(logit_scale=float("nan")), ValueError, "logit_scale"),
+        (lambda a: a.update(logit_scale="2"), TypeError, "logit_scale"),
         (lambda a: a.update(backend="cudnn"), ValueError, "backend"),
         (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "device"),
     ],
@@ -285,11 +455,13 @@ REGISTER_BOUNDS = {
     "logprobs_fwd/bf16": {_FWD: 192, _TARGET: 128},
     "logprobs_fwd/bf16-score": {_FWD: 128, _TARGET: 128},
     "logprobs_fwd/bf16-all": {_FWD: 232, _TARGET: 128},
+    "logprobs_fwd/bf16-stats": {_FWD: 248, _TARGET: 128},  # + logit scale and TRL's statistics (237 measured)
     "logprobs_fwd/fp16": {_FWD: 192, _TARGET: 128},
     "logprobs_fwd/fp32-ieee": {_FWD: 168, _TARGET: 144},
     "logprobs_fwd/fp32-tf32": {_FWD: 192, _TARGET: 144},
     "logprobs_bwd/bf16": {_BWD: 184},
     "logprobs_bwd/bf16-all": {_BWD: 255},
+    "logprobs_bwd/bf16-scale": {_BWD: 248},  # softcap and logit scale (232 measured)
     "logprobs_bwd/bf16-atomic": {_BWD: 255},
     "logprobs_bwd/fp32-ieee": {_BWD: 128},
     "logprobs_bwd/fp32-tf32": {_BWD: 232},

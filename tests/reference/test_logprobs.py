@@ -43,25 +43,25 @@ def test_hand_derived_temperature_softcap():
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1024])
-@pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (4.0, 0.7)])
-def test_chunked_forward_backward_matches_autograd_of_naive(chunk, softcap, temperature):
+@pytest.mark.parametrize("softcap,temperature,logit_scale", [(None, 1.0, 1.0), (4.0, 0.7, 1.0), (3.0, 1.2, 0.6)])
+def test_chunked_forward_backward_matches_autograd_of_naive(chunk, softcap, temperature, logit_scale):
     hidden, weight, bias, labels = _inputs()
-    logp, entropy, lse, mu = ref.linear_logprobs_forward(
-        hidden, weight, labels, bias, temperature=temperature, softcap=softcap, ignore_index=-100,
-        need_entropy=True, chunk=chunk,
+    kw = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    logp, entropy, lse, mu, stats = ref.linear_logprobs_forward(
+        hidden, weight, labels, bias, ignore_index=-100, need_entropy=True, stats=ref.STATS, chunk=chunk, **kw
     )
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    t_logp, t_ent = ref.linear_logprobs_naive(
-        h, w, labels, bias=b, temperature=temperature, softcap=softcap, return_entropy=True
-    )
+    t_logp, t_ent = ref.linear_logprobs_naive(h, w, labels, bias=b, return_entropy=True, **kw)
     torch.testing.assert_close(logp, t_logp.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(entropy, t_ent.detach(), rtol=1e-12, atol=1e-12)
+    t_stats = ref.linear_stats_naive(hidden, weight, labels, bias=bias, **kw)
+    for name in ref.STATS:
+        torch.testing.assert_close(stats[name], t_stats[name], rtol=1e-12, atol=1e-12, msg=name)
     g = torch.randn_like(logp)
     e = torch.randn_like(logp)
     ((t_logp * g).sum() + (t_ent * e).sum()).backward()
     dh, dw, db = ref.linear_logprobs_backward(
-        hidden, weight, labels, bias, lse, mu, g, e, temperature=temperature, softcap=softcap,
-        ignore_index=-100, chunk=chunk,
+        hidden, weight, labels, bias, lse, mu, g, e, ignore_index=-100, chunk=chunk, **kw
     )
     for name, mine, truth in (("dh", dh, h.grad), ("dW", dw, w.grad), ("db", db, b.grad)):
         torch.testing.assert_close(mine, truth, rtol=1e-10, atol=1e-12, msg=name)
@@ -76,11 +76,24 @@ def test_gradcheck_float64():
     args = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
 
     def fn(h, w, b):
-        out = fa.linear_logprobs(h, w, labels, bias=b, softcap=3.0, temperature=0.8, return_entropy=True,
-                                 backend="torch")
+        out = fa.linear_logprobs(h, w, labels, bias=b, softcap=3.0, temperature=0.8, logit_scale=1.7,
+                                 return_entropy=True, backend="torch")
         return out.logprobs, out.entropy
 
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
+
+
+def test_hand_derived_logit_scale():
+    # raw logits [2, 0], logit_scale 0.5 -> [1, 0]; softcap 1 -> [tanh 1, 0]; logp(0) = tanh 1 - log(e^tanh 1 + 1)
+    # d logp / d a_0 = k (1 - p_0) (1 - tanh^2 1), with k = 0.5 and p_0 = sigmoid(tanh 1)
+    hidden = torch.tensor([[2.0]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    out = fa.linear_logprobs(hidden, weight, torch.tensor([0]), softcap=1.0, logit_scale=0.5)
+    t = math.tanh(1.0)
+    assert out.logprobs.item() == pytest.approx(t - math.log(math.exp(t) + 1), rel=1e-12)
+    out.logprobs.sum().backward()
+    p0 = 1 / (1 + math.exp(-t))
+    assert hidden.grad.item() == pytest.approx(0.5 * (1 - p0) * (1 - t * t), rel=1e-12)
 
 
 def test_logprobs_from_logits_matches_trl_selective_log_softmax():
