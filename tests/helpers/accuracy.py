@@ -23,3 +23,21 @@ def assert_close_3way(fast, same_dtype, truth, dtype, *, name="", factor=2.0, at
         f"{(err_fast - bound).max().item():.3e} (max err fast {err_fast.max().item():.3e}, "
         f"same-dtype torch {err_ref.max().item():.3e}, atol {atol})"
     )
+
+
+def assert_close_3way_norm(fast, same_dtype, truth, dtype, *, name="", factor=2.0, atol=None):
+    """The same rule over a whole tensor: ||fast - truth|| <= factor ||same_dtype - truth|| + (atol + ulp |truth|)
+    in the 2-norm, the floor taken per element (sqrt(numel) atol).
+
+    For quantities a whole network propagates (parameter gradients through the backbone, weights after some
+    optimizer steps): each element's error is then a sum of many roundings, so either computation can be the luckier
+    one at a single element, while an implementation bug shows in the norm."""
+    atol = ATOL[dtype] if atol is None else atol
+    truth = truth.double()
+    assert torch.isfinite(fast).all(), f"{name}: non-finite values"
+    err_fast = (fast.double() - truth).norm().item()
+    err_ref = (same_dtype.double() - truth).norm().item()
+    floor = (atol + ULP[dtype] * truth.abs()).norm().item()
+    assert err_fast <= factor * err_ref + floor, (
+        f"{name}: error norm {err_fast:.3e} > {factor} x same-dtype torch {err_ref:.3e} + floor {floor:.3e}"
+    )

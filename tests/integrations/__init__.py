@@ -1,0 +1,1 @@
+"""Tests of fastalign inside TRL's trainers and Hugging Face models (``fastalign.integrations``)."""
