@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 RUN_EPILOG = "Cases: " + ", ".join(["linear_logprobs", "dpo", "grpo", "gae", "ppo", "value_loss", "kl_penalty",
-                                     "dpo_step", "grpo_step"])
+                                     "dpo_step", "grpo_step", "trl_dpo_step", "trl_grpo_step",
+                                     "hf_sft_step"])
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -98,7 +99,7 @@ def _specs(args, preset: dict, dtype) -> dict:
     """The preset's specs with command-line shape overrides applied."""
     s = {k: [dict(x) for x in v] if isinstance(v, list) else v for k, v in preset.items()}
     if dtype is not None:
-        for key in ("logprobs", "logprobs_sweep", "dpo", "grpo", "e2e_dpo", "e2e_grpo"):
+        for key in ("logprobs", "logprobs_sweep", "dpo", "grpo", "e2e_dpo", "e2e_grpo", "e2e_sft"):
             for x in s[key]:
                 x["dtype"] = dtype
     if args.n or args.d or args.v:
@@ -140,6 +141,9 @@ def _build_cases(names: list[str], specs: dict, device, compile_peers: bool, com
                                  device)
     cases += e2e.cases(specs["e2e_dpo"] if "dpo_step" in names else [],
                        specs["e2e_grpo"] if "grpo_step" in names else [], device)
+    cases += e2e.integration_cases(specs["e2e_dpo"] if "trl_dpo_step" in names else [],
+                                   specs["e2e_grpo"] if "trl_grpo_step" in names else [],
+                                   specs["e2e_sft"] if "hf_sft_step" in names else [], device)
     cases += rest_shapes
     cases += rl.cases([], [], device, compile_peers=compile_peers,
                       value_specs=specs["ppo"] if "value_loss" in names else [],

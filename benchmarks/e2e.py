@@ -20,6 +20,7 @@ step, which is the same for all). Agreement: the step-0 loss against the plain P
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -354,10 +355,125 @@ def grpo_case(spec: dict, device, dtype) -> Case:
                 notes=["loss forward+backward through the whole model on given rollouts (no generation)"])
 
 
+# ------------------------------------------------------------------- fastalign inside TRL and the HF Trainer
+
+def _with_trl_integration(prepare):
+    """The TRL row's preparation, its step run with ``fastalign.integrations.trl`` swapped in: the same trainer,
+    model, batch and config, only the fused LM head differs."""
+    def prep(inputs):
+        from fastalign.integrations import trl as integration
+
+        with integration.enabled():  # checks the installed TRL first: an unknown one is this row's error
+            pass
+        prepared = prepare(inputs)
+        inner = prepared.step
+
+        def step():
+            with integration.enabled():
+                return inner()
+
+        prepared.step = step
+        prepared.extra["path"] = "fastalign.integrations.trl.enabled()"
+        return prepared
+
+    return prep
+
+
+def trl_integration_case(base: Case, name: str) -> Case:
+    """``base`` (the DPO or GRPO step case) reduced to its TRL trainer row, the same row under
+    ``fastalign.integrations.trl``, and the plain PyTorch baseline the agreement check measures against."""
+    trl_row = next(i for i in base.impls if i.family == "trl")
+    plain = next(i for i in base.impls if i.is_baseline)
+    impls = [
+        Impl(f"TRL default ({trl_row.name.removeprefix('TRL ')})", "trl", trl_row.prepare, missing=trl_row.missing),
+        Impl("TRL + fastalign.integrations.trl", "fastalign",
+             _with_trl_integration(trl_row.prepare) if trl_row.prepare else None, missing=trl_row.missing),
+        plain,
+    ]
+    notes = [*base.notes, "TRL's own trainer and loss on the same saved model; the second row only swaps TRL's "
+             "fused LM head (trl.trainer.utils._ChunkedLogProbFunction) for fastalign's"]
+    return dataclasses.replace(base, name=name, impls=impls, notes=notes)
+
+
+def sft_batch(spec: dict, vocab: int, device) -> dict:
+    """Right-padded rows of unequal length; the first quarter of each row is a prompt (labels -100)."""
+    b_size, t = spec["b"], spec["t"]
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, min(vocab, 512) - 3, (b_size, t), generator=g)
+    lengths = torch.randint(max(2, t // 2), t + 1, (b_size,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).long()
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    labels[:, : max(1, t // 4)] = IGNORE
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def hf_sft_case(spec: dict, device, dtype) -> Case:
+    shared = Shared(spec, device, dtype)
+    out_dir = tempfile.TemporaryDirectory(prefix="fa-bench-hf-")
+
+    def make_inputs():
+        return sft_batch(spec, shared.model.config.vocab_size, device)
+
+    def truth(b):
+        with torch.no_grad():
+            logits = _fp32_head_logits(shared.model, b["input_ids"], b["attention_mask"])[:, :-1]
+            y = b["labels"][:, 1:]
+            return {"loss": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                            ignore_index=IGNORE)}
+
+    def trainer_row(patched: bool):
+        def prep(b):
+            import copy
+
+            from transformers import Trainer, TrainingArguments
+
+            import fastalign
+
+            model = fastalign.patch(copy.deepcopy(shared.model)) if patched else shared.model
+            with _quiet():
+                args = TrainingArguments(output_dir=out_dir.name, use_cpu=device.type != "cuda", bf16=False,
+                                         fp16=False, report_to=[], save_strategy="no", logging_strategy="no",
+                                         per_device_train_batch_size=spec["b"])
+                trainer = Trainer(model=model, args=args)
+            trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop; we call one step
+            model.train()
+            prepared = Prepared(lambda: {"loss": trainer.training_step(model, dict(b)).float().reshape(())},
+                                grad_to_none=[p for p in model.parameters() if p.requires_grad])
+            prepared.extra["path"] = "transformers.Trainer.training_step" + (" on fastalign.patch(model)"
+                                                                             if patched else "")
+            return prepared
+
+        return prep
+
+    def plain(b):
+        return _params_prepared(shared.model, lambda: shared.model(**b, use_cache=False).loss)
+
+    impls = [
+        Impl("HF Trainer (training_step)", "hf", trainer_row(False)),
+        Impl("HF Trainer + fastalign.patch", "fastalign", trainer_row(True)),
+        Impl("plain PyTorch (model(..., labels=labels).loss)", "naive", plain, is_baseline=True),
+    ]
+    return Case(suite="e2e", name="hf_sft_step",
+                params={"model": spec["model"], "B": spec["b"], "T": spec["t"],
+                        "dtype": str(dtype).replace("torch.", "")},
+                device=device, dtype=dtype, tokens=spec["b"] * spec["t"], make_inputs=make_inputs, truth=truth,
+                impls=impls, notes=["SFT cross-entropy forward+backward through the whole model (Trainer's "
+                                    "training_step without the optimizer step); right padding and prompt tokens "
+                                    "ignored"])
+
+
 def cases(dpo_specs: list[dict], grpo_specs: list[dict], device) -> list[Case]:
     out = []
     for s in dpo_specs:
         out.append(dpo_case(s, device, s["dtype"]))
     for s in grpo_specs:
         out.append(grpo_case(s, device, s["dtype"]))
+    return out
+
+
+def integration_cases(dpo_specs: list[dict], grpo_specs: list[dict], sft_specs: list[dict], device) -> list[Case]:
+    """TRL default vs TRL + fastalign.integrations.trl (DPO, GRPO), HF Trainer vs HF Trainer + fastalign.patch (SFT)."""
+    out = [trl_integration_case(dpo_case(s, device, s["dtype"]), "trl_dpo_step") for s in dpo_specs]
+    out += [trl_integration_case(grpo_case(s, device, s["dtype"]), "trl_grpo_step") for s in grpo_specs]
+    out += [hf_sft_case(s, device, s["dtype"]) for s in sft_specs]
     return out

@@ -38,6 +38,7 @@ PRESETS: dict[str, dict] = {
         "ppo": [dict(b=4, t=64)],
         "e2e_dpo": [dict(model="tiny-llama", d=32, v=1007, layers=1, pairs=2, t=16, dtype=fp32)],
         "e2e_grpo": [dict(model="tiny-llama", d=32, v=1007, layers=1, b=4, t=16, dtype=fp32)],
+        "e2e_sft": [dict(model="tiny-llama", d=32, v=1007, layers=1, b=4, t=16, dtype=fp32)],
         "compile": False, "budget_s": 0.05, "impl_timeout_s": 60, "build_ext": False,
     },
     "cpu": {
@@ -51,6 +52,7 @@ PRESETS: dict[str, dict] = {
         "ppo": [dict(b=64, t=512), dict(b=256, t=1024)],
         "e2e_dpo": [dict(model="tiny-llama", d=128, v=8000, layers=2, pairs=2, t=128, dtype=fp32)],
         "e2e_grpo": [dict(model="tiny-llama", d=128, v=8000, layers=2, b=4, t=128, dtype=fp32)],
+        "e2e_sft": [dict(model="tiny-llama", d=128, v=8000, layers=2, b=4, t=128, dtype=fp32)],
         "compile": True, "budget_s": 1.0, "impl_timeout_s": 120, "build_ext": True,
     },
     "gpu": {
@@ -64,6 +66,7 @@ PRESETS: dict[str, dict] = {
         "ppo": [dict(b=512, t=2048), dict(b=1024, t=4096)],
         "e2e_dpo": [dict(model="qwen2.5-0.5b", pairs=4, t=1024, dtype=bf16)],
         "e2e_grpo": [dict(model="qwen2.5-0.5b", b=8, t=1024, dtype=bf16)],
+        "e2e_sft": [dict(model="qwen2.5-0.5b", b=8, t=1024, dtype=bf16)],
         # torch.compile rows: PPO/value/KL (the PPO target in docs/architecture.md, *Targets*, is against it); not
         # CCE's torch_compile impl at 32768 x 151936, which materialises the logits and spends the lease compiling
         "compile": True, "compile_logprobs": False, "budget_s": 0.4, "impl_timeout_s": 60, "build_ext": True,
@@ -75,6 +78,7 @@ CASE_KEYS = {  # --cases names -> preset keys
     "dpo": ("dpo",), "grpo": ("grpo",), "gae": ("gae",), "ppo": ("ppo",), "value_loss": ("ppo",),
     "kl_penalty": ("ppo",),
     "dpo_step": ("e2e_dpo",), "grpo_step": ("e2e_grpo",),
+    "trl_dpo_step": ("e2e_dpo",), "trl_grpo_step": ("e2e_grpo",), "hf_sft_step": ("e2e_sft",),
 }
 SUITES = {"ops": ("linear_logprobs", "dpo", "grpo", "gae", "ppo", "value_loss", "kl_penalty"),
-          "e2e": ("dpo_step", "grpo_step")}
+          "e2e": ("dpo_step", "grpo_step", "trl_dpo_step", "trl_grpo_step", "hf_sft_step")}

@@ -46,6 +46,18 @@ class _State:
     backend = "auto"
     original = None  # TRL's class while enabled
     sites: list = []  # (module, attribute) pairs that held it
+    scanned: tuple = (None, [])  # ((id of TRL's class, len(sys.modules)), its sites) of the last scan
+
+
+def _sites(original) -> list:
+    """Every (module, attribute) of a loaded ``trl`` module that holds ``original``; rescanned only when modules
+    were imported since the last scan (a scan of sys.modules costs milliseconds, ``enabled()`` may run per step)."""
+    key = (id(original), len(sys.modules))
+    if _State.scanned[0] != key:
+        modules = [m for name, m in list(sys.modules.items()) if name == "trl" or name.startswith("trl.")]
+        sites = [(m, attr) for m in modules for attr, value in list(vars(m).items()) if value is original]
+        _State.scanned = (key, sites)
+    return [(m, attr) for m, attr in _State.scanned[1] if getattr(m, attr, None) is original]
 
 
 class TRLFusedHead(torch.autograd.Function):
@@ -181,9 +193,7 @@ def enable(*, backend: str = "auto") -> None:
         raise ValueError(f"{OP}.enable: backend must be one of {BACKENDS}, got {backend!r}")
     original = _check_trl()
     if not is_enabled():
-        sites = [(module, name) for module in list(sys.modules.values())
-                 if getattr(module, "__name__", "").split(".")[0] == "trl"
-                 for name, value in list(vars(module).items()) if value is original]
+        sites = _sites(original)
         for module, name in sites:
             setattr(module, name, TRLFusedHead)
         _State.original, _State.sites = original, sites

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STATUSES = {"ok", "missing", "error", "timeout", "skipped"}
 CASES = {"linear_logprobs.fwd_bwd", "linear_logprobs.fwd", "dpo_loss.fused_from_hidden",
          "grpo_loss.fused_from_hidden", "gae", "ppo_policy_loss.fwd_bwd", "value_loss.fwd_bwd", "kl_penalty.fwd_bwd",
-         "dpo_step", "grpo_step"}
+         "dpo_step", "grpo_step", "trl_dpo_step", "trl_grpo_step", "hf_sft_step"}
 
 
 def _env():
