@@ -12,6 +12,11 @@ vocab 151936), the same batch and the same hyperparameters for every row:
 - ``TRL DPOTrainer.compute_loss`` / ``TRL GRPOTrainer.compute_loss``: TRL's own trainer on the same saved model,
   called on the same batch (its default path: its chunked fused LM head).
 
+The integration cases compare a trainer with itself plus one fastalign line, on the same model, batch and config:
+``trl_dpo_step`` / ``trl_grpo_step`` (TRL's trainer row above, and the same row under
+``fastalign.integrations.trl.enabled()``) and ``hf_sft_step`` (``transformers.Trainer.training_step`` on the model
+and on ``fastalign.patch(model)``), each beside the plain PyTorch baseline of the accuracy check.
+
 DPO: reference log-probs precomputed (as TRL's ``precompute_ref_log_probs``), sigmoid loss, beta 0.1.
 GRPO: old and reference log-probs given (current + noise), clip 0.2, k3 KL beta 0.04, TRL ``loss_type="bnpo"``
 (= fastalign ``agg="token-mean"``). Timed unit: loss forward + backward into every parameter (no optimizer

@@ -247,3 +247,25 @@ def test_refuses_a_trl_it_was_not_written_for(what, target, attribute, value, ex
     with pytest.raises(RuntimeError, match=expected):
         with trl_restored.enabled():
             pass
+
+
+@pytest.mark.gpu
+def test_gpu_matches_trl_triton_head_under_bf16_autocast(trl_restored):
+    """On a GPU TRL's head runs its Triton fold on compacted rows; fastalign's runs its kernels (Qwen2.5-0.5B's
+    head, bf16 autocast over fp32 weights, as a bf16=True TRL run has it)."""
+    g = torch.Generator().manual_seed(9)
+    n, d, v = 1937, 896, 151936
+    hidden = torch.randn(n, d, generator=g).cuda()
+    weight = (torch.randn(v, d, generator=g) * 3 / math.sqrt(d)).cuda()
+    targets = torch.randint(0, v, (n,), generator=g).cuda()
+    grads = (torch.randn(n, generator=g).cuda(), torch.randn(n, generator=g).cuda())
+    params = (1.0, None, 1.0)
+    trl_restored.enable()
+    truth = _truth(hidden, weight, None, targets, params, grads)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        theirs = _run(TRL_HEAD, hidden, weight, None, targets, params, grads)
+        mine = _run(TRLFusedHead, hidden, weight, None, targets, params, grads)
+    for key in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        assert_close_3way(mine[key], theirs[key], truth[key], torch.bfloat16, name=key)
+    for key in ("dh", "dw"):
+        assert_close_3way_norm(mine[key], theirs[key], truth[key], torch.bfloat16, name=key)
