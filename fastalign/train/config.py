@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from fastalign.reference.preference import LOSS_TYPES as DPO_LOSS_TYPES
+from fastalign.ops.preference import check_dpo_options
+from fastalign.reference.preference import DISCOPOP_TAU, LOSS_TYPES as DPO_LOSS_TYPES, SMOOTHED as DPO_SMOOTHED
+from fastalign.reference.preference import needs_reference
 from fastalign.reference.rl import AGG_MODES
 from fastalign.train.config_parsing import option, require, validate
 
@@ -151,17 +153,24 @@ class DPOConfig(TrainConfig):
             raise ValueError(f"DPOConfig: loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} "
                              f"loss types {self.loss_type}")
         # the same rules as fa.dpo_loss, checked before any model loads; eps > 0.5 would flip every preference
-        types = set(self.loss_type)
-        if types & {"hinge", "ipo"} and self.label_smoothing != 0:
-            bad = sorted(types & {'hinge', 'ipo'})[0]
-            raise ValueError(f"DPOConfig: label_smoothing must be 0 for loss_type={bad!r}, "
-                             f"got {self.label_smoothing}")
+        types = self.loss_type
+        shown = repr(types[0]) if len(types) == 1 else repr(types)
+        if self.label_smoothing != 0 and not set(types) & set(DPO_SMOOTHED):
+            raise ValueError(f"DPOConfig: label_smoothing must be 0 for loss_type={shown} (it applies to "
+                             f"{', '.join(DPO_SMOOTHED)}), got {self.label_smoothing}")
         if "robust" in types and not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig: label_smoothing must lie in [0, 0.5) for loss_type='robust', "
                              f"got {self.label_smoothing}")
         require(self, "label_smoothing", 0, 0.5)
         if "simpo" not in types and self.simpo_gamma != 0:
             raise ValueError(f"DPOConfig: simpo_gamma only applies to loss_type='simpo', got {self.simpo_gamma}")
+        if "discopop" not in types and self.discopop_tau != DISCOPOP_TAU:
+            raise ValueError(f"DPOConfig: discopop_tau only applies to loss_type='discopop', got {self.discopop_tau}")
+        # the remaining combination rules (exo_pair's eps > 0, simpo not combined with reference types, ...)
+        check_dpo_options("DPOConfig", beta=self.beta, loss_type=types, label_smoothing=self.label_smoothing,
+                          gamma=self.simpo_gamma, has_reference=needs_reference(types),
+                          loss_weights=self.loss_weights or None,
+                          discopop_tau=self.discopop_tau if "discopop" in types else None)
 
 
 @dataclass

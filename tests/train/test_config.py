@@ -86,6 +86,16 @@ def test_dpo_option_combinations():
     with pytest.raises(ValueError, match="simpo_gamma only applies to loss_type='simpo'"):
         DPOConfig(simpo_gamma=0.5)
     assert DPOConfig(loss_type="simpo", simpo_gamma=0.5, label_smoothing=0.5).simpo_gamma == 0.5
+    # combinations: eps is fine when some listed type reads it; the loss op's own rules run too
+    assert DPOConfig(loss_type="ipo,robust", label_smoothing=0.1).loss_type == ["ipo", "robust"]
+    with pytest.raises(ValueError, match=r"label_smoothing must be 0 for loss_type=\['hinge', 'bco_pair'\]"):
+        DPOConfig(loss_type="hinge,bco_pair", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"DPOConfig: label_smoothing must lie in \(0, 1\) for loss_type='exo_pair'"):
+        DPOConfig(loss_type="exo_pair")
+    with pytest.raises(ValueError, match="DPOConfig: loss_type='simpo' is reference-free and cannot be combined"):
+        DPOConfig(loss_type="simpo,sigmoid")
+    with pytest.raises(ValueError, match="discopop_tau only applies"):
+        DPOConfig(discopop_tau=0.2)
 
 
 def test_resume_and_overwrite_exclude_each_other():
