@@ -245,6 +245,80 @@ struct PolicyToken {
   }
 };
 
+// The fp32 policy row without staging: 8 tokens a step straight from the inputs (mask: none, bool or fp32), the
+// accumulators in registers, flushed into double every kFlush8 steps and at the end of the row; the ragged end goes
+// through the staged scalar path. Same operations as policy_block8.
+constexpr int64_t kFlush8 = 128;
+
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+
+template <typename M>
+inline v8i v8valid(const M* mask, int64_t t) {
+  if constexpr (std::is_same_v<M, bool>) {
+    v8u8 m;
+    std::memcpy(&m, mask + t, sizeof(m));
+    return __builtin_convertvector(m, v8i) != 0;
+  } else {
+    return v8load(mask + t) != 0.0f;
+  }
+}
+
+template <bool PER_ROW_ADV, bool HAS_DUAL, typename M>
+__attribute__((noinline)) int64_t policy_row_f32(const float* __restrict__ lp, const float* __restrict__ old,
+                                                 const float* __restrict__ adv, const M* __restrict__ mask,
+                                                 float* __restrict__ g, int64_t T, float lo_s, float hi_s,
+                                                 float dual_s, double* tot, float& ratio_min, float& ratio_max) {
+  const v8f zero = v8bc(0.0f), one = v8bc(1.0f), lo = v8bc(lo_s), hi = v8bc(hi_s);
+  const v8f inf = v8bc(std::numeric_limits<float>::infinity());
+  const v8f a_row = v8bc(PER_ROW_ADV ? adv[0] : 0.0f);
+  v8f s_loss = zero, s_n = zero, s_low = zero, s_high = zero, s_dual = zero, s_kl = zero, s_ratio = zero;
+  v8f s_min = inf, s_max = -inf;
+  auto flush = [&] {
+    const v8f parts[7] = {s_loss, s_n, s_low, s_high, s_dual, s_kl, s_ratio};
+    for (int k = 0; k < 7; ++k) {
+      for (int j = 0; j < 8; ++j) tot[k] += parts[k][j];
+    }
+    for (int j = 0; j < 8; ++j) {
+      ratio_min = std::min(ratio_min, s_min[j]);
+      ratio_max = std::max(ratio_max, s_max[j]);
+    }
+    s_loss = s_n = s_low = s_high = s_dual = s_kl = s_ratio = zero;
+    s_min = inf;
+    s_max = -inf;
+  };
+  int64_t t = 0, steps = 0;
+  for (; t + 8 <= T; t += 8) {
+    const v8i is_valid = mask == nullptr ? (zero == zero) : v8valid(mask, t);
+    const v8f lr = v8sel(is_valid, v8load(lp + t) - v8load(old + t), zero);
+    const v8f a = v8sel(is_valid, PER_ROW_ADV ? a_row : v8load(adv + t), zero);
+    const v8f ratio = v8exp(lr);
+    const v8f l_unclipped = -a * ratio;
+    const v8f l_clipped = -a * v8min(v8max(ratio, lo), hi);
+    const v8i clipped = l_clipped > l_unclipped;
+    v8f l = v8sel(clipped, l_clipped, l_unclipped);
+    v8f d = v8sel(clipped, zero, l_unclipped);
+    if (HAS_DUAL) {
+      const v8f l_dual = -a * dual_s;
+      const v8i hit = (a < zero) & (l > l_dual);
+      l = v8sel(hit, l_dual, l);
+      d = v8sel(hit, zero, d);
+      s_dual += v8sel(hit, one, zero);
+    }
+    if (g != nullptr) v8store(g + t, v8sel(is_valid, d, zero));
+    s_loss += v8sel(is_valid, l, zero);
+    s_n += v8sel(is_valid, one, zero);
+    s_low += v8sel((a < zero) & (ratio < lo), one, zero);
+    s_high += v8sel((a > zero) & (ratio > hi), one, zero);
+    s_kl -= lr;
+    s_ratio += v8sel(is_valid, ratio, zero);
+    s_min = v8min(s_min, v8sel(is_valid, ratio, inf));
+    s_max = v8max(s_max, v8sel(is_valid, ratio, -inf));
+    if (++steps == kFlush8) { flush(); steps = 0; }
+  }
+  flush();
+  return t;  // tokens done; the caller finishes the row
+}
+
 // One row of the PPO policy loss. adv points at the row's advantages (PER_ROW_ADV: one value for the row). out:
 // loss sum, n, n low, n high, n dual, kl sum (old - new), ratio sum, ratio min, ratio max (kRowStats).
 // noinline here and below: inlined into the row loop's caller, GCC no longer vectorized the block loops
@@ -295,6 +369,13 @@ __attribute__((noinline)) void policy_row(const scalar_t* __restrict__ lp, const
   };
   reset();
   int64_t t0 = 0, blocks = 0;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> &&
+                (std::is_same_v<M, bool> || std::is_same_v<M, float>)) {
+    float rmin = inf, rmax = -inf;
+    t0 = policy_row_f32<PER_ROW_ADV, HAS_DUAL>(lp, old, adv, mask, g, T, lo, hi, dual, tot, rmin, rmax);
+    ratio_min = rmin;
+    ratio_max = rmax;
+  }
   for (; t0 + kLanes <= T; t0 += kLanes) {
     stage(t0, kLanes);
     acc_t* __restrict__ gb = g != nullptr ? g + t0 : scratch;  // the store stays unconditional
