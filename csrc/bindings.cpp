@@ -154,19 +154,6 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd(const at::Tensor& logprobs, co
   return kl_penalty_fwd_cpu(logprobs, ref_logprobs, kind, need_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor> kl_penalty_bwd(const at::Tensor& coef, const at::Tensor& grad_out, bool need_logp,
-                                                  bool need_ref) {
-  TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble, "coef must be fp32/fp64, got ",
-              coef.scalar_type());
-  CHECK_CONTIGUOUS(coef);
-  cpu_only(coef, "kl_penalty_bwd");
-  CHECK_DEVICE(grad_out, coef);
-  CHECK_SAME_DTYPE(grad_out, coef);
-  CHECK_CONTIGUOUS(grad_out);
-  TORCH_CHECK(grad_out.sizes() == coef.sizes(), "grad_out must have shape ", coef.sizes(), ", got ", grad_out.sizes());
-  return kl_penalty_bwd_cpu(coef, grad_out, need_logp, need_ref);
-}
-
 bool with_cuda() {
 #ifdef FASTALIGN_WITH_CUDA
   return true;
@@ -193,7 +180,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("agg"), py::arg("norm_len"), py::arg("need_grad"));
   m.def("kl_penalty_fwd", &kl_penalty_fwd, "KL estimator k1/k2/k3 (CPU) -> (kl, d kl / d logprobs)",
         py::arg("logprobs"), py::arg("ref_logprobs"), py::arg("kind"), py::arg("need_grad"));
-  m.def("kl_penalty_bwd", &kl_penalty_bwd, "(coef * grad_out, -coef * grad_out) (CPU)", py::arg("coef"),
-        py::arg("grad_out"), py::arg("need_logp"), py::arg("need_ref"));
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
 }

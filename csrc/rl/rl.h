@@ -11,9 +11,8 @@
 // value_loss_fwd(values, old_values, returns (B, T), mask, clip (<= 0: off), agg, norm_len, need_grad)
 //   -> (loss (), stats (2,): clip_frac, values_mean, grad (B, T) unscaled or empty, row_scale (B,))
 // kl_penalty_fwd(logprobs (...), ref_logprobs (...), kind 0/1/2 = k1/k2/k3, need_grad)
-//   -> (kl (...), d kl / d logprobs (...) or empty); fp32 (fp64 for fp64 inputs)
-// kl_penalty_bwd(coef (...), grad_out (...), need_logp, need_ref) -> (coef * grad_out, -coef * grad_out), each
-//   empty when not needed
+//   -> (kl (...), d kl / d logprobs (...) or empty); fp32 (fp64 for fp64 inputs). The backward is one product
+//   with the upstream gradient, in torch (fastalign/ops/rl.py).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -32,8 +31,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_fwd_cpu(
     const c10::optional<at::Tensor>& mask, double clip, int64_t agg, double norm_len, bool need_grad);
 std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
                                                       int64_t kind, bool need_grad);
-std::tuple<at::Tensor, at::Tensor> kl_penalty_bwd_cpu(const at::Tensor& coef, const at::Tensor& grad_out,
-                                                      bool need_logp, bool need_ref);
 
 #ifdef FASTALIGN_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,

@@ -731,33 +731,3 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd_cpu(const at::Tensor& logprobs
   });
   return {kl, coef};
 }
-
-std::tuple<at::Tensor, at::Tensor> kl_penalty_bwd_cpu(const at::Tensor& coef, const at::Tensor& grad_out,
-                                                      bool need_logp, bool need_ref) {
-  const int64_t N = coef.numel();
-  at::Tensor g_logp = need_logp ? new_output(coef.sizes(), coef.options()) : at::empty({0}, coef.options());
-  at::Tensor g_ref = need_ref ? new_output(coef.sizes(), coef.options()) : at::empty({0}, coef.options());
-  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "kl_penalty_bwd_cpu", [&] {
-    const scalar_t* c = coef.data_ptr<scalar_t>();
-    const scalar_t* go = grad_out.data_ptr<scalar_t>();
-    scalar_t* gl = need_logp ? g_logp.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gr = need_ref ? g_ref.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, N, 32768, [&](int64_t begin, int64_t end) {
-      if (gl != nullptr && gr != nullptr) {
-FA_SIMD
-        for (int64_t i = begin; i < end; ++i) {
-          const scalar_t x = c[i] * go[i];
-          gl[i] = x;
-          gr[i] = -x;
-        }
-      } else if (gl != nullptr) {
-FA_SIMD
-        for (int64_t i = begin; i < end; ++i) gl[i] = c[i] * go[i];
-      } else if (gr != nullptr) {
-FA_SIMD
-        for (int64_t i = begin; i < end; ++i) gr[i] = -(c[i] * go[i]);
-      }
-    });
-  });
-  return {g_logp, g_ref};
-}

@@ -398,9 +398,15 @@ def _loss_forward(backend, current, old, target, mask, **cfg):
     return loss, stats, (grad if cfg["need_grad"] else None), scale
 
 
+def _scales_in_place(backend: str, grad: torch.Tensor) -> bool:
+    """The torch path and the CPU extension scale the saved derivative in place in the backward: the buffer becomes
+    the gradient (no second (B, T) allocation, whose first touch alone costs as much as the pass on CPU)."""
+    return backend == "torch" or (backend == "cpp" and grad.device.type == "cpu")
+
+
 def _loss_backward(backend, grad, scale, upstream, dtype):
-    if backend == "torch":
-        return torch.mul(grad, (scale * upstream.to(scale.dtype))[:, None]).to(dtype)
+    if _scales_in_place(backend, grad):
+        return grad.mul_((scale * upstream.to(scale.dtype))[:, None]).to(dtype)
     upstream = upstream.float().reshape(1).contiguous()
     if backend == "triton":
         return _kernels().rl_loss_backward(grad, scale, upstream, dtype)
@@ -413,8 +419,9 @@ class _RLLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, current, old, target, mask, backend: str, cfg: dict):
         loss, stats, grad, scale = _loss_forward(backend, current, old, target, mask, need_grad=True, **dict(cfg))
-        ctx.backend = backend
+        ctx.backend, ctx.op = backend, "value_loss" if cfg["is_value"] else "ppo_policy_loss"
         ctx.current_dtype = current.dtype
+        ctx.consumed = False
         ctx.save_for_backward(grad, scale)
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -422,7 +429,13 @@ class _RLLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_stats):
+        if ctx.consumed:  # checked before unpacking: autograd's own version check would raise less clearly
+            raise RuntimeError(
+                f"{ctx.op}: a second backward through the same graph (retain_graph=True) is not supported on the "
+                f"{ctx.backend!r} backend: the first backward scaled the saved derivative in place into the "
+                "gradient. Compute the loss again for another backward.")
         grad, scale = ctx.saved_tensors
+        ctx.consumed = _scales_in_place(ctx.backend, grad)
         return _loss_backward(ctx.backend, grad, scale, grad_loss, ctx.current_dtype), None, None, None, None, None
 
 
@@ -556,7 +569,7 @@ class _KLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logprobs, ref_logprobs, kind: str, backend: str):
-        ctx.kind, ctx.backend = kind, backend
+        ctx.kind, ctx.backend, ctx.consumed = kind, backend, False
         ctx.dtypes = (logprobs.dtype, ref_logprobs.dtype)
         need_grad = logprobs.requires_grad or ref_logprobs.requires_grad
         if backend == "triton":
@@ -584,10 +597,16 @@ class _KLFunction(torch.autograd.Function):
                 logp, ref_lp, grad_out, kind=ctx.kind, need_logp=need_logp, need_ref=need_ref,
             )
             return grad_logp, grad_ref, None, None
+        if ctx.consumed:  # checked before unpacking: autograd's own version check would raise less clearly
+            raise RuntimeError(
+                f"kl_penalty: a second backward through the same graph (retain_graph=True) is not supported on the "
+                f"{ctx.backend!r} backend: the first backward scaled the saved derivative in place into the gradient. "
+                "Compute the penalty again for another backward.")
         (saved,) = ctx.saved_tensors
-        if ctx.backend == "cpp":
-            grad_logp, grad_ref = _extension().kl_penalty_bwd(saved, grad_out.to(saved.dtype).contiguous(),
-                                                              need_logp, need_ref)
+        ctx.consumed = saved is not None
+        if ctx.backend == "cpp":  # saved: dk/dlogp; one product with the upstream, in place (any strides)
+            grad_logp = saved.mul_(grad_out)
+            grad_ref = torch.neg(grad_logp) if need_ref else None
         else:
             grad_logp, grad_ref = _torch_kl_backward(ctx.kind, saved, grad_out, need_logp, need_ref)
         return (grad_logp.to(ctx.dtypes[0]) if need_logp else None,
@@ -609,11 +628,12 @@ def _torch_kl_forward(logprobs, ref_logprobs, kind: str):
 
 
 def _torch_kl_backward(kind: str, saved, grad_out, need_logp: bool, need_ref: bool):
-    """dk/dlogp = 1 (k1), -d (k2), -expm1(d) (k3); dk/dref is its negative."""
+    """dk/dlogp = 1 (k1), -d (k2), -expm1(d) (k3); dk/dref is its negative. ``saved`` (d or expm1(d)) is scaled in
+    place into the gradient of ref_logprobs."""
     if kind == "k1":
         return grad_out, (-grad_out if need_ref else None)
-    grad_ref = grad_out * saved
-    return (-grad_ref if need_logp else None), grad_ref
+    grad_ref = saved.mul_(grad_out)
+    return (torch.neg(grad_ref) if need_logp else None), grad_ref
 
 
 def kl_penalty(

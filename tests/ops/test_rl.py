@@ -263,6 +263,25 @@ def test_torch_losses_fp64_equal_the_reference():
     torch.testing.assert_close(vgrad, vtruth_grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("backend", ["torch"])
+def test_in_place_backward_refuses_a_second_backward(backend):
+    """The CPU paths scale the saved derivative in place into the gradient: a retained graph cannot be walked twice;
+    a fresh forward can."""
+    logp, old, adv, mask = policy_case((3, 11), 62, False)
+    x = logp.clone().requires_grad_()
+    loss, _ = fa.ppo_policy_loss(x, old, adv, mask, backend=backend)
+    vloss, _ = fa.value_loss(x, old, adv, mask, clip=0.2, backend=backend)
+    kl = fa.kl_penalty(x, old, kind="k3", backend=backend).sum()
+    for out, op in ((loss, "ppo_policy_loss"), (vloss, "value_loss"), (kl, "kl_penalty")):
+        out.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match=f"{op}: a second backward through the same graph"):
+            out.backward()
+    x.grad = None
+    fa.ppo_policy_loss(x, old, adv, mask, backend=backend)[0].backward()
+    (_, _), truth = _grad_of(lambda y: ref.ppo_policy_loss(y, old, adv, mask), logp, 1.0)
+    torch.testing.assert_close(x.grad, truth)
+
+
 # ----------------------------------------------------------------------------------------------- all-masked input
 
 @pytest.mark.parametrize("backend", BACKENDS)
