@@ -388,9 +388,9 @@ def _loss_forward(backend, current, old, target, mask, **cfg):
     common = torch.promote_types(torch.promote_types(current.dtype, old.dtype), target.dtype)
     current, old, target = (x.to(common).contiguous() for x in (current, old, target))
     if is_value:  # CPU only
+        clip = cfg["clip_low"] if cfg["clip_low"] is not None else 0.0
         loss, stats, grad, scale = _extension().value_loss_fwd(
-            current, old, target, _loss_mask(mask, current.device), cfg["clip_low"] if cfg["clip_low"] is not None else 0.0,
-            cfg["agg"], cfg["norm_len"], cfg["need_grad"])
+            current, old, target, _loss_mask(mask, current.device), clip, cfg["agg"], cfg["norm_len"], cfg["need_grad"])
     else:
         loss, stats, grad, scale = _extension().ppo_policy_loss_fwd(
             current, old, target, _loss_mask(mask, current.device), cfg["clip_low"], cfg["clip_high"],
