@@ -237,18 +237,18 @@ _INF_BITS = {torch.float64: 0x7FF0000000000000, torch.float32: 0x7F800000}
 
 
 class _Select:
-    """``sel(x)``: x where valid, +0.0 where not, bit-exact; ``penalty()``: 0 where valid, +inf where not."""
+    """``sel(x)``: x where valid, +0.0 where not, bit-exact, as a new tensor (``sel(x, inplace=True)``: in x);
+    ``penalty``: 0 where valid, +inf where not."""
 
     def __init__(self, valid: torch.Tensor, dtype: torch.dtype):
         self.int, self.dtype = _INT_OF[dtype], dtype
-        self.valid_int = valid.to(self.int)  # 0 / 1
-        self.bits = torch.neg(self.valid_int)  # all ones where valid
+        valid_int = valid.to(self.int)  # 0 / 1
+        self.penalty = (valid_int - 1).bitwise_and_(_INF_BITS[dtype]).view(dtype)
+        self.bits = valid_int.neg_()  # all ones where valid
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(self.int).bitwise_and(self.bits).view(self.dtype)
-
-    def penalty(self) -> torch.Tensor:
-        return (self.valid_int - 1).bitwise_and_(_INF_BITS[self.dtype]).view(self.dtype)
+    def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        bits = x.view(self.int)
+        return (bits.bitwise_and_(self.bits) if inplace else bits.bitwise_and(self.bits)).view(self.dtype)
 
 
 def _flag(fn, a, b) -> torch.Tensor:
@@ -286,25 +286,28 @@ def _torch_policy_forward(lp, old, adv, mask, *, clip_low, clip_high, dual_clip,
     batch, length = lp.shape
     valid = _valid_of(mask)
     sel = None if valid is None else _Select(valid, dtype)
+    # Each new (B, T) tensor costs its page faults on first touch (as much as a pass over it on CPU): the buffers
+    # made here are reused in place where the op allows.
     log_ratio = lp.to(dtype) - old.to(dtype)
     a = adv.to(dtype)
     a = a[:, None].expand(batch, length) if a.dim() == 1 else a
     if sel is not None:
-        log_ratio, a = sel(log_ratio), sel(a)  # masked: log_ratio 0, A 0, so u = c = 0 there
-    ratio = log_ratio.exp()
-    u = a * ratio
-    c = a * ratio.clamp(1 - clip_low, 1 + clip_high)
+        log_ratio, a = sel(log_ratio, inplace=True), sel(a)  # masked: log_ratio 0, A 0, so u = c = 0 there
+    kl_sum = log_ratio.sum()
+    ratio = log_ratio.exp_()
+    c = ratio.clamp(1 - clip_low, 1 + clip_high).mul_(a)
+    u = torch.mul(a, ratio)
     keep = _flag(torch.ge, c, u)  # 1: the unclipped branch (also at ties and masked positions); NaN -> 0
-    positive = _flag(torch.gt, a, 0)
+    scratch = _flag(torch.gt, a, 0)  # A > 0
     n_clip = keep.numel() - keep.sum()  # clipped: A > 0 and rho > 1 + eps_high, or A < 0 and rho < 1 - eps_low
-    n_high = positive.sum() - torch.dot(keep.reshape(-1), positive.reshape(-1))
-    neg_loss = torch.minimum(u, c)
+    n_high = scratch.sum() - torch.dot(keep.reshape(-1), scratch.reshape(-1))
+    neg_loss = torch.minimum(u, c, out=c)
     n_dual = None
     if dual_clip is not None:
         bound = a.clamp(max=0).mul_(dual_clip)  # A c where A < 0 (minus the bound); 0 elsewhere, where -l >= 0
-        dual = _flag(torch.lt, neg_loss, bound)
-        neg_loss = torch.maximum(neg_loss, bound)
-        keep = torch.addcmul(keep, keep, dual, value=-1)  # the bound has no gradient
+        dual = torch.lt(neg_loss, bound, out=scratch)
+        torch.maximum(neg_loss, bound, out=neg_loss)
+        keep.addcmul_(keep, dual, value=-1)  # the bound has no gradient
         n_dual = dual.sum()
     n = torch.tensor(batch * length, device=lp.device) if valid is None else valid.sum()
     row_n = None
@@ -315,14 +318,14 @@ def _torch_policy_forward(lp, old, adv, mask, *, clip_low, clip_high, dual_clip,
     if sel is None:
         ratio_sum, ratio_min, ratio_max = ratio.sum(), ratio.amin(), ratio.amax()
     else:
-        penalty = sel.penalty()
-        ratio_sum = (ratio - 1).sum() + n  # masked ratios are exactly 1
-        ratio_min, ratio_max = (ratio + penalty).amin(), (ratio - penalty).amax()
+        ratio_sum = torch.sub(ratio, 1, out=scratch).sum() + n  # masked ratios are exactly 1
+        ratio_min = torch.add(ratio, sel.penalty, out=scratch).amin()
+        ratio_max = torch.sub(ratio, sel.penalty, out=scratch).amax()
     any_valid = n > 0
     zero = ratio_sum.new_zeros(())
     stats = torch.stack([
         n_clip * inv_n, (n_clip - n_high) * inv_n, n_high * inv_n, zero if n_dual is None else n_dual * inv_n,
-        -log_ratio.sum() * inv_n, ratio_sum * inv_n,
+        -kl_sum * inv_n, ratio_sum * inv_n,
         torch.where(any_valid, ratio_min, zero), torch.where(any_valid, ratio_max, zero),
     ]).to(dtype)
     grad = u.mul_(keep) if need_grad else None
@@ -345,23 +348,24 @@ def _torch_value_forward(values, old_values, returns, mask, *, clip, agg, norm_l
     e1 = v - r
     n = torch.tensor(batch * length, device=values.device) if valid is None else valid.sum()
     if clip is None:
-        per_token, grad, n_clip = None, e1, None
+        grad, n_clip = e1, None
         total = 0.5 * torch.dot(e1.reshape(-1), e1.reshape(-1))
         rows = lambda: 0.5 * (e1 * e1).sum(-1)  # noqa: E731
-    else:
+    else:  # new buffers reused in place where the op allows (each costs its page faults on CPU)
         o = old_values.to(dtype)
         if sel is not None:
             o = sel(o)
         dv = v - o
         dv_clipped = dv.clamp(-clip, clip)
         e2 = torch.add(o, dv_clipped).sub_(r)
+        inside = torch.eq(dv_clipped, dv, out=dv)  # where the clamp passes v through (its gradient)
         sq1, sq2 = e1 * e1, e2 * e2
-        clipped = _flag(torch.gt, sq2, sq1)
-        per_token = torch.maximum(sq1, sq2)
+        clipped = torch.gt(sq2, sq1, out=dv_clipped)
+        per_token = torch.maximum(sq1, sq2, out=sq2)
         total = 0.5 * per_token.sum()
         rows = lambda: 0.5 * per_token.sum(-1)  # noqa: E731
         n_clip = clipped.sum()
-        grad = torch.lerp(e1, e2.mul_(_flag(torch.eq, dv_clipped, dv)), clipped) if need_grad else None
+        grad = torch.lerp(e1, e2.mul_(inside), clipped, out=e1) if need_grad else None
     row_n = None
     if agg == 2:
         row_n = torch.full((batch,), length, device=values.device) if valid is None else valid.sum(-1)
