@@ -3,6 +3,8 @@
 // is not needed here and doubles the compile time.
 #include <torch/csrc/utils/pybind.h>
 
+#include <cmath>
+
 #include "common.h"
 #include "rl/rl.h"
 
@@ -20,6 +22,17 @@ void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& ref) {
   if (!mask.has_value()) return;
   const at::Tensor& m = *mask;
   TORCH_CHECK(m.scalar_type() == at::kBool, "mask must be a bool tensor, got ", m.scalar_type());
+  TORCH_CHECK(m.device() == ref.device(), "mask is on ", m.device(), " but the first input is on ", ref.device());
+  TORCH_CHECK(m.is_contiguous(), "mask must be contiguous");
+  TORCH_CHECK(m.sizes() == ref.sizes(), "mask must have shape ", ref.sizes(), ", got ", m.sizes());
+}
+
+// the losses read bool, fp32 or int64 masks in place (nonzero = valid); GAE takes bool
+void check_loss_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& ref) {
+  if (!mask.has_value()) return;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat || m.scalar_type() == at::kLong,
+              "mask must be a bool, fp32 or int64 tensor, got ", m.scalar_type());
   TORCH_CHECK(m.device() == ref.device(), "mask is on ", m.device(), " but the first input is on ", ref.device());
   TORCH_CHECK(m.is_contiguous(), "mask must be contiguous");
   TORCH_CHECK(m.sizes() == ref.sizes(), "mask must have shape ", ref.sizes(), ", got ", m.sizes());
@@ -67,7 +80,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd(
                   (advantages.dim() == 1 && advantages.size(0) == logprobs.size(0)),
               "advantages must have shape ", logprobs.sizes(), " or (", logprobs.size(0), "), got ",
               advantages.sizes());
-  check_mask(mask, logprobs);
+  if (logprobs.is_cuda()) {
+    check_mask(mask, logprobs);
+  } else {
+    check_loss_mask(mask, logprobs);
+  }
   TORCH_CHECK(clip_low > 0, "clip_low must be > 0, got ", clip_low);
   TORCH_CHECK(clip_high > 0, "clip_high must be > 0, got ", clip_high);
   TORCH_CHECK(dual_clip <= 0 || dual_clip > 1, "dual_clip must be > 1 (or <= 0 for none), got ", dual_clip);
@@ -101,6 +118,42 @@ at::Tensor ppo_policy_loss_bwd(const at::Tensor& grad, const at::Tensor& row_sca
   return ppo_policy_loss_bwd_cpu(grad, row_scale, upstream);
 }
 
+void cpu_only(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, " is implemented for CPU tensors only (CUDA tensors run it in Triton), got ",
+              x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+    const c10::optional<at::Tensor>& mask, double clip, int64_t agg, double norm_len, bool need_grad) {
+  CHECK_FLOAT(values);
+  TORCH_CHECK(values.dim() == 2, "values must have shape (B, T), got ", values.sizes());
+  CHECK_CONTIGUOUS(values);
+  cpu_only(values, "value_loss_fwd");
+  check_grid(old_values, "old_values", values);
+  check_grid(returns, "returns", values);
+  check_loss_mask(mask, values);
+  TORCH_CHECK(std::isfinite(clip), "clip must be finite (<= 0 for none), got ", clip);
+  TORCH_CHECK(agg >= kTokenMean && agg <= kSeqMeanTokenSumNorm, "agg must be an index in [0, 3], got ", agg);
+  TORCH_CHECK(norm_len > 0, "norm_len must be > 0, got ", norm_len);
+  return value_loss_fwd_cpu(values, old_values, returns, mask, clip, agg, norm_len, need_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                                                  int64_t kind, bool need_grad) {
+  CHECK_FLOAT(logprobs);
+  CHECK_CONTIGUOUS(logprobs);
+  cpu_only(logprobs, "kl_penalty_fwd");
+  TORCH_CHECK(ref_logprobs.device() == logprobs.device(), "ref_logprobs is on ", ref_logprobs.device(),
+              " but logprobs is on ", logprobs.device());
+  TORCH_CHECK(ref_logprobs.sizes() == logprobs.sizes(), "ref_logprobs must have shape ", logprobs.sizes(), ", got ",
+              ref_logprobs.sizes());
+  CHECK_SAME_DTYPE(ref_logprobs, logprobs);
+  CHECK_CONTIGUOUS(ref_logprobs);
+  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0, 1 or 2 (k1, k2, k3), got ", kind);
+  return kl_penalty_fwd_cpu(logprobs, ref_logprobs, kind, need_grad);
+}
+
 bool with_cuda() {
 #ifdef FASTALIGN_WITH_CUDA
   return true;
@@ -112,7 +165,7 @@ bool with_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastalign._C: C++/CUDA GAE and PPO policy loss (see fastalign/ops/rl.py for the Python API)";
+  m.doc() = "fastalign._C: C++/CUDA GAE and PPO policy loss, C++ value loss and KL penalty (see fastalign/ops/rl.py)";
   m.def("gae", &gae, "verl-style masked GAE -> (advantages, returns)", py::arg("rewards"), py::arg("values"),
         py::arg("mask"), py::arg("gamma"), py::arg("lam"));
   m.def("ppo_policy_loss_fwd", &ppo_policy_loss_fwd,
@@ -121,5 +174,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dual_clip"), py::arg("agg"), py::arg("norm_len"), py::arg("need_grad"));
   m.def("ppo_policy_loss_bwd", &ppo_policy_loss_bwd, "grad * row_scale[:, None] * upstream", py::arg("grad"),
         py::arg("row_scale"), py::arg("upstream"));
+  m.def("value_loss_fwd", &value_loss_fwd,
+        "clipped value loss (CPU) -> (loss, stats[2], unscaled grad, row scale); backward: ppo_policy_loss_bwd",
+        py::arg("values"), py::arg("old_values"), py::arg("returns"), py::arg("mask"), py::arg("clip"),
+        py::arg("agg"), py::arg("norm_len"), py::arg("need_grad"));
+  m.def("kl_penalty_fwd", &kl_penalty_fwd, "KL estimator k1/k2/k3 (CPU) -> (kl, d kl / d logprobs)",
+        py::arg("logprobs"), py::arg("ref_logprobs"), py::arg("kind"), py::arg("need_grad"));
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
 }

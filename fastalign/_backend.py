@@ -1,6 +1,8 @@
 """One place that decides which implementation runs a call: ``torch`` | ``triton`` | ``cuda`` | ``cpp``.
 
-- ``torch``: the pure-PyTorch reference in :mod:`fastalign.reference` (any device; the CPU path).
+- ``torch``: the pure-PyTorch reference in :mod:`fastalign.reference` (any device; the CPU path without the
+  extension). The RL losses run their closed-form torch path instead (:mod:`fastalign.ops.rl`): the same results
+  without an autograd graph over many small ops.
 - ``triton``: the Triton kernels in :mod:`fastalign.kernels`. Needs CUDA tensors, or CPU tensors with
   ``TRITON_INTERPRET=1`` set before Triton was imported (that is how the tests exercise the kernels on CPU).
 - ``cuda`` / ``cpp``: the optional compiled extension ``fastalign._C`` (CUDA kernels for CUDA tensors, C++ for

@@ -187,6 +187,101 @@ def test_value_loss_matches_reference(backend, agg, shape, clip):
         assert_close_3way(stats[key], same_stats[key], truth_stats[key], torch.float32, name=key)
 
 
+# ------------------------------------------------------------------------------- the closed-form torch path
+
+def _mask_as(mask, kind):
+    return None if kind is None else {"bool": mask, "float": mask.float(), "int64": mask.long()}[kind]
+
+
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "int64", None])
+@pytest.mark.parametrize("per_sequence_adv,dual_clip", [(False, 3.0), (True, None)])
+def test_torch_policy_loss_masks_garbage_strided(agg, mask_kind, per_sequence_adv, dual_clip):
+    """The torch path (closed form, no autograd graph): NaN / inf under the mask, transposed storage, gradients."""
+    shape = (7, 23)
+    logp, old, adv, mask = policy_case(shape, stable_seed("torch", agg, mask_kind), per_sequence_adv)
+    m = _mask_as(mask, mask_kind)
+    old_bad = old.clone()
+    if mask_kind is not None:
+        old_bad[~mask] = float("nan")
+    logp_t, old_t = (x.t().contiguous().t() for x in (logp, old_bad))
+    kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, agg=agg)
+    (loss, stats), grad = _grad_of(lambda x: fa.ppo_policy_loss(x, old_t, adv, m, backend="torch", **kwargs),
+                                   logp_t, -1.3)
+    (same, same_stats), same_grad = _grad_of(lambda x: ref.ppo_policy_loss(x, old, adv, m, **kwargs), logp, -1.3)
+    (truth, truth_stats), truth_grad = _grad_of(
+        lambda x: ref.ppo_policy_loss(x, old.double(), adv.double(), m, **kwargs), logp.double(), -1.3)
+    assert loss.dtype == torch.float32 and not loss.isnan()
+    assert_close_3way(loss, same, truth, torch.float32, name="loss")
+    assert_close_3way(grad, same_grad, truth_grad, torch.float32, name="grad")
+    for key in ref.POLICY_STATS:
+        assert_close_3way(stats[key], same_stats[key], truth_stats[key], torch.float32, name=key)
+
+
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "int64", None])
+@pytest.mark.parametrize("clip", [0.2, None])
+def test_torch_value_loss_masks_garbage_strided(agg, mask_kind, clip):
+    shape = (6, 29)
+    seed = stable_seed("torch-value", agg, mask_kind, clip)
+    values, old, returns = (randn(*shape, seed=seed + i) for i in range(3))
+    old = values + 0.3 * (old - values)  # tokens inside and outside the clip range
+    mask = random_mask(*shape, seed=seed + 3)
+    m = _mask_as(mask, mask_kind)
+    returns_bad = returns.clone()
+    if mask_kind is not None:
+        returns_bad[~mask] = float("inf")
+    values_t, old_t = (x.t().contiguous().t() for x in (values, old))
+    kwargs = dict(clip=clip, agg=agg)
+    (loss, stats), grad = _grad_of(lambda x: fa.value_loss(x, old_t, returns_bad, m, backend="torch", **kwargs),
+                                   values_t, 0.8)
+    (same, same_stats), same_grad = _grad_of(lambda x: ref.value_loss(x, old, returns, m, **kwargs), values, 0.8)
+    (truth, truth_stats), truth_grad = _grad_of(
+        lambda x: ref.value_loss(x, old.double(), returns.double(), m, **kwargs), values.double(), 0.8)
+    assert_close_3way(loss, same, truth, torch.float32, name="loss")
+    assert_close_3way(grad, same_grad, truth_grad, torch.float32, name="grad")
+    for key in ref.VALUE_STATS:
+        assert_close_3way(stats[key], same_stats[key], truth_stats[key], torch.float32, name=key)
+
+
+def test_torch_losses_fp64_equal_the_reference():
+    logp, old, adv, mask = policy_case((5, 17), 61, True, dtype=torch.float64)
+    kwargs = dict(dual_clip=2.0, agg="seq-mean-token-mean")
+    (loss, stats), grad = _grad_of(lambda x: fa.ppo_policy_loss(x, old, adv, mask, backend="torch", **kwargs),
+                                   logp, 1.0)
+    (truth, truth_stats), truth_grad = _grad_of(lambda x: ref.ppo_policy_loss(x, old, adv, mask, **kwargs), logp, 1.0)
+    assert loss.dtype == grad.dtype == torch.float64
+    torch.testing.assert_close(loss, truth, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, truth_grad, rtol=1e-12, atol=1e-14)
+    for key in ref.POLICY_STATS:
+        torch.testing.assert_close(stats[key], truth_stats[key], rtol=1e-12, atol=1e-14)
+    (vloss, _), vgrad = _grad_of(lambda x: fa.value_loss(x, old, adv[:, None].expand(5, 17), mask, clip=0.1,
+                                                         backend="torch"), logp, 1.0)
+    (vtruth, _), vtruth_grad = _grad_of(lambda x: ref.value_loss(x, old, adv[:, None].expand(5, 17), mask, clip=0.1),
+                                        logp, 1.0)
+    torch.testing.assert_close(vloss, vtruth, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(vgrad, vtruth_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_in_place_backward_refuses_a_second_backward(backend):
+    """The CPU paths scale the saved derivative in place into the gradient: a retained graph cannot be walked twice;
+    a fresh forward can."""
+    logp, old, adv, mask = policy_case((3, 11), 62, False)
+    x = logp.clone().requires_grad_()
+    loss, _ = fa.ppo_policy_loss(x, old, adv, mask, backend=backend)
+    vloss, _ = fa.value_loss(x, old, adv, mask, clip=0.2, backend=backend)
+    kl = fa.kl_penalty(x, old, kind="k3", backend=backend).sum()
+    for out, op in ((loss, "ppo_policy_loss"), (vloss, "value_loss"), (kl, "kl_penalty")):
+        out.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match=f"{op}: a second backward through the same graph"):
+            out.backward()
+    x.grad = None
+    fa.ppo_policy_loss(x, old, adv, mask, backend=backend)[0].backward()
+    (_, _), truth = _grad_of(lambda y: ref.ppo_policy_loss(y, old, adv, mask), logp, 1.0)
+    torch.testing.assert_close(x.grad, truth)
+
+
 # ----------------------------------------------------------------------------------------------- all-masked input
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -276,7 +371,8 @@ def _errors():
         (lambda: fa.value_loss(x, x, torch.zeros(1, 3)), ValueError, "returns must have shape"),
         (lambda: fa.kl_penalty(x, torch.zeros(3, 2)), ValueError, "ref_logprobs must have shape"),
         (lambda: fa.kl_penalty(x, x, kind="k4"), ValueError, "kind must be one of"),
-        (lambda: fa.value_loss(x, x, x, backend="cpp"), ValueError, "not implemented for this op"),
+        (lambda: fa.value_loss(x, x, x, backend="cuda"), ValueError, "not implemented for this op"),
+        (lambda: fa.kl_penalty(x, x, backend="cuda"), ValueError, "not implemented for this op"),
         (lambda: fa.ppo_policy_loss(x.double(), x, x, backend="triton"), TypeError, "fp64"),
         (lambda: fa.ppo_policy_loss(x, x, x.clone().requires_grad_()), ValueError, "advantages requires grad"),
         (lambda: fa.ppo_policy_loss(x, x.clone().requires_grad_(), x, backend="triton"), ValueError,

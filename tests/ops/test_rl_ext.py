@@ -1,6 +1,9 @@
 """The optional extension fastalign._C (C++ on CPU; CUDA on a GPU) against the float64 reference, its guards, the
 clean fallback when it is missing, and a compile check of the CUDA sources where nvcc exists.
 
+Outputs the C++ kernels allocate are NaN-filled first under FASTALIGN_POISON=1 (tests/conftest.py sets it), so an
+element a kernel forgets to write fails the comparisons below.
+
 The session fixture builds the extension once into the regular cache (``$FASTALIGN_EXT_DIR`` or
 ``~/.cache/fastalign/ext``; 40-90 s on a fresh machine, nothing when a build of the same sources is cached).
 """
@@ -140,6 +143,173 @@ def test_cpp_all_masked_is_zero_and_finite(ext, agg):
     assert torch.equal(adv, torch.zeros_like(adv))
 
 
+def _mask_as(mask, kind):
+    """The same validity as bool / fp32 / int64 / uint8 (converted by the op) / None (all valid)."""
+    if kind is None:
+        return None
+    return {"bool": mask, "float": mask.float(), "int64": mask.long(), "uint8": mask.to(torch.uint8)}[kind]
+
+
+# T = 37: four 8-token vector steps and a ragged end of 5; T = 1; T = 300 (several flushes of the row partials)
+@pytest.mark.parametrize("shape", [(9, 37), (3, 1), (17, 300)])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "int64", "uint8", None])
+@pytest.mark.parametrize("per_sequence_adv,dual_clip", [(False, None), (True, 2.0)])
+def test_cpp_ppo_policy_loss_mask_kinds_and_ragged_rows(ext, shape, mask_kind, per_sequence_adv, dual_clip):
+    logp, old, adv, mask = policy_case(shape, stable_seed("kinds", shape, mask_kind), per_sequence_adv)
+    m = _mask_as(mask, mask_kind)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, agg=agg)
+        loss, stats, grad = _loss_and_grad(
+            lambda x: fa.ppo_policy_loss(x, old, adv, m, backend="cpp", **kwargs), logp, 0.9)
+        same, same_stats, same_grad = _loss_and_grad(
+            lambda x: ref.ppo_policy_loss(x, old, adv, m, **kwargs), logp, 0.9)
+        truth, truth_stats, truth_grad = _loss_and_grad(
+            lambda x: ref.ppo_policy_loss(x, old.double(), adv.double(), m, **kwargs), logp.double(), 0.9)
+        assert_close_3way(loss, same, truth, torch.float32, name=f"loss {agg}")
+        assert_close_3way(grad, same_grad, truth_grad, torch.float32, name=f"grad {agg}")
+        for key in ref.POLICY_STATS:
+            assert_close_3way(stats[key], same_stats[key], truth_stats[key], torch.float32, name=key)
+
+
+def test_cpp_ppo_policy_loss_garbage_under_the_mask_and_strided_inputs(ext):
+    logp, old, adv, mask = policy_case((6, 41), 31, False)
+    old_bad, adv_bad = old.clone(), adv.clone()
+    old_bad[~mask] = float("nan")
+    adv_bad[~mask] = float("inf")
+    logp_t, old_t, adv_t = (x.t().contiguous().t() for x in (logp, old_bad, adv_bad))  # non-contiguous views
+    assert not logp_t.is_contiguous()
+    x = logp_t.detach().clone().requires_grad_()
+    loss, stats = fa.ppo_policy_loss(x, old_t, adv_t, mask.float(), dual_clip=3.0, backend="cpp")
+    loss.backward()
+    y = logp.detach().clone().double().requires_grad_()
+    truth, truth_stats = ref.ppo_policy_loss(y, old.double(), adv.double(), mask, dual_clip=3.0)
+    truth.backward()
+    torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-5, atol=1e-8)
+    assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
+    for key in ref.POLICY_STATS:
+        torch.testing.assert_close(stats[key].double(), truth_stats[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+@pytest.mark.parametrize("shape,clip", [((9, 37), 0.2), ((3, 1), None), ((17, 300), 0.5)])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "int64", None])
+def test_cpp_value_loss_matches_reference(ext, agg, shape, clip, mask_kind):
+    seed = stable_seed("value", agg, shape)
+    values, old, returns = (randn(*shape, seed=seed + i) for i in range(3))
+    old = values + 0.3 * (old - values)  # a share of the tokens inside the clip range, a share outside
+    m = _mask_as(random_mask(*shape, seed=seed + 3), mask_kind)
+    kwargs = dict(clip=clip, agg=agg)
+    loss, stats, grad = _loss_and_grad(lambda x: fa.value_loss(x, old, returns, m, backend="cpp", **kwargs),
+                                       values, -0.6)
+    same, same_stats, same_grad = _loss_and_grad(lambda x: ref.value_loss(x, old, returns, m, **kwargs),
+                                                 values, -0.6)
+    truth, truth_stats, truth_grad = _loss_and_grad(
+        lambda x: ref.value_loss(x, old.double(), returns.double(), m, **kwargs), values.double(), -0.6)
+    assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == torch.float32
+    assert_close_3way(loss, same, truth, torch.float32, name="loss")
+    assert_close_3way(grad, same_grad, truth_grad, torch.float32, name="grad")
+    for key in ref.VALUE_STATS:
+        assert_close_3way(stats[key], same_stats[key], truth_stats[key], torch.float32, name=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cpp_value_loss_other_dtypes_and_forward_only(ext, dtype):
+    values, old, returns = (randn(7, 45, seed=40 + i, dtype=dtype) for i in range(3))
+    mask = random_mask(7, 45, seed=43)
+    loss, stats, grad = _loss_and_grad(
+        lambda x: fa.value_loss(x, old, returns, mask, clip=0.3, agg="seq-mean-token-mean", backend="cpp"),
+        values, 1.0)
+    truth, _, truth_grad = _loss_and_grad(
+        lambda x: ref.value_loss(x, old.double(), returns.double(), mask, clip=0.3, agg="seq-mean-token-mean"),
+        values.double(), 1.0)
+    assert grad.dtype == dtype
+    if dtype == torch.float64:
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, truth, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, truth_grad, rtol=1e-12, atol=1e-14)
+    else:
+        torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-2, atol=1e-5)
+    with torch.no_grad():
+        loss_nograd, _ = fa.value_loss(values, old, returns, mask, clip=0.3, agg="seq-mean-token-mean",
+                                       backend="cpp")
+    torch.testing.assert_close(loss_nograd, loss.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ref.KL_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpp_kl_penalty_matches_reference(ext, kind, dtype):
+    # |d| below and above 1 (the k3 series / direct switch), an odd element count, a 3-d shape
+    logp = randn(3, 5, 41, seed=90, dtype=dtype, scale=0.5)
+    ref_lp = (logp.double() + randn(3, 5, 41, seed=91, scale=0.8, dtype=torch.float64)).to(dtype)
+    upstream = randn(3, 5, 41, seed=92, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x1, y1 = logp.clone().requires_grad_(), ref_lp.clone().requires_grad_()
+    out = fa.kl_penalty(x1, y1, kind=kind, backend="cpp")
+    (out * upstream).sum().backward()
+    x2, y2 = logp.double().clone().requires_grad_(), ref_lp.double().clone().requires_grad_()
+    truth = ref.kl_penalty(x2, y2, kind=kind)
+    (truth * upstream.double()).sum().backward()
+    x3, y3 = logp.clone().requires_grad_(), ref_lp.clone().requires_grad_()
+    same = ref.kl_penalty(x3, y3, kind=kind)
+    (same * upstream).sum().backward()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == acc and x1.grad.dtype == y1.grad.dtype == dtype
+    assert_close_3way(out, same, truth, acc, name="kl")
+    assert_close_3way(x1.grad, x3.grad, x2.grad, dtype, name="grad logprobs")
+    assert_close_3way(y1.grad, y3.grad, y2.grad, dtype, name="grad ref_logprobs")
+
+
+def test_cpp_kl_penalty_strided_inputs_one_grad_and_expanded_upstream(ext):
+    logp, ref_lp = randn(6, 9, seed=93), randn(6, 9, seed=94)
+    logp_t = logp.t().contiguous().t()
+    x = logp_t.clone().requires_grad_()  # only logprobs requires grad
+    fa.kl_penalty(x, ref_lp, kind="k3", backend="cpp").sum().backward()  # upstream: an expanded tensor of ones
+    torch.testing.assert_close(x.grad, -torch.expm1(ref_lp - logp))
+    with torch.no_grad():
+        out = fa.kl_penalty(logp_t, ref_lp, kind="k2", backend="cpp")
+    torch.testing.assert_close(out, 0.5 * (ref_lp - logp) ** 2)
+    assert fa.kl_penalty(torch.zeros(0, 3), torch.zeros(0, 3), backend="cpp").shape == (0, 3)
+
+
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+def test_cpp_value_loss_all_masked_is_zero_and_finite(ext, agg):
+    values = randn(4, 9, seed=95).requires_grad_()
+    garbage = torch.full((4, 9), float("nan"))
+    for mask in (torch.zeros(4, 9, dtype=torch.bool), torch.zeros(4, 9), torch.zeros(4, 9, dtype=torch.long)):
+        values.grad = None
+        loss, stats = fa.value_loss(values, garbage, garbage, mask, clip=0.2, agg=agg, backend="cpp")
+        loss.backward()
+        assert loss.item() == 0 and torch.equal(values.grad, torch.zeros_like(values))
+        assert all(torch.isfinite(s) and s.item() == 0 for s in stats.values())
+
+
+def test_cpp_in_place_backward_refuses_a_second_backward(ext):
+    logp, old, adv, mask = policy_case((3, 11), 63, True)
+    x = logp.clone().requires_grad_()
+    for op, out in (("ppo_policy_loss", fa.ppo_policy_loss(x, old, adv, mask, backend="cpp")[0]),
+                    ("value_loss", fa.value_loss(x, old, old, mask, clip=0.2, backend="cpp")[0]),
+                    ("kl_penalty", fa.kl_penalty(x, old, backend="cpp").sum())):
+        out.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match=f"{op}: a second backward through the same graph"):
+            out.backward()
+
+
+def test_auto_uses_the_extension_for_every_cpu_rl_loss(ext, monkeypatch):
+    monkeypatch.delenv("FASTALIGN_BACKEND", raising=False)
+    x = torch.zeros(2, 3)
+    for op, supports in (("value_loss", ops._CPU_EXT_OPS), ("kl_penalty", ops._CPU_EXT_OPS),
+                         ("ppo_policy_loss", ops._EXT_OPS)):
+        assert ops._resolve(op, "auto", (x,), supports=supports, dtype=torch.float32) == "cpp"
+    values, old, returns = (randn(5, 12, seed=96 + i) for i in range(3))
+    mask = random_mask(5, 12, seed=99)
+    auto = fa.value_loss(values, old, returns, mask, clip=0.2)
+    cpp = fa.value_loss(values, old, returns, mask, clip=0.2, backend="cpp")
+    torch.testing.assert_close(auto, cpp, rtol=0, atol=0)
+    torch.testing.assert_close(fa.kl_penalty(values, old), fa.kl_penalty(values, old, backend="cpp"), rtol=0,
+                               atol=0)
+
+
 def test_auto_uses_the_extension_on_cpu_when_built(ext, monkeypatch):
     monkeypatch.delenv("FASTALIGN_BACKEND", raising=False)
     x = torch.zeros(2, 3)
@@ -166,6 +336,18 @@ def test_extension_guards_name_the_argument(ext):
         (lambda: ext.ppo_policy_loss_fwd(x, x, x, mask, 0.2, 0.2, 0.5, 0, 3.0, True), "dual_clip must be > 1"),
         (lambda: ext.ppo_policy_loss_fwd(x, x, x, mask, 0.2, 0.2, 0.0, 7, 3.0, True), "agg must be"),
         (lambda: ext.ppo_policy_loss_bwd(x, torch.zeros(3), torch.ones(1)), "row_scale must have shape"),
+        (lambda: ext.ppo_policy_loss_fwd(x, x, x, mask.double(), 0.2, 0.2, 0.0, 0, 3.0, True),
+         "mask must be a bool, fp32 or int64"),
+        (lambda: ext.value_loss_fwd(x, torch.zeros(3, 2).t(), x, mask, 0.2, 0, 3.0, True),
+         "old_values must be contiguous"),
+        (lambda: ext.value_loss_fwd(x, x, torch.zeros(2, 4), mask, 0.2, 0, 3.0, True), "returns must have shape"),
+        (lambda: ext.value_loss_fwd(x, x, x, mask.to(torch.int32), 0.2, 0, 3.0, True),
+         "mask must be a bool, fp32 or int64"),
+        (lambda: ext.value_loss_fwd(x, x, x, mask, 0.2, 4, 3.0, True), "agg must be"),
+        (lambda: ext.value_loss_fwd(x, x, x, None, float("nan"), 0, 3.0, True), "clip must be finite"),
+        (lambda: ext.kl_penalty_fwd(x, x.double(), 2, True), "ref_logprobs dtype"),
+        (lambda: ext.kl_penalty_fwd(x, torch.zeros(3, 2), 2, True), "ref_logprobs must have shape"),
+        (lambda: ext.kl_penalty_fwd(x, x, 3, True), "kind must be 0, 1 or 2"),
     ]
     for fn, match in cases:
         with pytest.raises(RuntimeError, match=match):
@@ -191,6 +373,14 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         fa.gae(r, v, backend="cpp")
     with pytest.raises(RuntimeError, match="python -m fastalign.ext build"):
         fa.ppo_policy_loss(logp, old, adv, mask, backend="cpp")
+    # the value loss and the KL run the closed-form torch path
+    vloss, _ = fa.value_loss(r, v, logp, mask, clip=0.2)
+    torch.testing.assert_close(vloss, ref.value_loss(r, v, logp, mask, clip=0.2)[0])
+    torch.testing.assert_close(fa.kl_penalty(logp, old), ref.kl_penalty(logp, old))
+    with pytest.raises(RuntimeError, match="python -m fastalign.ext build"):
+        fa.value_loss(r, v, logp, mask, backend="cpp")
+    with pytest.raises(RuntimeError, match="python -m fastalign.ext build"):
+        fa.kl_penalty(logp, old, backend="cpp")
 
 
 def test_load_without_a_build_raises_with_the_build_command(monkeypatch, tmp_path):
