@@ -202,6 +202,7 @@ def run_case(case: Case, *, budget_s: float, impl_timeout_s: float | None, timer
             baseline_dev = row.deviation
         if lv is not None:
             live.append(lv)
+    live.sort(key=lambda lv: case.impls.index(lv.impl))  # from here on, declaration order
     interleaved = not (case.device.type == "cuda" and timer == "do_bench")
     if interleaved:
         out["rounds"] = _interleave(case, live, budget_s, max_rounds, min_rounds)
@@ -356,7 +357,6 @@ class _CallTimer:
 def _interleave(case: Case, live: list[_Live], budget_s: float, max_rounds: int, min_rounds: int) -> int:
     """One warm-up call of each, then rounds of one timed call of each, in declaration order. Returns the number
     of rounds run."""
-    live = sorted(live, key=lambda lv: case.impls.index(lv.impl))
     for lv in live:  # warm-up (the first call may have compiled, autotuned or loaded lazily); re-estimates
         def warm(lv=lv):
             clear_grads(lv.prepared.grad_to_none)
