@@ -662,6 +662,9 @@ def render(runs: list[dict], *, plot_paths: list[str] = (), title: str = "Benchm
                  "open.** Run `bash benchmarks/gpu_check.sh` on a lent H100/H200 and regenerate this file with both "
                  "JSONs.")
         L.append("")
+    if any(int(r.get("schema", 1)) < 2 for r in runs):
+        L.append(OLD_SCHEMA_NOTE)
+        L.append("")
     L += gpu_estimate_section(runs)
     for run in runs:
         L.append(f"## {_card(run)} — {run.get('date')} (preset `{run.get('preset')}`)")
@@ -765,8 +768,17 @@ README.md`. Headline:
 """
 
 
+OLD_SCHEMA_NOTE = ("Runs marked (m) predate interleaved timing (schema 1): their ratios are ratios of medians taken one "
+                   "implementation after another, their e2e `dpo_step` / `grpo_step` rows time the loss forward + "
+                   "backward only (not the whole trainer step), and their load was not recorded; a new run of the "
+                   "same command replaces them.")
+
+
 def readme_section(runs: list[dict]) -> str:
     lines = [README_BEGIN, README_HOWTO, headline_table(runs).rstrip(), ""]
+    if any(int(r.get("schema", 1)) < 2 for r in runs):
+        lines.append(OLD_SCHEMA_NOTE)
+        lines.append("")
     if not any(not _is_cpu(r) for r in runs):
         lines.append("No GPU has been measured yet: every GPU target in docs/architecture.md (*Targets*) is open, "
                      "and no speed-up on a GPU is claimed.")
