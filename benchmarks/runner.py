@@ -288,6 +288,7 @@ def _check_impl(case, impl, inputs, truth, baseline_dev, impl_timeout_s) -> tupl
                 stage = "agreement"
                 row.deviation, row.agrees = agreement(outputs, truth, baseline_dev, case.dtype)
             del outputs
+            clear_grads(prepared.grad_to_none)
     except CaseTimeout as exc:
         row.status, row.detail = "timeout", f"{stage}: {exc}"
         return row, None
@@ -344,6 +345,9 @@ class _CallTimer:
             t0 = time.perf_counter()
             lv.prepared.step()
             self.pending.append((lv, 1000.0 * (time.perf_counter() - t0), None))
+        # every implementation's inputs stay alive during the rounds; its gradients need not (on a GPU they can
+        # be most of the memory), and freeing them after the end event is stream-ordered
+        clear_grads(lv.prepared.grad_to_none)
 
     def collect(self) -> dict[int, float]:
         """{id(live): ms} of the calls since the last collect."""
@@ -364,6 +368,7 @@ def _interleave(case: Case, live: list[_Live], budget_s: float, max_rounds: int,
             lv.prepared.step()
             sync(case.device)
             lv.est_s = time.perf_counter() - t0
+            clear_grads(lv.prepared.grad_to_none)
 
         _timed(lv, warm, stage="warm-up")
     active = [lv for lv in live if lv.row.status == "ok"]
