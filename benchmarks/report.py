@@ -777,7 +777,7 @@ count means other processes were competing for the cores: the medians are then i
 paired ratios stay usable; compare runs at similar load, and rerun a case whose ratio sits near a target.
 
 ```bash
-python -m benchmarks --preset cpu --out bench_out   # a few minutes on 2 cores: results.json, results.md, PNG plots
+python -m benchmarks --preset cpu --out bench_out   # about 3 minutes on 2 cores: results.json, results.md, PNG plots
 python -m benchmarks --cases linear_logprobs --n 4096 --d 1024 --v 32000 --dtype bf16   # a custom shape
 pytest benchmarks/ --benchmark-only                 # pytest-benchmark suites of the CPU ops (not in the test command)
 python -m benchmarks report bench_out/results.json --out BENCHMARKS.md --readme README.md   # regenerate the report
