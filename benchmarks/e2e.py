@@ -13,7 +13,9 @@ same initial weights, so the first call (the agreement check) of every row sees 
 - ``fastalign trainer step, fused ops off``: the same with ``fused=False`` (full logits + log_softmax, then
   ``fa.dpo_loss`` / ``fa.ppo_policy_loss`` + ``fa.kl_penalty``).
 - ``plain PyTorch``: ``model(...).logits`` -> log_softmax -> the loss formula, backward, ``clip_grad_norm_``,
-  ``torch.optim.AdamW`` (what a hand-written loop does).
+  ``torch.optim.AdamW`` with torch's defaults (what a hand-written loop does; on CPU that is the per-parameter
+  loop, while fastalign's trainer and transformers' Trainer, so TRL, use the fused kernel: each row's ``optimizer``
+  extra names its own).
 - ``TRL DPOTrainer step`` / ``TRL GRPOTrainer step``: TRL 1.16's own trainer on the same saved model, its default
   path (its chunked fused LM head): ``trainer.training_step`` (compute_loss, backward, TRL's metrics), then
   ``Trainer``'s clip, ``optimizer.step()``, ``lr_scheduler.step()``, ``model.zero_grad()``, as its inner loop
@@ -191,7 +193,13 @@ def _plain_step(model, loss_fn) -> Prepared:
         opt.zero_grad(set_to_none=True)
         return {"loss": loss.detach().float().reshape(())}
 
-    return Prepared(step, grad_to_none=params)
+    return Prepared(step, grad_to_none=params, extra={"optimizer": _optimizer_name(opt)})
+
+
+def _optimizer_name(opt) -> str:
+    group = opt.param_groups[0] if opt.param_groups else {}
+    how = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "torch default"
+    return f"{type(opt).__name__} ({how})"
 
 
 def _trl_step(trainer, model, inputs) -> Prepared:
@@ -211,7 +219,7 @@ def _trl_step(trainer, model, inputs) -> Prepared:
         model.zero_grad()
         return {"loss": loss.detach().float().reshape(())}
 
-    return Prepared(step, grad_to_none=params)
+    return Prepared(step, grad_to_none=params, extra={"optimizer": _optimizer_name(trainer.optimizer)})
 
 
 def _fastalign_step(shared: "Shared", cfg, loss_fn, weight_fn, micro_batch: dict, loss_path: str) -> Prepared:
@@ -227,7 +235,7 @@ def _fastalign_step(shared: "Shared", cfg, loss_fn, weight_fn, micro_batch: dict
         out = loop.step([micro_batch], lambda mb: loss_fn(loop.model, mb, cfg), weight_fn=weight_fn)
         return {"loss": torch.tensor(out["loss"])}
 
-    prepared = Prepared(step, grad_to_none=list(loop.params))
+    prepared = Prepared(step, grad_to_none=list(loop.params), extra={"optimizer": _optimizer_name(loop.optimizer)})
     prepared.extra["path"] = f"fastalign.train.loop.TrainLoop.step + {loss_path}"
     return prepared
 

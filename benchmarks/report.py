@@ -658,7 +658,8 @@ def _case_table(c: dict) -> list[str]:
         plan = head_plan(r)
         note = "; ".join(x for x in (r.get("detail", ""), extra.get("note", ""),
                                      f"path: {extra['path']}" if extra.get("path") else "",
-                                     f"head plan: {plan}" if plan else "") if x)
+                                     f"head plan: {plan}" if plan else "",
+                                     f"optimizer: {extra['optimizer']}" if extra.get("optimizer") else "") if x)
         note = note.replace("|", "\\|").replace("\n", " ")
         tps = _rate(tokens / (t["median_ms"] / 1000.0)) if tokens and t.get("median_ms") else "—"
         lines.append(
