@@ -343,7 +343,8 @@ def dpo_case(spec: dict, device, dtype) -> Case:
         return prepared
 
     impls = [
-        *_trainer_impls(shared, make_cfg, trainer_dpo_loss, "fastalign.train.dpo.dpo_loss", lambda mb: mb["input_ids"].shape[0] // 2, batch_of,
+        *_trainer_impls(shared, make_cfg, trainer_dpo_loss, "fastalign.train.dpo.dpo_loss",
+                        lambda mb: mb["input_ids"].shape[0] // 2, batch_of,
                         "linear_dpo_loss", "logits + dpo_loss"),
         Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
         Impl("TRL DPOTrainer step", "trl", trl if trainers else None, missing=why_trl),
@@ -444,7 +445,8 @@ def grpo_case(spec: dict, device, dtype) -> Case:
         return prepared
 
     impls = [
-        *_trainer_impls(shared, make_cfg, grpo_loss_fn, "fastalign.train.actor.actor_loss_from_config", lambda mb: actor.loss_weight(mb, "token-mean"),
+        *_trainer_impls(shared, make_cfg, grpo_loss_fn, "fastalign.train.actor.actor_loss_from_config",
+                        lambda mb: actor.loss_weight(mb, "token-mean"),
                         trainer_batch, "linear_policy_loss", "logits + ppo_policy_loss"),
         Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
         Impl("TRL GRPOTrainer step", "trl", trl if trainers else None, missing=why_trl),

@@ -345,7 +345,8 @@ def case_target(case: dict) -> tuple[str, str]:
         more_mem = fm is not None and pm is not None and fm > pm + slack
         if v is not None and v < 1.0:
             if fm is not None and pm is not None and pm > fm + slack and pm >= MEMORY_TRADE_FACTOR * fm:
-                trades.append(f"{p['impl']} is ahead (other / fastalign {v:.2f}x) using more peak memory ({_mem(pm)} vs "
+                trades.append(f"{p['impl']} is ahead (other / fastalign {v:.2f}x) using more peak memory "
+                              f"({_mem(pm)} vs "
                               f"fastalign's {_mem(fm)}): its memory is what it trades for speed")
             else:
                 gap = True
