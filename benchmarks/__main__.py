@@ -18,6 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+# 2: implementations timed in interleaved rounds; rows carry time["round_ms"], cases "paired" (median of per-round
+#    ratios), "rounds", "interleaved" and "load"; the run carries "load" (start/end load averages, CPUs, threads).
+#    The report reads schema 1 too (ratios of medians, no load).
+SCHEMA = 2
+
 RUN_EPILOG = "Cases: " + ", ".join(["linear_logprobs", "dpo", "grpo", "gae", "ppo", "value_loss", "kl_penalty",
                                      "dpo_step", "grpo_step", "trl_dpo_step", "trl_grpo_step",
                                      "hf_sft_step"])
@@ -161,7 +166,7 @@ def _run(args, argv: list[str]) -> int:
 
     from . import environment, peers, report
     from .presets import DTYPES, PRESETS
-    from .runner import run_case
+    from .runner import load_average, run_case
 
     preset_name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[preset_name]
@@ -183,7 +188,7 @@ def _run(args, argv: list[str]) -> int:
         log(f"compiled extension: loading{' (building it if needed, ~1 min once)' if build else ''} ...")
         ext_status = peers.ensure_extension(build=build)
     meta = {
-        "schema": 1,
+        "schema": SCHEMA,
         "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv),
         "preset": preset_name, "date": environment.now_utc(), "commit": environment.git_commit(),
         "machine": environment.machine(),
@@ -194,11 +199,17 @@ def _run(args, argv: list[str]) -> int:
         "memory_method": ("cuda max_memory_allocated - memory_allocated before the call" if device.type == "cuda"
                           else "sampled process RSS (peak - before), approximate; not comparable to GPU figures"),
         "budget_s_per_impl": budget, "impl_timeout_s": impl_timeout,
+        "timing_order": ("one implementation after another (do_bench owns its loop)"
+                         if device.type == "cuda" and args.timer == "do_bench" else
+                         "interleaved rounds (A B C A B C ...) after one warm-up call each"),
+        "load": {"start": load_average(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
     }
     log(f"fastalign benchmarks: preset {preset_name}, device {device} ({meta['machine'].get('card')}), "
         f"cases {', '.join(names)}")
     log(f"  versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     log(f"  extension: {ext_status}")
+    log(f"  load average (1, 5, 15 min): {meta['load']['start']} on {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}")
 
     cases = _build_cases(names, specs, device, preset["compile"], preset.get("compile_logprobs"))
     results, skipped = [], []
@@ -213,6 +224,7 @@ def _run(args, argv: list[str]) -> int:
         log(f"- {case.suite}/{case.name} {case.params}")
         results.append(run_case(case, budget_s=budget, impl_timeout_s=impl_timeout, timer=args.timer, log=log))
     meta["seconds"] = round(time.perf_counter() - t_start, 1)
+    meta["load"]["end"] = load_average()
     meta["skipped_for_deadline"] = skipped
     data = {**meta, "cases": results}
 

@@ -1,26 +1,34 @@
-"""End to end: one DPO and one GRPO loss forward+backward through a whole causal LM, fastalign vs TRL.
+"""End to end: one DPO and one GRPO training step through a whole causal LM, fastalign vs TRL vs plain PyTorch.
 
 The same model weights (random init from a config: a tiny Llama on CPU, a Qwen2.5-0.5B-shaped model on GPU,
-vocab 151936), the same batch and the same hyperparameters for every row:
+vocab 151936), the same batch and the same hyperparameters for every row. The timed unit is one optimizer step:
+loss forward + backward into every parameter, gradient clipping at 1.0, AdamW (lr 1e-6, constant schedule, no
+weight decay), gradients zeroed — each trainer's own code for each of these. Every row steps its own copy of the
+same initial weights, so the first call (the agreement check) of every row sees the same model.
 
-- ``fastalign, fused ops on``: the trainer's own loss function (``fastalign.train.dpo.dpo_loss``,
-  ``fastalign.train.actor.actor_loss``) with ``fused=True``: backbone hidden states, then ``fa.linear_dpo_loss``
-  / ``fa.linear_policy_loss`` on the LM-head weight; no [tokens, V] logits (the row's ``path`` names the function).
-- ``fastalign, fused ops off``: the same functions with ``fused=False`` (full logits + log_softmax, then
+- ``fastalign trainer step, fused ops on``: ``fastalign.train.loop.TrainLoop.step`` (what ``fastalign train dpo``
+  / ``grpo`` runs per step: accumulation, clipping, NaN guard, AdamW, schedule, the metrics row) with the trainer's
+  own loss (``fastalign.train.dpo.dpo_loss``, ``fastalign.train.actor.actor_loss_from_config``), ``fused=True``:
+  backbone hidden states, then ``fa.linear_dpo_loss`` / ``fa.linear_policy_loss`` on the LM-head weight.
+- ``fastalign trainer step, fused ops off``: the same with ``fused=False`` (full logits + log_softmax, then
   ``fa.dpo_loss`` / ``fa.ppo_policy_loss`` + ``fa.kl_penalty``).
-- ``plain PyTorch``: ``model(...).logits`` -> log_softmax -> the loss formula (what a hand-written loop does).
-- ``TRL DPOTrainer.compute_loss`` / ``TRL GRPOTrainer.compute_loss``: TRL's own trainer on the same saved model,
-  called on the same batch (its default path: its chunked fused LM head).
+- ``plain PyTorch``: ``model(...).logits`` -> log_softmax -> the loss formula, backward, ``clip_grad_norm_``,
+  ``torch.optim.AdamW`` with torch's defaults (what a hand-written loop does; on CPU that is the per-parameter
+  loop, while fastalign's trainer and transformers' Trainer, so TRL, use the fused kernel: each row's ``optimizer``
+  extra names its own).
+- ``TRL DPOTrainer step`` / ``TRL GRPOTrainer step``: TRL 1.16's own trainer on the same saved model, its default
+  path (its chunked fused LM head): ``trainer.training_step`` (compute_loss, backward, TRL's metrics), then
+  ``Trainer``'s clip, ``optimizer.step()``, ``lr_scheduler.step()``, ``model.zero_grad()``, as its inner loop
+  runs them. GRPO: the rollout is given, so ``_prepare_inputs`` (generation) is bypassed.
 
 The integration cases compare a trainer with itself plus one fastalign line, on the same model, batch and config:
-``trl_dpo_step`` / ``trl_grpo_step`` (TRL's trainer row above, and the same row under
+``trl_dpo_step`` / ``trl_grpo_step`` (TRL's trainer step above, and the same under
 ``fastalign.integrations.trl.enabled()``) and ``hf_sft_step`` (``transformers.Trainer.training_step`` on the model
 and on ``fastalign.patch(model)``), each beside the plain PyTorch baseline of the accuracy check.
 
 DPO: reference log-probs precomputed (as TRL's ``precompute_ref_log_probs``), sigmoid loss, beta 0.1.
 GRPO: old and reference log-probs given (current + noise), clip 0.2, k3 KL beta 0.04, TRL ``loss_type="bnpo"``
-(= fastalign ``agg="token-mean"``). Timed unit: loss forward + backward into every parameter (no optimizer
-step, which is the same for all). Agreement: the step-0 loss against the plain PyTorch path.
+(= fastalign ``agg="token-mean"``). Agreement: the step-0 loss against the plain PyTorch path.
 """
 from __future__ import annotations
 
@@ -29,20 +37,31 @@ import dataclasses
 import logging
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from fastalign.train import actor, distributed
 from fastalign.train.config import DPOConfig as FaDPOConfig
 from fastalign.train.dpo import dpo_loss as trainer_dpo_loss
-
-from fastalign.train.actor import actor_loss
+from fastalign.train.grpo import GRPOConfig as FaGRPOConfig
+from fastalign.train.loop import Run, TrainLoop
 
 from . import peers
 from .logprobs import IGNORE
 from .preference import DPO_BETA, dpo_truth_loss, sigmoid_dpo_loss
 from .rl import CLIP, GRPO_BETA, grpo_bnpo_loss, grpo_truth_loss
 from .runner import Case, Impl, Prepared
+
+LR = 1e-6  # every row's AdamW: the same rate, constant schedule, no weight decay, gradients clipped at 1.0
+MAX_GRAD_NORM = 1.0
+
+
+def _fa_train_options() -> dict:
+    return dict(learning_rate=LR, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0,
+                max_grad_norm=MAX_GRAD_NORM, max_steps=10**9, progress=False, save_steps=0)
+
 
 # Qwen2.5-0.5B's shape (config values, no download); random init
 QWEN05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -135,10 +154,12 @@ class Shared:
     def trl_kwargs(self) -> dict:
         cpu = self.device.type != "cuda"
         return dict(use_cpu=cpu, bf16=False, fp16=False, report_to=[], save_strategy="no", logging_strategy="no",
-                    model_init_kwargs={"dtype": self.dtype})
+                    model_init_kwargs={"dtype": self.dtype}, learning_rate=LR, lr_scheduler_type="constant",
+                    warmup_steps=0, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM)
 
 
 def _params_prepared(model, step_fn) -> Prepared:
+    """A loss forward + backward into every trainable parameter (the plain baseline of the integration cases)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
@@ -149,20 +170,87 @@ def _params_prepared(model, step_fn) -> Prepared:
     return Prepared(step, grad_to_none=params)
 
 
-def _trainer_impls(shared: Shared, loss_fn, bind, fused_ops: str, unfused_ops: str) -> list[Impl]:
-    """The two fastalign rows of an e2e case: the trainer's own loss function ``loss_fn`` with its ``fused`` switch
-    on and off. ``bind(inputs, fused)`` lays the batch out as the trainer wants it (outside the timed step) and
-    returns the zero-argument call that computes the loss."""
+def _own_copy(shared: "Shared"):
+    """A copy of the case's model for one row: every row's optimizer steps its own weights, all from the same
+    initial ones (the truth and the references are computed on the untouched original)."""
+    import copy
+
+    model = copy.deepcopy(shared.model)
+    model.train()
+    return model
+
+
+def _plain_step(model, loss_fn) -> Prepared:
+    """What a hand-written loop does per step: loss forward + backward, clip the gradient norm, AdamW, zero."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def step():
+        loss = loss_fn(model)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach().float().reshape(())}
+
+    return Prepared(step, grad_to_none=params, extra={"optimizer": _optimizer_name(opt)})
+
+
+def _optimizer_name(opt) -> str:
+    group = opt.param_groups[0] if opt.param_groups else {}
+    how = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "torch default"
+    return f"{type(opt).__name__} ({how})"
+
+
+def _trl_step(trainer, model, inputs) -> Prepared:
+    """TRL's trainer step as ``Trainer``'s inner loop runs it: ``trainer.training_step`` (compute_loss and
+    backward, TRL's own metrics), gradient clipping, the optimizer and schedule steps, ``model.zero_grad()``."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop; we call its step
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss = trainer.training_step(model, dict(inputs), None)
+        grad_norm = trainer._clip_grad_norm(model)
+        trainer._get_grad_norm(model, grad_norm=grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad()
+        return {"loss": loss.detach().float().reshape(())}
+
+    return Prepared(step, grad_to_none=params, extra={"optimizer": _optimizer_name(trainer.optimizer)})
+
+
+def _fastalign_step(shared: "Shared", cfg, loss_fn, weight_fn, micro_batch: dict, loss_path: str) -> Prepared:
+    """fastalign's trainer step: ``TrainLoop.step`` (accumulate, clip, NaN guard, AdamW, schedule, metrics row in
+    RUN_DIR/metrics.jsonl) on one micro-batch, on this row's own copy of the model."""
+    model = _own_copy(shared)
+    tmp = tempfile.TemporaryDirectory(prefix="fa-bench-loop-")
+    run = Run(info=distributed.DistInfo(device=torch.device(shared.device)), model_path=Path(tmp.name),
+              tokenizer=None, run_dir=Path(tmp.name))
+    loop = TrainLoop(cfg, model, run)
+
+    def step(_run_dir=tmp):  # the run directory lives as long as the row
+        out = loop.step([micro_batch], lambda mb: loss_fn(loop.model, mb, cfg), weight_fn=weight_fn)
+        return {"loss": torch.tensor(out["loss"])}
+
+    prepared = Prepared(step, grad_to_none=list(loop.params), extra={"optimizer": _optimizer_name(loop.optimizer)})
+    prepared.extra["path"] = f"fastalign.train.loop.TrainLoop.step + {loss_path}"
+    return prepared
+
+
+def _trainer_impls(shared: Shared, make_cfg, loss_fn, loss_path: str, weight_fn, batch_of, fused_ops: str,
+                   unfused_ops: str) -> list[Impl]:
+    """The two fastalign rows of an e2e case: the trainer's step with its loss function ``loss_fn`` and its
+    ``fused`` switch on and off. ``make_cfg(fused)`` is the trainer config; ``batch_of(inputs)`` lays the batch
+    out as the trainer's micro-batch (outside the timed step)."""
     def prepare(fused_on: bool):
-        def prep(inputs):
-            prepared = _params_prepared(shared.model, bind(inputs, fused_on))
-            prepared.extra["path"] = f"{loss_fn.__module__}.{loss_fn.__qualname__}"
-            return prepared
+        return lambda inputs: _fastalign_step(shared, make_cfg(fused_on), loss_fn, weight_fn, batch_of(inputs),
+                                              loss_path)
 
-        return prep
-
-    return [Impl(f"fastalign trainer loss, fused ops on ({fused_ops})", "fastalign", prepare(True)),
-            Impl(f"fastalign trainer loss, fused ops off ({unfused_ops})", "fastalign", prepare(False))]
+    return [Impl(f"fastalign trainer step, fused ops on ({fused_ops})", "fastalign", prepare(True)),
+            Impl(f"fastalign trainer step, fused ops off ({unfused_ops})", "fastalign", prepare(False))]
 
 
 # -------------------------------------------------------------------------------------------------------- DPO
@@ -220,16 +308,16 @@ def dpo_case(spec: dict, device, dtype) -> Case:
             return {"loss": dpo_truth_loss(_truth_seq_logps(shared.model, b),
                                            torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]))}
 
-    def bind(b, fused_on: bool):
-        cfg = FaDPOConfig(beta=DPO_BETA, loss_type="sigmoid", fused=fused_on)
-        batch = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
-                 "ref_chosen": b["ref_chosen_logps"], "ref_rejected": b["ref_rejected_logps"]}
-        return lambda: trainer_dpo_loss(shared.model, batch, cfg)[0]
+    def make_cfg(fused_on: bool):
+        return FaDPOConfig(beta=DPO_BETA, loss_type="sigmoid", fused=fused_on, **_fa_train_options())
+
+    def batch_of(b):
+        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
+                "ref_chosen": b["ref_chosen_logps"], "ref_rejected": b["ref_rejected_logps"]}
 
     def plain(b):
-        model = shared.model
         ref = torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]])
-        return _params_prepared(model, lambda: sigmoid_dpo_loss(_plain_seq_logps(model, b), ref))
+        return _plain_step(_own_copy(shared), lambda m: sigmoid_dpo_loss(_plain_seq_logps(m, b), ref))
 
     trainers, why_trl = peers.load("trl.trainers")
 
@@ -249,20 +337,25 @@ def dpo_case(spec: dict, device, dtype) -> Case:
         model.train()
         inputs = {k: b[k] for k in ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps",
                                     "ref_rejected_logps")}
-        prepared = _params_prepared(model, lambda: trainer.compute_loss(model, inputs))
+        prepared = _trl_step(trainer, model, inputs)
         prepared.extra["trainer_model_dtype"] = str(next(model.parameters()).dtype)
+        prepared.extra["path"] = "trl.DPOTrainer.training_step + clip + optimizer/scheduler step"
         return prepared
 
     impls = [
-        *_trainer_impls(shared, trainer_dpo_loss, bind, "linear_dpo_loss", "logits + dpo_loss"),
+        *_trainer_impls(shared, make_cfg, trainer_dpo_loss, "fastalign.train.dpo.dpo_loss",
+                        lambda mb: mb["input_ids"].shape[0] // 2, batch_of,
+                        "linear_dpo_loss", "logits + dpo_loss"),
         Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
-        Impl("TRL DPOTrainer.compute_loss", "trl", trl if trainers else None, missing=why_trl),
+        Impl("TRL DPOTrainer step", "trl", trl if trainers else None, missing=why_trl),
     ]
     tokens = 2 * spec["pairs"] * spec["t"]
     return Case(suite="e2e", name="dpo_step", params={"model": spec["model"], "pairs": spec["pairs"], "T": spec["t"],
                                                     "dtype": str(dtype).replace("torch.", "")},
                 device=device, dtype=dtype, tokens=tokens, make_inputs=make_inputs, truth=truth, impls=impls,
-                notes=["loss forward+backward through the whole model; reference log-probs precomputed"])
+                notes=["one optimizer step through the whole model (loss forward + backward, gradient clipping, "
+                       "AdamW, zero_grad); reference log-probs precomputed; every row steps its own copy of the same "
+                       "initial weights"])
 
 
 # ------------------------------------------------------------------------------------------------------- GRPO
@@ -320,14 +413,15 @@ def grpo_case(spec: dict, device, dtype) -> Case:
                 "old_logprobs": torch.cat([pad, x["old_per_token_logps"]], 1),
                 "ref_logprobs": torch.cat([pad, x["ref_per_token_logps"]], 1), "advantages": x["advantages"]}
 
-    def bind(x, fused_on: bool):  # the trainer's GRPO/PPO actor loss
-        mb = trainer_batch(x)
-        return lambda: actor_loss(shared.model, mb, fused=fused_on, clip_low=CLIP, clip_high=CLIP, agg="token-mean",
-                                  kl_coef=GRPO_BETA, kl_kind="k3")[0]
+    def make_cfg(fused_on: bool):
+        return FaGRPOConfig(kl_coef=GRPO_BETA, kl_kind="k3", clip_low=CLIP, clip_high=CLIP, agg="token-mean",
+                            fused=fused_on, num_generations=min(8, b_size), **_fa_train_options())
+
+    def grpo_loss_fn(model, mb, cfg):
+        return actor.actor_loss_from_config(model, mb, cfg, kl_coef=cfg.kl_coef)
 
     def plain(x):
-        model = shared.model
-        return _params_prepared(model, lambda: formula(grpo_bnpo_loss, plain_logp(model, x), x))
+        return _plain_step(_own_copy(shared), lambda m: formula(grpo_bnpo_loss, plain_logp(m, x), x))
 
     trainers, why_trl = peers.load("trl.trainers")
 
@@ -342,22 +436,28 @@ def grpo_case(spec: dict, device, dtype) -> Case:
             trainer = GRPOTrainer(model=shared.saved_dir(), reward_funcs=lambda completions, **kw: [0.0] * len(
                 completions), args=args, train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * b_size}),
                 processing_class=_tokenizer(shared.model.config.vocab_size))
-        if not hasattr(trainer, "current_gradient_accumulation_steps"):
-            trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop; we call the loss
+        # the rollout is given (no generation): TRL's training_step runs its compute_loss on it as it is
+        trainer._prepare_inputs = lambda inputs: inputs
         model = trainer.model
         model.train()
-        return _params_prepared(model, lambda: trainer.compute_loss(model, x))
+        prepared = _trl_step(trainer, model, x)
+        prepared.extra["path"] = "trl.GRPOTrainer.training_step (generation bypassed) + clip + optimizer/scheduler step"
+        return prepared
 
     impls = [
-        *_trainer_impls(shared, actor_loss, bind, "linear_policy_loss", "logits + ppo_policy_loss"),
+        *_trainer_impls(shared, make_cfg, grpo_loss_fn, "fastalign.train.actor.actor_loss_from_config",
+                        lambda mb: actor.loss_weight(mb, "token-mean"),
+                        trainer_batch, "linear_policy_loss", "logits + ppo_policy_loss"),
         Impl("plain PyTorch (model logits -> log_softmax)", "naive", plain, is_baseline=True),
-        Impl("TRL GRPOTrainer.compute_loss", "trl", trl if trainers else None, missing=why_trl),
+        Impl("TRL GRPOTrainer step", "trl", trl if trainers else None, missing=why_trl),
     ]
     return Case(suite="e2e", name="grpo_step",
                 params={"model": spec["model"], "B": b_size, "T": t, "prompt": prompt,
                         "dtype": str(dtype).replace("torch.", "")},
                 device=device, dtype=dtype, tokens=b_size * t, make_inputs=make_inputs, truth=truth, impls=impls,
-                notes=["loss forward+backward through the whole model on given rollouts (no generation)"])
+                notes=["one optimizer step through the whole model on given rollouts (no generation): loss forward "
+                       "+ backward, gradient clipping, AdamW, zero_grad; every row steps its own copy of the same "
+                       "initial weights"])
 
 
 # ------------------------------------------------------------------- fastalign inside TRL and the HF Trainer

@@ -5,13 +5,22 @@ factory, a truth function and a list of :class:`Impl`. An Impl that is unavailab
 error) and is reported with that reason; a fastalign backend that is unavailable here is reported missing with the
 reason its op gives when asked for it (:func:`backend_refused`). An Impl's ``prepare(inputs)`` returns a zero-argument
 ``step`` that does one full unit of work (e.g. forward + backward) and returns a dict of outputs for the check.
+
+Timing survives a noisy machine: after every implementation's first call (the agreement check) and one warm-up
+call each, the implementations are called in rounds, A B C A B C ..., and each case reports, for every fastalign
+row and every other row, the median over rounds of the per-round ratio other / fastalign (``paired``), next to
+each row's own median. Load on a shared machine moves every implementation of a round alike, so the paired ratio
+is steadier than a ratio of medians taken at different times. Memory is measured afterwards, one call per
+implementation on its own. ``load`` records ``os.getloadavg()`` at the start and end of each case.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import re
 import signal
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +30,7 @@ import torch
 
 from .agreement import agreement
 from .memory import measure_memory
-from .timing import measure_time, sync
+from .timing import clear_grads, measure_time, summarize, sync
 
 
 @dataclass
@@ -117,16 +126,48 @@ def backend_refused(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, RuntimeError)) and _REFUSAL.match(str(exc)) is not None
 
 
+def load_average() -> list[float] | None:
+    """``os.getloadavg()`` (1, 5, 15 minutes), rounded; None where the platform has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def paired_ratios(peer_ms: list[float | None], ref_ms: list[float | None]) -> dict | None:
+    """The median over rounds of ``peer_ms[r] / ref_ms[r]`` (both timed in round r), with how many rounds paired
+    and the 20th/80th percentiles of the per-round ratios; None when no round has both."""
+    ratios = sorted(p / r for p, r in zip(peer_ms, ref_ms) if p is not None and r is not None and r > 0)
+    if not ratios:
+        return None
+
+    def q(f: float) -> float:
+        return ratios[min(len(ratios) - 1, max(0, round(f * (len(ratios) - 1))))]
+
+    return {"median": statistics.median(ratios), "p20": q(0.2), "p80": q(0.8), "rounds": len(ratios)}
+
+
 def run_case(case: Case, *, budget_s: float, impl_timeout_s: float | None, timer: str = "events",
-             log=print) -> dict:
+             log=print, max_rounds: int = 50, min_rounds: int = 5) -> dict:
     """Run every implementation of ``case``; never raises for an implementation's failure.
 
-    ``timer``: how CUDA calls (and the floor) are timed, see :func:`benchmarks.timing.measure_time`."""
+    Order: build inputs, the truth and the floor; then each implementation's ``prepare`` and first call (its
+    agreement check), the same-dtype baseline first; then one warm-up call of each; then rounds A B C A B C ...,
+    each implementation timed once per round, so a change in the machine's load touches every implementation of a
+    round alike; then one memory measurement per implementation, each on its own. The rounds: enough for
+    ``budget_s`` of timed calls per implementation (``min_rounds``..``max_rounds``). Each row keeps its per-round
+    times (``time["round_ms"]``, None after it timed out); ``paired`` holds, for every fastalign row and every
+    other row, the median of the per-round ratios other / fastalign. ``load``: ``os.getloadavg()`` at the start
+    and end of the case.
+
+    ``timer``: how CUDA calls (and the floor) are timed, see :func:`benchmarks.timing.measure_time`; with
+    ``"do_bench"`` the implementations are timed one after the other (do_bench owns its loop), not interleaved."""
     t_case = time.perf_counter()
     out: dict[str, Any] = {
         "suite": case.suite, "case": case.name, "params": case.params, "device": str(case.device),
         "dtype": str(case.dtype).replace("torch.", ""), "tokens": case.tokens, "checked": case.check,
         "headline": case.headline, "notes": list(case.notes), "rows": [], "floor": None,
+        "load": {"start": load_average()},
     }
     torch.manual_seed(0)
     try:
@@ -134,6 +175,7 @@ def run_case(case: Case, *, budget_s: float, impl_timeout_s: float | None, timer
     except Exception as exc:  # noqa: BLE001
         out["error"] = f"inputs: {error_text(exc)}"
         log(f"  ! {case.name}: could not build inputs: {out['error']}")
+        out["load"]["end"] = load_average()
         return out
     truth = None
     if case.check and case.truth is not None:
@@ -148,60 +190,208 @@ def run_case(case: Case, *, budget_s: float, impl_timeout_s: float | None, timer
                 out["floor"] = case.floor(inputs, timer)
         except Exception as exc:  # noqa: BLE001
             out["floor"] = {"ms": None, "what": f"floor failed: {error_text(exc)}"}
-    baseline_dev: dict[str, float] | None = None
     # the same-dtype baseline first: its error against the truth sets the others' tolerance
     order = sorted(case.impls, key=lambda i: not i.is_baseline)
+    live: list[_Live] = []
+    rows: dict[str, Row] = {}
+    baseline_dev: dict[str, float] | None = None
     for impl in order:
-        row = _run_impl(case, impl, inputs, truth, baseline_dev, budget_s, impl_timeout_s, timer)
+        row, lv = _check_impl(case, impl, inputs, truth, baseline_dev, impl_timeout_s)
+        rows[impl.name] = row
         if impl.is_baseline and row.deviation:
             baseline_dev = row.deviation
-        out["rows"].append(row.to_json())
-        _log_row(log, case, row)
+        if lv is not None:
+            live.append(lv)
+    live.sort(key=lambda lv: case.impls.index(lv.impl))  # from here on, declaration order
+    interleaved = not (case.device.type == "cuda" and timer == "do_bench")
+    if interleaved:
+        out["rounds"] = _interleave(case, live, budget_s, max_rounds, min_rounds)
+    else:
+        for lv in live:
+            _timed(lv, lambda lv=lv: _block_time(case, lv, budget_s, timer))
+    for lv in live:
+        if lv.row.status == "ok":
+            if lv.samples:
+                method = "cuda-events" if case.device.type == "cuda" else "cpu-wall-clock"
+                lv.row.time = {**summarize(lv.samples, f"{method}, interleaved rounds").__dict__,
+                               "round_ms": lv.rounds}
+            _timed(lv, lambda lv=lv: setattr(lv.row, "memory", measure_memory(
+                lv.prepared.step, case.device, lv.prepared.grad_to_none).__dict__), stage="memory")
+            lv.row.extra.update(lv.prepared.extra)
+        lv.prepared = None
         if case.device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+    for name in [i.name for i in order]:
+        _log_row(log, case, rows[name])
     # report rows in declaration order
-    names = [i.name for i in case.impls]
-    out["rows"].sort(key=lambda r: names.index(r["impl"]))
+    out["rows"] = [rows[i.name].to_json() for i in case.impls]
+    out["interleaved"] = interleaved
+    out["paired"] = paired_table(out["rows"]) if interleaved else []
     out["seconds"] = round(time.perf_counter() - t_case, 2)
+    out["load"]["end"] = load_average()
     del inputs
     gc.collect()
     return out
 
 
-def _run_impl(case, impl, inputs, truth, baseline_dev, budget_s, impl_timeout_s, timer) -> Row:
+def paired_table(rows: list[dict]) -> list[dict]:
+    """For every fastalign row F and every other row P that both have per-round times: the median over rounds of
+    P's time / F's time (> 1: fastalign is faster)."""
+    timed = [r for r in rows if r.get("status") == "ok" and (r.get("time") or {}).get("round_ms")]
+    out = []
+    for f in timed:
+        if f.get("extra", {}).get("family") != "fastalign":
+            continue
+        for p in timed:
+            if p is f:
+                continue
+            pr = paired_ratios(p["time"]["round_ms"], f["time"]["round_ms"])
+            if pr is not None:
+                out.append({"fastalign": f["impl"], "other": p["impl"], **pr})
+    return out
+
+
+@dataclass
+class _Live:
+    """An implementation that passed its first call, while the case is timed."""
+
+    impl: Impl
+    row: Row
+    prepared: Prepared
+    spent_s: float = 0.0  # wall time it has used (first call, warm-up, rounds, memory) against impl_timeout_s
+    timeout_s: float | None = None
+    est_s: float = 0.0
+    samples: list[float] = field(default_factory=list)
+    rounds: list[float | None] = field(default_factory=list)
+
+
+def _check_impl(case, impl, inputs, truth, baseline_dev, impl_timeout_s) -> tuple[Row, _Live | None]:
+    """``prepare`` and the first call, compared with the truth. Returns the row and, when it ran, its _Live."""
     if impl.missing:
-        return Row(impl.name, "missing", impl.missing, extra={"family": impl.family, "note": impl.note})
+        return Row(impl.name, "missing", impl.missing, extra={"family": impl.family, "note": impl.note}), None
     row = Row(impl.name, "ok", impl.note, extra={"family": impl.family})
     stage = "prepare"
+    t_start = time.perf_counter()
     try:
         with time_limit(impl_timeout_s):
             prepared = impl.prepare(inputs)
             row.extra.update(prepared.extra)
             stage = "first call"
-            for t in prepared.grad_to_none:
-                t.grad = None
+            clear_grads(prepared.grad_to_none)
             t0 = time.perf_counter()
             outputs = prepared.step()
             sync(case.device)
             first_s = time.perf_counter() - t0
+            row.extra.update(prepared.extra)  # a step may fill its extra (e.g. the head's plan) when it runs
             if truth is not None and outputs:
                 stage = "agreement"
                 row.deviation, row.agrees = agreement(outputs, truth, baseline_dev, case.dtype)
             del outputs
-            stage = "timing"
-            row.time = measure_time(prepared.step, case.device, budget_s=budget_s,
-                                    grad_to_none=prepared.grad_to_none, first_s=first_s, timer=timer).__dict__
-            stage = "memory"
-            row.memory = measure_memory(prepared.step, case.device, prepared.grad_to_none).__dict__
-            del prepared
+            clear_grads(prepared.grad_to_none)
     except CaseTimeout as exc:
         row.status, row.detail = "timeout", f"{stage}: {exc}"
+        return row, None
     except Exception as exc:  # noqa: BLE001 - one failing implementation must not stop the run
         row.status, row.detail = "error", f"{stage}: {error_text(exc)}"
         if backend_refused(exc):
             row.status, row.detail = "missing", error_text(exc)
-    return row
+        return row, None
+    return row, _Live(impl, row, prepared, spent_s=time.perf_counter() - t_start, timeout_s=impl_timeout_s,
+                      est_s=first_s)
+
+
+def _timed(lv: _Live, fn: Callable[[], Any], stage: str = "timing") -> bool:
+    """Run ``fn`` within what is left of ``lv``'s time; a timeout or error marks its row. True when it ran."""
+    left = None if not lv.timeout_s else max(1e-3, lv.timeout_s - lv.spent_s)
+    t0 = time.perf_counter()
+    try:
+        with time_limit(left):
+            fn()
+        return True
+    except CaseTimeout:
+        lv.row.status, lv.row.detail = "timeout", f"{stage}: timed out after {lv.timeout_s:.0f} s in all"
+    except Exception as exc:  # noqa: BLE001
+        lv.row.status, lv.row.detail = "error", f"{stage}: {error_text(exc)}"
+    finally:
+        lv.spent_s += time.perf_counter() - t0
+    return False
+
+
+def _block_time(case, lv: _Live, budget_s: float, timer: str) -> None:
+    lv.row.time = measure_time(lv.prepared.step, case.device, budget_s=budget_s,
+                               grad_to_none=lv.prepared.grad_to_none, first_s=lv.est_s, timer=timer).__dict__
+
+
+class _CallTimer:
+    """Times one call: wall clock on CPU; on CUDA, events around it with L2 flushed before (as do_bench), read
+    once the round is over (one synchronisation per round)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if self.cuda else None
+        self.pending: list[tuple[_Live, Any, Any]] = []
+
+    def call(self, lv: _Live) -> None:
+        clear_grads(lv.prepared.grad_to_none)
+        if self.cuda:
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            lv.prepared.step()
+            end.record()
+            self.pending.append((lv, start, end))
+        else:
+            t0 = time.perf_counter()
+            lv.prepared.step()
+            self.pending.append((lv, 1000.0 * (time.perf_counter() - t0), None))
+        # every implementation's inputs stay alive during the rounds; its gradients need not (on a GPU they can
+        # be most of the memory), and freeing them after the end event is stream-ordered
+        clear_grads(lv.prepared.grad_to_none)
+
+    def collect(self) -> dict[int, float]:
+        """{id(live): ms} of the calls since the last collect."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        got = {id(lv): (a.elapsed_time(b) if self.cuda else a) for lv, a, b in self.pending}
+        self.pending = []
+        return got
+
+
+def _interleave(case: Case, live: list[_Live], budget_s: float, max_rounds: int, min_rounds: int) -> int:
+    """One warm-up call of each, then rounds of one timed call of each, in declaration order. Returns the number
+    of rounds run."""
+    for lv in live:  # warm-up (the first call may have compiled, autotuned or loaded lazily); re-estimates
+        def warm(lv=lv):
+            clear_grads(lv.prepared.grad_to_none)
+            t0 = time.perf_counter()
+            lv.prepared.step()
+            sync(case.device)
+            lv.est_s = time.perf_counter() - t0
+            clear_grads(lv.prepared.grad_to_none)
+
+        _timed(lv, warm, stage="warm-up")
+    active = [lv for lv in live if lv.row.status == "ok"]
+    if not active:
+        return 0
+    per_round = sum(lv.est_s for lv in active)
+    rounds = int(max(min_rounds, min(max_rounds, budget_s * len(active) / max(per_round, 1e-6))))
+    timer = _CallTimer(case.device)
+    done = 0
+    for _ in range(rounds):
+        active = [lv for lv in active if lv.row.status == "ok"]
+        if not active:
+            break
+        for lv in active:
+            _timed(lv, lambda lv=lv: timer.call(lv))
+        got = timer.collect()
+        for lv in live:
+            ms = got.get(id(lv)) if lv.row.status == "ok" else None
+            lv.rounds.append(ms)
+            if ms is not None:
+                lv.samples.append(ms)
+        done += 1
+    return done
 
 
 def _log_row(log, case: Case, row: Row) -> None:

@@ -38,13 +38,16 @@ def clear_grads(tensors: list[torch.Tensor] | None) -> None:
         t.grad = None
 
 
-def _summary(samples: list[float], method: str) -> Timing:
+def summarize(samples: list[float], method: str) -> Timing:
     s = sorted(samples)
 
     def q(p: float) -> float:
         return s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]
 
     return Timing(statistics.median(s), q(0.2), q(0.8), s[0], s[-1], len(s), method)
+
+
+_summary = summarize  # the earlier name
 
 
 def measure_time(fn: Callable[[], Any], device: torch.device, *, budget_s: float = 2.0, max_reps: int | None = None,
@@ -66,7 +69,7 @@ def measure_time(fn: Callable[[], Any], device: torch.device, *, budget_s: float
 
         times = triton.testing.do_bench(fn, warmup=25, rep=max(50, int(1000 * budget_s)),
                                         grad_to_none=grad_to_none, return_mode="all")
-        return _summary([float(x) for x in times], "cuda-do_bench")
+        return summarize([float(x) for x in times], "cuda-do_bench")
     if device.type == "cuda":
         def wall():
             clear_grads(grad_to_none)
@@ -91,7 +94,7 @@ def measure_time(fn: Callable[[], Any], device: torch.device, *, budget_s: float
             ends[i].record()
         torch.cuda.synchronize()
         del flush
-        return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda-events")
+        return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda-events")
     if first_s is None:  # CPU warm-up
         clear_grads(grad_to_none)
         t0 = time.perf_counter()
@@ -104,4 +107,4 @@ def measure_time(fn: Callable[[], Any], device: torch.device, *, budget_s: float
         t0 = time.perf_counter()
         fn()
         samples.append(1000.0 * (time.perf_counter() - t0))
-    return _summary(samples, "cpu-wall-clock")
+    return summarize(samples, "cpu-wall-clock")

@@ -73,8 +73,10 @@ def actor_loss(model: nn.Module, mb: dict, *, fused: bool = True, clip_low: floa
         kl = fa.kl_penalty(out.logprobs, ref, kind=kl_kind)
         loss = loss + kl_coef * aggregate(kl, mask, agg, norm_len)
         stats["kl"] = ((kl * mask).sum() / count).detach()
-    loss = loss - entropy_coef * aggregate(out.entropy, mask, agg, norm_len)
-    stats["entropy"] = ((out.entropy * mask).sum() / count).detach()
+    if entropy_coef:
+        loss = loss - entropy_coef * aggregate(out.entropy, mask, agg, norm_len)
+    # with entropy_coef 0 the entropy is a statistic only: no backward through the [b, t, V] softmax for it
+    stats["entropy"] = ((out.entropy.detach() * mask).sum() / count)
     return loss, {**stats, **is_stats}
 
 

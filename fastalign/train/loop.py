@@ -81,9 +81,10 @@ def _tiny_model(info) -> Path:
     return Path(distributed.broadcast_object(str(path) if path else None)) if info.enabled else path
 
 
-def _attended_tokens(micro_batch) -> int:
+def _attended_tokens(micro_batch) -> torch.Tensor | int:
+    """The micro-batch's attended token count (a tensor, read back with the step's other numbers)."""
     if isinstance(micro_batch, dict) and isinstance(micro_batch.get("attention_mask"), torch.Tensor):
-        return int(micro_batch["attention_mask"].sum())
+        return micro_batch["attention_mask"].sum()
     return 0
 
 
@@ -194,19 +195,28 @@ class TrainLoop:
         """Backward of each micro-batch's loss, scaled so the gradients are those of the mean over every unit of
         the global batch. Returns this process's weighted loss sum, token count and weighted stat sums, and the
         global total weight."""
-        weights = [float(weight_fn(mb)) if weight_fn is not None else 1.0 for mb in micro_batches]
+        # the weights set the gradients' scale, so they are read before the first backward (one transfer for all)
+        weights = metrics_mod.read_floats([metrics_mod.pending_float(weight_fn(mb)) if weight_fn is not None else 1.0
+                                           for mb in micro_batches])
         total = float(distributed.all_reduce_sum(torch.tensor(sum(weights), dtype=torch.float64)))
         scale = self.info.world_size / max(total, MIN_TOTAL_WEIGHT)  # DDP/FSDP average gradients over processes
-        loss_sum, stat_sums, tokens = 0.0, {}, 0
+        kept = []  # per micro-batch: the loss, its stats and its token count, read back once after every backward
         for i, (mb, w) in enumerate(zip(micro_batches, weights)):
             with self._gradient_sync(last=i == len(micro_batches) - 1):
                 loss, stats = loss_fn(mb)
                 if w > 0:
                     (loss * (w * scale)).backward()
-            loss_sum += float(loss.detach()) * w
-            for k, v in (stats or {}).items():
-                stat_sums[k] = stat_sums.get(k, 0.0) + metrics_mod.to_float(v) * w
-            tokens += _attended_tokens(mb)
+            pending = metrics_mod.pending_float
+            kept.append((pending(loss), {k: pending(v) for k, v in (stats or {}).items()},
+                         pending(_attended_tokens(mb))))
+        flat = [x for loss, stats, tok in kept for x in (loss, tok, *stats.values())]
+        values = iter(metrics_mod.read_floats(flat))
+        loss_sum, stat_sums, tokens = 0.0, {}, 0
+        for (_, stats, _), w in zip(kept, weights):
+            loss_sum += next(values) * w
+            tokens += int(next(values))
+            for k in stats:
+                stat_sums[k] = stat_sums.get(k, 0.0) + next(values) * w
         return loss_sum, tokens, stat_sums, total
 
     def _gradient_sync(self, last: bool) -> contextlib.ExitStack:

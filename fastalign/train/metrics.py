@@ -54,6 +54,31 @@ def to_float(value) -> float:
     return float(value)
 
 
+def pending_float(value):
+    """:func:`to_float`'s reduction left on the device, without synchronising: a 0-d tensor (read it later with
+    :func:`read_floats`), or a Python float. Integer tensors (token counts) are reduced in float64, exactly."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        return t.float().mean() if t.is_floating_point() else t.double().mean()
+    return float(value)
+
+
+def read_floats(values: list) -> list[float]:
+    """Python floats of :func:`pending_float` results: one device-to-host copy per device for all the tensors
+    among them, instead of one synchronising ``.item()`` each."""
+    out: list[float] = [0.0] * len(values)
+    groups: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            groups.setdefault(v.device, []).append(i)
+        else:
+            out[i] = float(v)
+    for idx in groups.values():
+        for i, x in zip(idx, torch.stack([values[i].double() for i in idx]).tolist()):
+            out[i] = x
+    return out
+
+
 def reward_length_correlation(rewards: torch.Tensor, lengths: torch.Tensor) -> float:
     """Pearson correlation of rewards (B,) with response lengths (B,); 0 when either is constant. A value near
     +-1 suggests the policy is being rewarded for length, not content."""

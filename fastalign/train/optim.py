@@ -7,13 +7,30 @@ import torch
 from torch import nn
 
 
+# devices whose AdamW has a fused kernel (one pass over each parameter instead of a dozen elementwise ops)
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def fused_adam_ok(params: list[nn.Parameter]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: plain (not DTensor/sharded) floating-point tensors,
+    all on one device type that has the kernel. On CPU it is several times faster than the per-parameter loop
+    (the default there) for a small model, where the optimizer is a large share of the step."""
+    if not params:
+        return False
+    kinds = {p.device.type for p in params}
+    return (len(kinds) == 1 and kinds <= set(FUSED_ADAM_DEVICES)
+            and all(type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point() for p in params))
+
+
 def build_optimizer(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    """AdamW; weight decay on matrices only (not on norms and biases); torch's fused kernel where it applies
+    (:func:`fused_adam_ok`), as transformers' Trainer defaults to."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if fused_adam_ok(params) else {}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2))
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), **kwargs)
 
 
 def build_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:

@@ -51,13 +51,20 @@ def test_ci_preset_writes_valid_json_with_every_case(ci_run):
     assert data["machine"]["card"] == "CPU (no GPU)"
     assert {"torch", "triton", "trl", "liger_kernel", "cut_cross_entropy"} <= set(data["versions"])
     assert {c["case"] for c in data["cases"]} == CASES
+    assert data["schema"] == 2 and "interleaved" in data["timing_order"]
+    assert {"start", "end", "cpu_count", "torch_threads"} <= set(data["load"])
     for case in data["cases"]:
         assert case["rows"], case["case"]
+        assert case["interleaved"] and case["rounds"] >= 1 and set(case["load"]) == {"start", "end"}
+        ran = [r for r in case["rows"] if r["status"] == "ok"]
+        if any(r["extra"]["family"] == "fastalign" for r in ran) and len(ran) > 1:
+            assert case["paired"], case["case"]  # ratios of every fastalign row against every other that ran
         for row in case["rows"]:
             assert row["status"] in STATUSES
             if row["status"] == "ok":
                 t = row["time"]
                 assert t["min_ms"] <= t["median_ms"] <= t["max_ms"] and t["reps"] >= 1
+                assert len(t["round_ms"]) == case["rounds"]
                 assert row["memory"]["method"] == "cpu-rss-sampled"
             else:  # never silently skipped: a missing or failing implementation says why
                 assert row["detail"], (case["case"], row["impl"])

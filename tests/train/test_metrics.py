@@ -105,3 +105,16 @@ def test_a_broken_line_inside_the_file_is_an_error_naming_it(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:line 2: not valid JSON"):
         metrics.read_metrics(run)
+
+
+def test_read_floats_gives_to_float_values_with_one_transfer():
+    from fastalign.train.metrics import pending_float, read_floats, to_float
+
+    values = [torch.tensor(0.1234567), torch.tensor([1.5, 2.25], dtype=torch.bfloat16), torch.tensor(7),
+              torch.tensor([True, False, True]).sum(), 3, 0.25, torch.tensor([1e-3, 2e-3, 4e-3])]
+    got = read_floats([pending_float(v) for v in values])
+    assert got == [to_float(v) for v in values]
+    assert all(type(x) is float for x in got)
+    big = torch.tensor(2**40 + 1)  # a token count beyond float32's integers is read exactly
+    assert read_floats([pending_float(big)]) == [float(2**40 + 1)]
+    assert read_floats([]) == []
