@@ -1,5 +1,7 @@
 """TextModel on the real HF backend with the tiny model: choice-token probabilities equal a hand computation from
 the model's own logits; generation is seeded without touching the caller's RNG; label checks."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -74,5 +76,14 @@ def test_long_prompts_keep_their_end(tiny_model_dir):
 def test_missing_model_and_unknown_backend(tmp_path):
     with pytest.raises(FeedbackError, match="is not a local directory"):
         load_text_model(tmp_path / "nope")
-    with pytest.raises(FeedbackError, match=r"unknown backend 'vllm'; registered: \['hf'\]"):
-        load_text_model(tmp_path, backend="vllm")
+    with pytest.raises(FeedbackError, match=r"unknown --generation-backend 'mlx'; registered: \['hf', 'openai', "
+                                            r"'vllm'\]"):
+        load_text_model(tmp_path, backend="mlx")
+    with pytest.raises(FeedbackError, match=r"--generation-backend openai needs --base-url"):
+        load_text_model(None, backend="openai")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the error where vLLM is absent")
+def test_vllm_backend_without_vllm_says_how_to_install(tiny_model_dir):
+    with pytest.raises(ImportError, match=r"--generation-backend vllm needs vLLM: pip install 'fastalign\[vllm\]'"):
+        load_text_model(tiny_model_dir, backend="vllm")
