@@ -87,3 +87,25 @@ def test_missing_model_and_unknown_backend(tmp_path):
 def test_vllm_backend_without_vllm_says_how_to_install(tiny_model_dir):
     with pytest.raises(ImportError, match=r"--generation-backend vllm needs vLLM: pip install 'fastalign\[vllm\]'"):
         load_text_model(tiny_model_dir, backend="vllm")
+
+
+def test_row_prompts_are_encoded_as_the_trainers_encode_them(tiny_model_dir):
+    from fastalign.train import data
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    for mode in ("auto", "on", "off"):
+        model = load_text_model(tiny_model_dir, device="cpu", dtype="float32", chat_template=mode)
+        tok = model.tokenizer
+        for prompt in ("Name a colour.", messages):
+            if mode == "off" and isinstance(prompt, list):
+                with pytest.raises(data.DataError, match=r"^p.jsonl: the row with id 'x' is conversational .*"
+                                                         r"chat_template='off'"):
+                    model.encode_row_prompt(prompt, where="p.jsonl: the row with id 'x'")
+                continue
+            # what fastalign train's prompt-only rows get (data.tokenize_prompts), under the same mode
+            (row,) = data.tokenize_prompts([{"prompt": prompt}], tok, max_prompt_length=384, chat_template=mode)
+            assert model.encode_row_prompt(prompt) == row["prompt_ids"]
+        templated = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        plain = tok.decode(model.encode_row_prompt("Name a colour."), skip_special_tokens=False)
+        # auto (TRL's convention): a string prompt is plain text; on: wrapped as a user turn
+        assert (plain.endswith(templated) if mode == "on" else "<|user|>" not in plain)
