@@ -54,11 +54,15 @@ def _describe(run: dict) -> list[str]:
            f"- environment: `{env.get('prefix', '?')}` (vLLM {vers.get('vllm', '?')}, torch {vers.get('torch')}, "
            f"transformers {vers.get('transformers')}, python {vers.get('python')})",
            f"- command: `{run.get('command')}` ({run.get('seconds')} s) at commit {run.get('commit')}, {run.get('date')}"]
+    if env.get("made_by"):
+        out.append(f"- environment made by: `{env['made_by']}`")
     if load:
         out.append(f"- load average (1, 5, 15 min) before: {load.get('before')}, after: {load.get('after')}")
     out.append(f"- shape: {shape.get('model')} (hidden {shape.get('hidden_size')}, {shape.get('layers')} layers, "
                f"{shape.get('num_heads')} heads), {shape.get('prompts')} prompts x G={shape.get('G')}, up to "
                f"{shape.get('max_new_tokens')} new tokens, fp32")
+    if run.get("note"):
+        out.append(f"- note: {run['note']}")
     return out
 
 
