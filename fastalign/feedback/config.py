@@ -16,8 +16,21 @@ METHODS = ("auto", "logprobs", "text")
 class ModelOptions:
     """Which model answers, and how prompts reach it."""
 
-    model: str | None = option(None, "local checkpoint directory; none: the embedded tiny model")
-    backend: str = option("hf", "generation backend (registered in fastalign.feedback.engine.BACKENDS)")
+    model: str | None = option(None, "local checkpoint directory (openai: the served model's tokenizer); none: the "
+                                     "embedded tiny model")
+    generation_backend: str = option("hf", "hf (the checkpoint's own generate and forward), vllm (an in-process "
+                                           "vLLM engine; pip install 'fastalign[vllm]'), openai (an "
+                                           "OpenAI-compatible server at --base-url), or a name registered in "
+                                           "fastalign.feedback.engine.BACKENDS")
+    base_url: str | None = option(None, "openai: the server's API root, e.g. http://127.0.0.1:8000/v1")
+    served_model: str | None = option(None, "openai: the model name the server serves; none: the first it lists")
+    request_timeout: float = option(120.0, "openai: seconds per HTTP request before it is retried")
+    request_retries: int = option(3, "openai: retries of a failed or timed-out request")
+    top_logprobs: int = option(20, "openai, vllm: top next tokens asked for when reading verdicts from log-probs "
+                                   "(a label outside them: that verdict from parsed text); a vLLM server allows "
+                                   "20 unless started with --max-logprobs")
+    vllm_kv_cache_gb: float | None = option(None, "vllm: KV cache size in GiB (what sizes it on a CPU)")
+    vllm_enforce_eager: bool = option(False, "vllm: no CUDA graphs / torch.compile (faster start)")
     device: str = option("auto", "auto = cuda when available, else cpu")
     dtype: str = option("auto", "weights dtype; auto = bf16 on a GPU with bf16, else fp32",
                         choices=("auto", "float32", "bfloat16", "float16"))
@@ -32,9 +45,37 @@ class ModelOptions:
 
     def __post_init__(self):
         validate(self)
-        for name in ("max_prompt_length", "generation_batch_size"):
+        cls = type(self).__name__
+        for name in ("max_prompt_length", "generation_batch_size", "top_logprobs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{cls}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.generation_backend == "openai" and not self.base_url:
+            raise ValueError(f"{cls}: --generation-backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        if self.generation_backend != "openai" and (self.base_url or self.served_model):
+            raise ValueError(f"{cls}: --base-url and --served-model are only used by --generation-backend openai "
+                             f"(got {self.generation_backend!r})")
+        if self.request_timeout <= 0 or self.request_retries < 0:
+            raise ValueError(f"{cls}: request_timeout must be > 0 and request_retries >= 0")
+        if self.vllm_kv_cache_gb is not None and self.vllm_kv_cache_gb <= 0:
+            raise ValueError(f"{cls}: vllm_kv_cache_gb must be > 0, got {self.vllm_kv_cache_gb}")
+
+    def load_options(self, *, policy: bool = False) -> dict:
+        """Keyword arguments of ``engine.load_text_model`` (``policy``: for ``cai label``'s policy)."""
+        options = {"base_url": self.base_url, "served_model": self.served_model,
+                   "request_timeout": self.request_timeout, "request_retries": self.request_retries,
+                   "top_logprobs": self.top_logprobs, "vllm_kv_cache_gb": self.vllm_kv_cache_gb,
+                   "vllm_enforce_eager": self.vllm_enforce_eager, "seed": self.seed,
+                   "max_model_len": self._max_model_len()}
+        if policy:
+            options.update(base_url=getattr(self, "policy_base_url", None) or self.base_url,
+                           served_model=getattr(self, "policy_served_model", None))
+        return dict(backend=self.generation_backend, device=self.device, dtype=self.dtype,
+                    chat_template=self.chat_template, max_prompt_length=self.max_prompt_length,
+                    batch_size=self.generation_batch_size, backend_options=options)
+
+    def _max_model_len(self) -> int:
+        return self.max_prompt_length + max(getattr(self, "max_new_tokens", 0),
+                                            getattr(self, "verdict_max_new_tokens", 0), 1)
 
 
 @dataclass
@@ -92,7 +133,13 @@ class LabelConfig(SampledOptions):
     prompts: str | None = option(None, "prompts (.jsonl/.json, field 'prompt'); none: the shipped prompts")
     out: str = option("cai/preferences.jsonl", "preference output (prompt, chosen, rejected, label, label_parts)")
     constitution: str | None = option(None, "constitution YAML/JSON; none: the shipped default")
-    policy: str | None = option(None, "checkpoint that samples the responses; none: the feedback model (--model)")
+    policy: str | None = option(None, "checkpoint that samples the responses; none: the feedback model (--model). "
+                                      "With --generation-backend openai: the policy's tokenizer directory, its "
+                                      "server at --policy-base-url")
+    policy_base_url: str | None = option(None, "openai: the server of the policy, when it is not the feedback "
+                                               "model's; none: --model answers (or --base-url serves --policy)")
+    policy_served_model: str | None = option(None, "openai: the model name --policy-base-url serves; none: its "
+                                                   "first")
     principles: list[str] = option([], "draw only from these principle ids; empty: all")
     num_responses: int = option(2, "responses sampled per prompt (every pair of distinct ones is judged)")
     principles_per_pair: int = option(2, "principles each pair is judged by (the ensemble), drawn per pair")
@@ -112,6 +159,13 @@ class LabelConfig(SampledOptions):
         super().__post_init__()
         if self.num_responses < 2 or self.principles_per_pair < 1:
             raise ValueError("LabelConfig: num_responses must be >= 2 and principles_per_pair >= 1")
+        if self.generation_backend == "openai" and self.policy not in (None, self.model) \
+                and self.policy_base_url is None:
+            raise ValueError("LabelConfig: --policy with --generation-backend openai needs --policy-base-url (the "
+                             "server at --base-url serves the feedback model, not the policy)")
+        if self.generation_backend != "openai" and (self.policy_base_url or self.policy_served_model):
+            raise ValueError("LabelConfig: --policy-base-url and --policy-served-model are only used by "
+                             "--generation-backend openai")
         if not 0.5 <= self.min_label <= 1:
             raise ValueError(f"LabelConfig: min_label must lie in [0.5, 1], got {self.min_label}")
         _verdict_options(self, "verdict_max_new_tokens")

@@ -104,6 +104,11 @@ def load_prompts(path: str | Path, *, max_rows: int | None = None) -> tuple[list
     return rows, duplicates
 
 
+def where(path, rows: list[dict]) -> list[str]:
+    """How errors name each prompt row of ``path``: by its id."""
+    return [f"{path}: the row with id {r['id']!r}" for r in rows]
+
+
 # ---------------------------------------------------------------------------------------------- the journal
 
 class Journal:

@@ -22,8 +22,8 @@ from fastalign.feedback import stats
 from fastalign.feedback.config import AnswerConfig, JudgeOptions, PairwiseConfig, SingleConfig
 from fastalign.feedback.constitution import DATA_DIR, load_rubric
 from fastalign.feedback.engine import TextModel, load_text_model
-from fastalign.feedback.io import FeedbackError, Journal, check_text, load_prompts, read_rows, row_id, write_json
-from fastalign.feedback.prompts import (as_messages, derive_seed, pairwise_messages, parse_choice, parse_score,
+from fastalign.feedback.io import FeedbackError, Journal, check_text, load_prompts, read_rows, row_id, where, write_json
+from fastalign.feedback.prompts import (derive_seed, pairwise_messages, parse_choice, parse_score,
                                         single_messages)
 from fastalign.feedback.verdicts import ask, resolve_method
 
@@ -34,9 +34,7 @@ EVAL_PROMPTS = DATA_DIR / "eval_prompts.jsonl"  # held out from the shipped prom
 def _load(cfg, model: TextModel | None) -> TextModel:
     if model is not None:
         return model
-    return load_text_model(cfg.model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
-                           chat_template=cfg.chat_template, max_prompt_length=cfg.max_prompt_length,
-                           batch_size=cfg.generation_batch_size)
+    return load_text_model(cfg.model, **cfg.load_options())
 
 
 def answer(cfg: AnswerConfig, *, model: TextModel | None = None) -> dict:
@@ -50,8 +48,8 @@ def answer(cfg: AnswerConfig, *, model: TextModel | None = None) -> dict:
     sampling = cfg.sampling()
     for start in range(0, len(pending), cfg.batch_size):
         batch = pending[start:start + cfg.batch_size]
-        gens = model.generate([as_messages(r["prompt"]) for r in batch], sampling,
-                              seed=derive_seed(cfg.seed, "answer", *[r["id"] for r in batch]))
+        gens = model.answer([r["prompt"] for r in batch], sampling, where=where(cfg.prompts or EVAL_PROMPTS, batch),
+                            seed=derive_seed(cfg.seed, "answer", *[r["id"] for r in batch]))
         out.append([{**r, "completion": g.text, "truncated": g.truncated, "model": model.name,
                      "sampling": asdict(sampling), "seed": cfg.seed} for r, g in zip(batch, gens)])
     summary = {"stage": "judge answer", "out": str(cfg.out), "answers": len(out.rows),
@@ -137,7 +135,7 @@ def pairwise(cfg: PairwiseConfig, *, model: TextModel | None = None) -> dict:
             v1, v2 = orders[0]["verdict"], orders[1]["verdict"]
             winner = None if v1 is None or v2 is None else (v1 if v1 == v2 else "tie")
             soft = None
-            if method == "logprobs":
+            if method == "logprobs" and all(o["probs"] is not None for o in orders):  # none fell back to text
                 soft = sum(o["probs"]["a"] + 0.5 * o["probs"]["tie"] for o in orders) / 2
             rows.append({"id": rid, "prompt": a[rid]["prompt"], "category": a[rid]["category"] or b[rid]["category"],
                          "model_a": name_a, "model_b": name_b, "answer_a": a[rid]["completion"],

@@ -26,8 +26,8 @@ from itertools import combinations
 from fastalign.feedback.config import LabelConfig
 from fastalign.feedback.constitution import Constitution, load_constitution
 from fastalign.feedback.engine import TextModel, load_text_model
-from fastalign.feedback.io import FeedbackError, Journal, load_prompts, normalize, sidecar, write_json
-from fastalign.feedback.prompts import as_messages, comparison_messages, derive_seed, parse_choice, sample_principles
+from fastalign.feedback.io import FeedbackError, Journal, load_prompts, normalize, sidecar, where, write_json
+from fastalign.feedback.prompts import comparison_messages, derive_seed, parse_choice, sample_principles
 from fastalign.feedback.revise import DEFAULT_PROMPTS
 from fastalign.feedback.verdicts import ask, resolve_method
 
@@ -87,11 +87,10 @@ def label(cfg: LabelConfig, *, feedback: TextModel | None = None, policy: TextMo
              duplicate_prompts, len(rows) - len(pending), len(pending))
     method = None
     if pending:
-        load = dict(backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, chat_template=cfg.chat_template,
-                    max_prompt_length=cfg.max_prompt_length, batch_size=cfg.generation_batch_size)
-        feedback = feedback or load_text_model(cfg.model, **load)
+        feedback = feedback or load_text_model(cfg.model, **cfg.load_options())
         if policy is None:
-            policy = feedback if cfg.policy in (None, cfg.model) else load_text_model(cfg.policy, **load)
+            policy = feedback if cfg.policy in (None, cfg.model) and cfg.policy_base_url is None else \
+                load_text_model(cfg.policy or cfg.model, **cfg.load_options(policy=True))
         example = comparison_messages(constitution, pending[0]["prompt"], "", "", constitution.principles[0],
                                       few_shot=cfg.few_shot)
         method = resolve_method(feedback, cfg.label_method, example, constitution.choices)
@@ -130,8 +129,9 @@ def label_batch(policy: TextModel, feedback: TextModel, constitution: Constituti
     n, k = cfg.num_responses, cfg.principles_per_pair
     ids = [r["id"] for r in batch]
     sampling = cfg.sampling()
-    gens = policy.generate([as_messages(r["prompt"]) for r in batch for _ in range(n)], sampling,
-                           seed=derive_seed(cfg.seed, "responses", *ids))
+    gens = policy.answer([r["prompt"] for r in batch for _ in range(n)], sampling,
+                         where=[w for w in where(cfg.prompts or DEFAULT_PROMPTS, batch) for _ in range(n)],
+                         seed=derive_seed(cfg.seed, "responses", *ids))
     meta = {"policy": policy.name, "feedback_model": feedback.name, "constitution": constitution.name,
             "label_method": method, "sampling": asdict(sampling), "seed": cfg.seed}
     results, jobs, queries = [], [], []  # jobs: (row, responses, pairs, principles per pair)

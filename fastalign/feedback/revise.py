@@ -22,8 +22,8 @@ from dataclasses import asdict
 from fastalign.feedback.config import ReviseConfig
 from fastalign.feedback.constitution import DATA_DIR, load_constitution
 from fastalign.feedback.engine import TextModel, load_text_model
-from fastalign.feedback.io import Journal, load_prompts, normalize, sidecar, write_json
-from fastalign.feedback.prompts import (as_messages, critique_messages, derive_seed, revision_messages,
+from fastalign.feedback.io import Journal, load_prompts, normalize, sidecar, where, write_json
+from fastalign.feedback.prompts import (critique_messages, derive_seed, revision_messages,
                                         sample_principles)
 
 log = logging.getLogger("fastalign.feedback")
@@ -41,9 +41,7 @@ def revise(cfg: ReviseConfig, *, model: TextModel | None = None) -> dict:
     log.info("cai revise: %d prompts (%d duplicates dropped), %d already done, %d to go", len(rows),
              duplicate_prompts, len(rows) - len(pending), len(pending))
     if pending and model is None:
-        model = load_text_model(cfg.model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
-                                chat_template=cfg.chat_template, max_prompt_length=cfg.max_prompt_length,
-                                batch_size=cfg.generation_batch_size)
+        model = load_text_model(cfg.model, **cfg.load_options())
     kept_texts = {normalize(r["completion"]) for r in out.rows}
     for start in range(0, len(pending), cfg.batch_size):
         batch = pending[start:start + cfg.batch_size]
@@ -76,8 +74,8 @@ def revise_batch(model: TextModel, constitution, batch: list[dict], cfg: ReviseC
     """The initial responses and R critique-revision rounds of one batch of prompt rows, as output rows."""
     sampling = cfg.sampling()
     ids = [r["id"] for r in batch]
-    initial = model.generate([as_messages(r["prompt"]) for r in batch], sampling,
-                             seed=derive_seed(cfg.seed, "initial", *ids))
+    initial = model.answer([r["prompt"] for r in batch], sampling, where=where(cfg.prompts or DEFAULT_PROMPTS, batch),
+                           seed=derive_seed(cfg.seed, "initial", *ids))
     current = [g.text for g in initial]
     truncated = [g.truncated for g in initial]
     rounds: list[list[dict]] = [[] for _ in batch]

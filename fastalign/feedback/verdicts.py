@@ -8,6 +8,7 @@ guessed.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -54,18 +55,25 @@ def resolve_method(model: TextModel, method: str, example: list[dict], labels: S
 def ask(model: TextModel, conversations: Sequence[list[dict]], labels: Sequence[str], *, method: str,
         parse: Callable[[str], str | None], max_new_tokens: int = 16, retry_temperature: float = 1.0,
         seed: int = 0) -> list[Verdict]:
-    """One :class:`Verdict` per conversation (``method`` already resolved: "logprobs" or "text")."""
-    if method == "logprobs":
-        scored = model.choice_probs(conversations, labels)
-        out = []
-        for probs, mass in zip(scored.probs.tolist(), scored.mass.tolist()):
-            best = max(range(len(labels)), key=lambda k: probs[k])
-            out.append(Verdict(labels[best], probs, mass=mass))
-        return out
-    if method != "text":
+    """One :class:`Verdict` per conversation (``method`` already resolved: "logprobs" or "text"). Under
+    "logprobs", a conversation whose labels the scorer could not all see (a server lists only its top next
+    tokens) gets a text verdict instead, as under "text" (logged; its ``mass`` stays None)."""
+    if method not in ("logprobs", "text"):
         raise ValueError(f"method must be 'logprobs' or 'text', got {method!r}")
     out = [Verdict(None, None) for _ in conversations]
     pending = list(range(len(conversations)))
+    if method == "logprobs":
+        scored = model.choice_probs(conversations, labels)
+        pending = []
+        for i, (probs, mass) in enumerate(zip(scored.probs.tolist(), scored.mass.tolist())):
+            if any(math.isnan(p) for p in probs):
+                pending.append(i)
+                continue
+            best = max(range(len(labels)), key=lambda k: probs[k])
+            out[i] = Verdict(labels[best], probs, mass=mass)
+        if pending:
+            log.info("verdicts: %d of %d from parsed text: a label was outside the scorer's top log-probs "
+                     "(--top-logprobs)", len(pending), len(conversations))
     attempts = [SamplingParams(max_new_tokens=max_new_tokens, greedy=True),
                 SamplingParams(max_new_tokens=max_new_tokens, temperature=retry_temperature)]
     for attempt, sampling in enumerate(attempts):

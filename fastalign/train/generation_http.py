@@ -11,6 +11,11 @@ in the log-probs), else, with a ``tokenizer``, the returned text re-encoded (log
 line up with the ids). vLLM and SGLang take the ``top_k`` and ``stop_token_ids`` extensions; other servers ignore
 unknown fields.
 
+``next_token_logprobs(prompt_ids, token_ids)`` scores given next tokens (the verdict labels of the AI-feedback tools,
+``fastalign.feedback``): one token is requested per prompt with ``logprobs=top_logprobs``, and each asked token's
+log-prob is read from the server's top list of the first position (NaN where the token is not in that list: the
+server says nothing about it, and the caller falls back to a parsed-text verdict).
+
 Generation only: the server's weights do not follow the policy. ``sync_weights`` raises unless
 ``allow_stale_weights`` (off-policy sampling from a fixed server, which ``--sampler-is-cap`` can correct for).
 Standard library only (urllib): requests of ``batch_size`` prompts run on ``max_workers`` threads; a request that
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -28,6 +34,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from fastalign.train.generation import Completions, SamplingParams
@@ -56,15 +63,20 @@ class OpenAIGenerationBackend:
         allow_stale_weights: make ``sync_weights`` a no-op instead of an error.
         tokenizer: re-encodes the returned text for servers that give no token ids.
         api_key: sent as a bearer token; None: ``$OPENAI_API_KEY`` when set.
+        top_logprobs: how many top next tokens ``next_token_logprobs`` asks the server for (vLLM allows 20 unless
+            started with ``--max-logprobs``; OpenAI's API 20).
     """
 
     def __init__(self, base_url: str, *, eos_token_id: int | Sequence[int] | None = None, model: str | None = None,
                  batch_size: int | None = None, timeout: float = 120.0, retries: int = 3, backoff: float = 0.5,
-                 max_workers: int = 4, allow_stale_weights: bool = False, tokenizer=None, api_key: str | None = None):
+                 max_workers: int = 4, allow_stale_weights: bool = False, tokenizer=None, api_key: str | None = None,
+                 top_logprobs: int = 20):
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"--base-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
         if timeout <= 0 or retries < 0 or max_workers < 1 or (batch_size is not None and batch_size < 1):
             raise ValueError("timeout must be > 0, retries >= 0, max_workers >= 1 and batch_size >= 1 (or None)")
+        if top_logprobs < 1:
+            raise ValueError(f"top_logprobs must be >= 1, got {top_logprobs}")
         self.base_url = base_url.rstrip("/")
         if eos_token_id is None:
             self.eos_ids = []
@@ -72,7 +84,7 @@ class OpenAIGenerationBackend:
             self.eos_ids = sorted({int(eos_token_id)} if isinstance(eos_token_id, int) else set(map(int, eos_token_id)))
         self.model, self.batch_size, self.timeout, self.retries = model, batch_size, timeout, retries
         self.backoff, self.max_workers, self.allow_stale_weights = backoff, max_workers, allow_stale_weights
-        self.tokenizer = tokenizer
+        self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
 
     # -------------------------------------------------------------------------------------------------- HTTP
@@ -175,6 +187,60 @@ class OpenAIGenerationBackend:
         logprobs = [lp for _, lp, _ in rows]
         return Completions(token_ids=[ids for ids, _, _ in rows], truncated=[t for _, _, t in rows],
                            logprobs=logprobs if all(lp is not None for lp in logprobs) else None)
+
+    # ------------------------------------------------------------------------------------ next-token scoring
+    def _top_ids(self, top: dict) -> dict[int, float]:
+        """The server's top list of one position as {token id: log-prob}: vLLM names tokens ``token_id:N``
+        (``return_tokens_as_token_ids``); other servers name them by text, mapped back with the tokenizer."""
+        out = {}
+        for key, value in top.items():
+            key = str(key)
+            if key.startswith(_TOKEN_ID_PREFIX):
+                out[int(key[len(_TOKEN_ID_PREFIX):])] = float(value)
+            elif self.tokenizer is not None:
+                ids = self.tokenizer.encode(key, add_special_tokens=False)
+                if len(ids) == 1:
+                    out.setdefault(ids[0], float(value))
+            else:
+                raise RuntimeError(f"{self.base_url} names its top log-probs by text ({key!r}); pass tokenizer= to "
+                                   "map them to token ids")
+        return out
+
+    def _score_part(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        # temperature 1, no top-p/top-k: the listed log-probs are the model's own distribution (vLLM's
+        # processed_logprobs equal the raw ones then)
+        body = {"model": self.served_model(), "prompt": prompts, "max_tokens": 1, "temperature": 1.0,
+                "top_p": 1.0, "n": 1, "logprobs": self.top_logprobs, "stream": False, "seed": 0,
+                "return_tokens_as_token_ids": True}
+        response = self._request("/completions", body)
+        choices = sorted(response.get("choices") or [], key=lambda c: c.get("index", 0))
+        if len(choices) != len(prompts):
+            raise RuntimeError(f"{self.base_url}: {len(choices)} choices for {len(prompts)} prompts")
+        rows = []
+        for choice in choices:
+            tops = (choice.get("logprobs") or {}).get("top_logprobs") or []
+            if not tops or not isinstance(tops[0], dict):
+                raise RuntimeError(f"{self.base_url} returned no top_logprobs (asked for {self.top_logprobs}); "
+                                   "this server cannot score tokens: use verdicts from text")
+            top = self._top_ids(tops[0])
+            rows.append([top.get(t, math.nan) for t in token_ids])
+        return rows
+
+    def next_token_logprobs(self, prompt_ids: Sequence[Sequence[int]], token_ids: Sequence[int]) -> torch.Tensor:
+        """(B, K) float64: log p(token_ids[k] | prompt_ids[b]) from the server's top log-probs of the next token;
+        NaN for a token outside the top ``top_logprobs``."""
+        prompts = [[int(t) for t in p] for p in prompt_ids]
+        if any(not p for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        ids = [int(t) for t in token_ids]
+        if not prompts:
+            return torch.zeros(0, len(ids), dtype=torch.float64)
+        self.served_model()
+        step = self.batch_size or len(prompts)
+        parts = [prompts[i:i + step] for i in range(0, len(prompts), step)]
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(parts))) as pool:
+            results = list(pool.map(lambda part: self._score_part(part, ids), parts))
+        return torch.tensor([row for part in results for row in part], dtype=torch.float64)
 
     def sync_weights(self, model: nn.Module) -> None:
         if self.allow_stale_weights:

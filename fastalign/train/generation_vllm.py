@@ -153,6 +153,24 @@ class VLLMGenerationBackend:
             self._asleep = True
         return out
 
+    @torch.no_grad()
+    def next_token_logprobs(self, prompt_ids: Sequence[Sequence[int]], token_ids: Sequence[int]) -> torch.Tensor:
+        """(B, K) float64: log p(token_ids[k] | prompt_ids[b]) from the engine's top ``top_logprobs`` next tokens
+        (at temperature 1 with no top-p/top-k, so the processed log-probs are the model's own); NaN for a token
+        outside that list. The engine must allow that many (``engine_kwargs={"max_logprobs": N}``)."""
+        if self._asleep:
+            raise RuntimeError("the vLLM engine is asleep: call sync_weights(model) before scoring")
+        top = int(getattr(self, "top_logprobs", 20))
+        params = self._vllm.SamplingParams(n=1, max_tokens=1, temperature=1.0, top_p=1.0, top_k=0, seed=0,
+                                           logprobs=top, detokenize=False)
+        prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        rows = []
+        for request in outputs:
+            first = request.outputs[0].logprobs[0]  # {token id: Logprob} of the first generated position
+            rows.append([float(first[t].logprob) if t in first else float("nan") for t in map(int, token_ids)])
+        return torch.tensor(rows, dtype=torch.float64).reshape(len(prompts), len(token_ids))
+
     # ----------------------------------------------------------------------------------------------- weights
     @torch.no_grad()
     def sync_weights(self, model: nn.Module) -> None:

@@ -16,3 +16,17 @@ def test_generation_benchmark_runs_and_reports_missing_vllm(tmp_path, monkeypatc
     assert vllm == {"backend": "vllm", "status": "missing", "detail": vllm["detail"]}
     assert vllm["detail"].startswith("ImportError")
     assert "| vllm | missing" in capsys.readouterr().out
+    # what the run records, and its rows in the report (the kernel report leaves it alone)
+    assert data["schema"] == "fastalign-generation-bench/1" and data["environment"]["python"] == sys.executable
+    assert len(data["load_average"]["before"]) == 3 and data["command"].endswith(" ".join(argv))
+    from benchmarks import report, report_generation
+
+    kernel_runs, generation_runs = report_generation.split([data])
+    assert kernel_runs == [] and generation_runs == [data]
+    text = report.render([data], sources=["gen.json"])
+    assert "## Generation: a GRPO rollout + step, HF `generate` vs vLLM" in text
+    assert f"- environment: `{sys.prefix}`" in text and "- load average (1, 5, 15 min) before: [" in text
+    row = next(line for line in text.splitlines() if line.startswith("| HF `generate`"))
+    assert f"| {hf['tokens_per_step']:,.0f} |" in row and "| none |" in row  # no weight sync for HF
+    assert "| vLLM (in-process, colocated) | **missing**: ImportError" in text
+    assert not report.headline_table([data]).strip() and "## Generation" not in report.readme_section([data])

@@ -29,8 +29,11 @@ class Turn:
 
 
 def parse_turns(tokenizer, ids) -> list:
+    """The (role, content) turns of a chat-templated prompt; a plain-text prompt (a string row prompt, which the
+    trainers' ``auto`` rule leaves untemplated) is one user turn."""
     text = tokenizer.decode(ids, skip_special_tokens=False)
-    return re.findall(r"<\|(user|assistant)\|>\n(.*?)</s>", text, flags=re.S)
+    turns = re.findall(r"<\|(user|assistant)\|>\n(.*?)</s>", text, flags=re.S)
+    return turns or [("user", tokenizer.decode(ids, skip_special_tokens=True))]
 
 
 def last_user(tokenizer, ids) -> str:

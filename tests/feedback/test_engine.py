@@ -1,5 +1,7 @@
 """TextModel on the real HF backend with the tiny model: choice-token probabilities equal a hand computation from
 the model's own logits; generation is seeded without touching the caller's RNG; label checks."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -74,5 +76,36 @@ def test_long_prompts_keep_their_end(tiny_model_dir):
 def test_missing_model_and_unknown_backend(tmp_path):
     with pytest.raises(FeedbackError, match="is not a local directory"):
         load_text_model(tmp_path / "nope")
-    with pytest.raises(FeedbackError, match=r"unknown backend 'vllm'; registered: \['hf'\]"):
-        load_text_model(tmp_path, backend="vllm")
+    with pytest.raises(FeedbackError, match=r"unknown --generation-backend 'mlx'; registered: \['hf', 'openai', "
+                                            r"'vllm'\]"):
+        load_text_model(tmp_path, backend="mlx")
+    with pytest.raises(FeedbackError, match=r"--generation-backend openai needs --base-url"):
+        load_text_model(None, backend="openai")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the error where vLLM is absent")
+def test_vllm_backend_without_vllm_says_how_to_install(tiny_model_dir):
+    with pytest.raises(ImportError, match=r"--generation-backend vllm needs vLLM: pip install 'fastalign\[vllm\]'"):
+        load_text_model(tiny_model_dir, backend="vllm")
+
+
+def test_row_prompts_are_encoded_as_the_trainers_encode_them(tiny_model_dir):
+    from fastalign.train import data
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    for mode in ("auto", "on", "off"):
+        model = load_text_model(tiny_model_dir, device="cpu", dtype="float32", chat_template=mode)
+        tok = model.tokenizer
+        for prompt in ("Name a colour.", messages):
+            if mode == "off" and isinstance(prompt, list):
+                with pytest.raises(data.DataError, match=r"^p.jsonl: the row with id 'x' is conversational .*"
+                                                         r"chat_template='off'"):
+                    model.encode_row_prompt(prompt, where="p.jsonl: the row with id 'x'")
+                continue
+            # what fastalign train's prompt-only rows get (data.tokenize_prompts), under the same mode
+            (row,) = data.tokenize_prompts([{"prompt": prompt}], tok, max_prompt_length=384, chat_template=mode)
+            assert model.encode_row_prompt(prompt) == row["prompt_ids"]
+        templated = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        plain = tok.decode(model.encode_row_prompt("Name a colour."), skip_special_tokens=False)
+        # auto (TRL's convention): a string prompt is plain text; on: wrapped as a user turn
+        assert (plain.endswith(templated) if mode == "on" else "<|user|>" not in plain)

@@ -161,3 +161,14 @@ def test_text_only_servers_need_a_tokenizer(server, tiny_tokenizer):
         backend._parse_choice(text_only)
     ids, logprobs, truncated = _backend(server.url, tokenizer=tiny_tokenizer)._parse_choice(text_only)
     assert tiny_tokenizer.decode(ids) == "12" and logprobs is None and not truncated
+
+
+def test_next_token_scoring_needs_top_logprobs(server):
+    # the fake answers like a server without log-prob support for the top list: a clear error, not a guess
+    with pytest.raises(RuntimeError, match="returned no top_logprobs .asked for 5.*use verdicts from text"):
+        _backend(server.url, top_logprobs=5).next_token_logprobs([[5], [6]], [7, 8])
+    body = server.bodies[-1]
+    assert body["max_tokens"] == 1 and body["logprobs"] == 5 and body["temperature"] == 1.0
+    assert _backend(server.url).next_token_logprobs([], [7]).shape == (0, 1)
+    with pytest.raises(ValueError, match="top_logprobs must be >= 1"):
+        OpenAIGenerationBackend(server.url, top_logprobs=0)

