@@ -164,6 +164,8 @@ RATIO_NOTE = ("other / fastalign: the median over interleaved timing rounds of (
 
 def headline_table(runs: list[dict], *, header: bool = True) -> str:
     runs, lines = report_generation.split(runs)[0], []
+    if not runs:
+        return ""
     for run in runs:
         if header:
             lines.append(f"Card: {_card(run)} · {run.get('date')} · preset `{run.get('preset')}` · "
