@@ -68,8 +68,8 @@ def parse_bytes(value, *, name: str = HEAD_BUDGET_ENV) -> int:
     else, negative values included."""
     import re
 
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a byte count, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name} must be a byte count (an int, or a string such as '512MiB'), got {value!r}")
     if isinstance(value, int):
         number, unit = value, ""
     else:

@@ -256,6 +256,7 @@ def keep_head_forward(head: Head, plan: HeadPlan, *, need_entropy: bool, stats: 
         head.hidden, head.weight, head.labels, head.bias, temperature=head.temperature, softcap=head.softcap,
         ignore_index=head.ignore_index, need_entropy=need_entropy, logit_scale=head.logit_scale, stats=stats,
         chunk=plan.chunk_rows, keep_rows=plan.kept_rows, compact=not _checks.deferred_checks(head.hidden.device),
+        need_lse=plan.path in ("mixed", "recompute"),
     )
 
 

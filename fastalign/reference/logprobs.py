@@ -22,6 +22,7 @@ The chunked functions hold one ``[chunk, V]`` fp32 block at a time, so memory is
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -176,10 +177,9 @@ def linear_logprobs_forward(
               for name in stats}
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
-        raw = hidden[rows].to(acc) @ w.T
-        if b is not None:
-            raw += b
-        z = _transform(raw, temperature, softcap, logit_scale)
+        # the logits as the keep path and the backward form them (the same roundings: lse matches their z)
+        z = _scaled_logits(torch.empty((rows.stop - rows.start, w.shape[0]), dtype=acc, device=hidden.device),
+                           hidden[rows].to(acc), w, b, temperature, softcap, logit_scale)
         lse_c = torch.logsumexp(z, -1)
         safe = torch.where(valid[rows], labels[rows], 0).long()
         v = valid[rows]
@@ -240,10 +240,9 @@ def linear_logprobs_backward(
         rows = slice(start, min(start + chunk, n))
         v = valid[rows]
         h = hidden[rows].to(acc)
-        raw = h @ w.T
-        if b is not None:
-            raw += b
-        z = _transform(raw, temperature, softcap, logit_scale)
+        dcap = torch.empty((h.shape[0], w.shape[0]), dtype=acc, device=h.device) if softcap is not None else None
+        z = _scaled_logits(torch.empty((h.shape[0], w.shape[0]), dtype=acc, device=h.device), h, w, b, temperature,
+                           softcap, logit_scale, dcap)
         # ignored rows have lse = 0, where exp(z) may overflow: zero them before any product
         p = torch.exp(z - lse[rows, None]).masked_fill_(~v[:, None], 0.0)
         da = None
@@ -262,7 +261,7 @@ def linear_logprobs_backward(
         if temperature != 1.0:
             da /= temperature
         if softcap is not None:
-            da *= 1 - torch.tanh(raw * logit_scale / softcap) ** 2
+            da *= dcap  # 1 - tanh^2(a / c)
         if logit_scale != 1.0:
             da *= logit_scale
         if dh is not None:
@@ -302,6 +301,15 @@ class Kept(NamedTuple):
     entropy: torch.Tensor | None
 
 
+def _buffer(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised buffer every element of which is written: all NaN under ``FASTALIGN_POISON=1`` (the tests'
+    setting), so a value left unwritten shows."""
+    shape = (shape,) if isinstance(shape, int) else shape
+    if dtype.is_floating_point and os.environ.get("FASTALIGN_POISON", "0") not in ("", "0"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _scaled_logits(out, h, w, b, temperature, softcap, logit_scale, dcap=None):
     """z of a chunk written into ``out`` (rows, V): one GEMM (bias, logit scale and temperature folded into it
     without a softcap), in place after it. ``dcap`` (rows, V) receives 1 - tanh^2 when a softcap is set."""
@@ -335,11 +343,13 @@ def keep_forward(
     chunk: int = DEFAULT_CHUNK,
     keep_rows: int = 0,
     compact: bool = True,
+    need_lse: bool = True,
 ):
     """The forward of :func:`linear_logprobs_forward` (same arguments and first five results), computed over the
     valid rows only, ``chunk`` rows at a time, keeping the log-softmax of the first ``keep_rows`` valid rows.
     ``compact=False`` walks every row instead (ignored ones give zeros): no host sync to count the valid rows, as
-    CUDA graph capture needs.
+    CUDA graph capture needs. ``need_lse=False``: the lse of rows not kept is only needed within an ulp or two
+    (no recompute follows), so it is taken from the label's entry, without a max pass.
 
     Returns:
         logp, entropy, lse, mu, extras as :func:`linear_logprobs_forward`, and a :class:`Kept` (its ``logsm``
@@ -359,34 +369,37 @@ def keep_forward(
     lse = torch.zeros(n, dtype=acc, device=dev)
     ent = torch.zeros(n, dtype=acc, device=dev) if need_entropy else None
     extras = {name: torch.zeros(n, dtype=torch.bool if name == "is_top1" else acc, device=dev) for name in stats}
-    logsm = torch.empty((k, v), dtype=acc, device=dev)
-    dcap = torch.empty((k, v), dtype=acc, device=dev) if (softcap is not None and k) else None
-    kept_ent = torch.empty(k, dtype=acc, device=dev) if need_entropy else None
-    work = torch.empty((min(chunk, r - k), v), dtype=acc, device=dev) if r > k else None
-    prob = torch.empty((min(chunk, r), v), dtype=acc, device=dev) if need_entropy and r else None
+    logsm = _buffer((k, v), acc, dev)
+    dcap = _buffer((k, v), acc, dev) if (softcap is not None and k) else None
+    kept_ent = _buffer(k, acc, dev) if need_entropy else None
+    work = _buffer((min(chunk, r - k), v), acc, dev) if r > k else None
+    prob = _buffer((min(chunk, r), v), acc, dev) if need_entropy and r else None
     hv = hidden.index_select(0, rows) if r < n else hidden
     yv = labels.index_select(0, rows) if r < n else torch.where(valid, labels, 0)
     # kept rows in chunks that do not straddle the kept / scored boundary
     bounds = [(s, min(s + chunk, k)) for s in range(0, k, chunk)] + [(s, min(s + chunk, r)) for s in range(k, r, chunk)]
-    logp_v = torch.empty(r, dtype=acc, device=dev)
-    lse_v = torch.empty(r, dtype=acc, device=dev)
-    ent_v = torch.empty(r, dtype=acc, device=dev) if need_entropy else None
-    stat_v = {name: torch.empty(r, dtype=extras[name].dtype, device=dev) for name in stats}
+    logp_v = _buffer(r, acc, dev)
+    lse_v = _buffer(r, acc, dev)
+    ent_v = _buffer(r, acc, dev) if need_entropy else None
+    stat_v = {name: _buffer(r, extras[name].dtype, dev) for name in stats}
     for s, e in bounds:
         c = e - s
         z = logsm[s:e] if s < k else work[:c]
         _scaled_logits(z, hv[s:e].to(acc), w, b, temperature, softcap, logit_scale,
                        dcap[s:e] if (dcap is not None and s < k) else None)
         y = yv[s:e, None]
-        zy = z.gather(1, y)[:, 0]
         if "mean_logits" in stats:
             stat_v["mean_logits"][s:e] = z.mean(-1)
+        # lse = z_j - L_j at the arg-max j, where L_j = -log sum e^(z - max) is exact: as precise as logsumexp.
+        # Wanted where the backward recomputes (rows not kept) or for the statistics; one read of the chunk.
+        top = z.max(-1) if (s >= k and need_lse) or "is_top1" in stats else None
         if "is_top1" in stats:
-            stat_v["is_top1"][s:e] = z.argmax(-1) == y[:, 0]
+            stat_v["is_top1"][s:e] = top.indices == y[:, 0]
+        zy = z.gather(1, y)[:, 0] if top is None else None
         torch._log_softmax(z, -1, False, out=z)  # L = z - lse, in place: one fused pass
         ly = z.gather(1, y)[:, 0]
         logp_v[s:e] = ly
-        lse_v[s:e] = zy - ly
+        lse_v[s:e] = (zy - ly) if top is None else top.values - z.gather(1, top.indices[:, None])[:, 0]
         if "log_sum_sq_probs" in stats:  # log sum p^2 = logsumexp(2 L)
             stat_v["log_sum_sq_probs"][s:e] = torch.logsumexp(z * 2, -1)
         if need_entropy:
