@@ -77,16 +77,22 @@ class _HeadLossFunction(torch.autograd.Function):
             acc = compute_dtype(hidden)
             n, d = hidden.shape
             v = weight.shape[0]
-            unit = (torch.zeros((n, d), dtype=acc, device=hidden.device) if need_head[0] else None,
-                    torch.zeros((v, d), dtype=acc, device=hidden.device) if need_head[1] else None,
+            # every scored token kept in the P~ form: the GEMMs write the gradients, no zero fill first
+            fresh = kept.probs and g1 is not None and kept.logsm.shape[0] == kept.rows.numel()
+            alloc = torch.empty if fresh else torch.zeros
+            unit = ((alloc if kept.rows.numel() == n else torch.zeros)((n, d), dtype=acc, device=hidden.device)
+                    if need_head[0] else None,
+                    alloc((v, d), dtype=acc, device=hidden.device) if need_head[1] else None,
                     torch.zeros(v, dtype=acc, device=hidden.device) if (need_head[2] and bias is not None) else None)
             if g1 is not None or e1 is not None:
                 ref_lp.keep_backward(
                     kept, hidden, weight, head.labels, g1.to(acc) if g1 is not None else None,
                     e1.to(acc) if e1 is not None else None, temperature=head.temperature, softcap=head.softcap,
                     logit_scale=head.logit_scale, ignore_index=head.ignore_index, chunk=plan.chunk_rows, dh=unit[0],
-                    dw=unit[1], db=unit[2],
+                    dw=unit[1], db=unit[2], fresh=fresh,
                 )
+            else:
+                unit = tuple(t.zero_() if t is not None else None for t in unit)
             ctx.unit = unit
             # the softmax is spent: only the token indices stay, for the tokens left to recompute
             kept = kept._replace(logsm=kept.logsm.new_empty((kept.logsm.shape[0], 0)), dcap=None)

@@ -186,7 +186,8 @@ def plan_head(head: "Head", backend: str, *, op: str, needs=(False, False, False
         chunk_rows, kept = 0, 0
     else:
         elem = torch.empty((), dtype=compute_dtype(head.hidden)).element_size()
-        per_row = v * elem * (2 if head.softcap is not None else 1)
+        # a kept token holds V numbers (the P~ form); with an entropy gradient and a softcap, L and c' (2 V)
+        per_row = v * elem * (2 if (head.softcap is not None and need_entropy) else 1)
         chunk_rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (v * elem))
         kept = min(tokens, budget // per_row) if grads else 0
         if kept < tokens:  # whole chunks only, so no chunk straddles the kept / recomputed boundary needlessly
@@ -199,8 +200,7 @@ def plan_head(head: "Head", backend: str, *, op: str, needs=(False, False, False
         frac = kept / tokens if tokens else 1.0
         path = "keep" if tokens and kept == tokens else "recompute" if kept == 0 else "mixed"
         gemms = 1.0 + frac * bwd + (1.0 - frac) * (1 + bwd)
-    kept_bytes = kept * v * (torch.empty((), dtype=compute_dtype(head.hidden)).element_size()) * (
-        2 if head.softcap is not None else 1) if backend == "torch" else 0
+    kept_bytes = kept * per_row if backend == "torch" else 0
     plan = HeadPlan(op, backend, path, int(tokens), v, int(kept), int(chunk_rows), int(budget), source,
                     int(kept_bytes), round(gemms, 3))
     _last.plan = plan
@@ -271,11 +271,15 @@ def keep_head_backward(head: Head, kept, lse, mu, grad_logp, grad_entropy, needs
     n, d = head.hidden.shape
     v = head.weight.shape[0]
     dev = head.hidden.device
+    # every valid token kept in the P~ form, a gradient to form: the GEMMs write dW (and dh with no token ignored)
+    fresh = (into is None and not rest_only and kept.probs and grad_logp is not None
+             and kept.logsm.shape[0] == kept.rows.numel() > 0)
     if into is not None:
         dh, dw, db = into
     else:
-        dh = torch.zeros((n, d), dtype=acc, device=dev) if needs[0] else None
-        dw = torch.zeros((v, d), dtype=acc, device=dev) if needs[1] else None
+        alloc_dh = torch.empty if (fresh and kept.rows.numel() == n) else torch.zeros
+        dh = alloc_dh((n, d), dtype=acc, device=dev) if needs[0] else None
+        dw = (torch.empty if fresh else torch.zeros)((v, d), dtype=acc, device=dev) if needs[1] else None
         db = torch.zeros(v, dtype=acc, device=dev) if (needs[2] and head.bias is not None) else None
     if grad_logp is None and grad_entropy is None:
         return dh, dw, db
@@ -285,7 +289,7 @@ def keep_head_backward(head: Head, kept, lse, mu, grad_logp, grad_entropy, needs
     if not rest_only:
         scalars_k = dict(scalars, ignore_index=head.ignore_index)
         ref.keep_backward(kept, head.hidden, head.weight, head.labels, g, e, chunk=chunk, dh=dh, dw=dw, db=db,
-                          **scalars_k)
+                          fresh=fresh, **scalars_k)
     rest = kept.rows[kept.logsm.shape[0]:]
     if rest.numel():
         dh_rest = torch.zeros((rest.numel(), d), dtype=acc, device=dev) if dh is not None else None

@@ -281,24 +281,32 @@ def linear_logprobs_backward(
 
 # ------------------------------------------------------------------------------- the keep path (logits kept)
 # The torch backend's fast path (docs/architecture.md, *The math*, *Cost*): the valid rows are gathered, each
-# chunk's logits come from one GEMM written into a buffer (torch.mm / addmm with out=), the log-softmax is taken in
-# place in that buffer (one fused pass), and what backward needs of the softmax is the log-softmax itself, L = z -
-# lse: p = exp(L), and the entropy's dz term is written with (L + H) = (z - mu), finite where p underflows.
-# Rows [0, kept) of the valid rows keep L ([kept, V] in the compute dtype, plus the softcap's derivative with a
-# softcap) for the backward; the others are scored in a reused [chunk, V] buffer.
+# chunk's logits come from one GEMM written into a buffer (torch.mm / addmm with out=), and the log-softmax is
+# taken in place in that buffer (one fused pass), L = z - lse. Of the rows the budget keeps (rows [0, kept) of the
+# valid rows), the buffer is then turned in place into what the backward reads:
+# - without an entropy gradient, P~ = p * c' (c' = 1 - tanh^2 the softcap's derivative, 1 without a softcap) and
+#   c'_y at the label: dz = s g (c'_y 1[j = y] - P~) with s = logit_scale / temperature is never formed;
+#   dh = s g (c'_y W_y - P~ W), dW = scatter_y(s g c'_y h) - P~^T (s g h), db = scatter_y(s g c'_y) - P~^T (s g):
+#   one GEMM each over all kept rows, no pass over [kept, V] in the backward;
+# - with an entropy gradient, L itself (and c'): p = exp(L), and the entropy's dz term is written with
+#   (L + H) = (z - mu), finite where p underflows; dz is formed chunk by chunk in a [chunk, V] buffer.
+# The other rows are scored in a reused [chunk, V] buffer.
 
 
 class Kept(NamedTuple):
     """What the keep path holds of the valid rows' softmax for the backward.
 
     rows: (R,) int64 indices (into the N flattened tokens) of the valid tokens, in order; the first ``logsm.shape[0]``
-    of them are kept. logsm: (K, V) the log-softmax L of the kept rows; dcap: (K, V) the softcap's derivative
-    (1 - tanh^2) or None; entropy: (K,) or None."""
+    of them are kept. logsm: (K, V), P~ = p c' when ``probs``, else the log-softmax L. dcap: (K, V) the softcap's
+    derivative c' = 1 - tanh^2 (L form with a softcap only) or None; dcap_y: (K,) c' at the label (P~ form with a
+    softcap) or None; entropy: (K,) or None (L form)."""
 
     rows: torch.Tensor
     logsm: torch.Tensor
     dcap: torch.Tensor | None
     entropy: torch.Tensor | None
+    probs: bool = False
+    dcap_y: torch.Tensor | None = None
 
 
 def _buffer(shape, dtype, device) -> torch.Tensor:
@@ -370,7 +378,10 @@ def keep_forward(
     ent = torch.zeros(n, dtype=acc, device=dev) if need_entropy else None
     extras = {name: torch.zeros(n, dtype=torch.bool if name == "is_top1" else acc, device=dev) for name in stats}
     logsm = _buffer((k, v), acc, dev)
-    dcap = _buffer((k, v), acc, dev) if (softcap is not None and k) else None
+    probs = not need_entropy  # the P~ form (see above): the backward needs no pass over [kept, V]
+    # c' of every kept row (L form), or of one chunk at a time (P~ form: only c' at the label is kept)
+    dcap = _buffer((k if not probs else min(chunk, k), v), acc, dev) if (softcap is not None and k) else None
+    dcap_y = _buffer(k, acc, dev) if (probs and dcap is not None) else None
     kept_ent = _buffer(k, acc, dev) if need_entropy else None
     work = _buffer((min(chunk, r - k), v), acc, dev) if r > k else None
     prob = _buffer((min(chunk, r), v), acc, dev) if need_entropy and r else None
@@ -385,8 +396,8 @@ def keep_forward(
     for s, e in bounds:
         c = e - s
         z = logsm[s:e] if s < k else work[:c]
-        _scaled_logits(z, hv[s:e].to(acc), w, b, temperature, softcap, logit_scale,
-                       dcap[s:e] if (dcap is not None and s < k) else None)
+        dc = (dcap[:c] if probs else dcap[s:e]) if (dcap is not None and s < k) else None
+        _scaled_logits(z, hv[s:e].to(acc), w, b, temperature, softcap, logit_scale, dc)
         y = yv[s:e, None]
         if "mean_logits" in stats:
             stat_v["mean_logits"][s:e] = z.mean(-1)
@@ -408,6 +419,11 @@ def keep_forward(
             ent_v[s:e] = h_c
             if s < k:
                 kept_ent[s:e] = h_c
+        elif s < k:  # P~ = exp(L) c', in place
+            z.exp_()
+            if dc is not None:
+                dcap_y[s:e] = dc.gather(1, y)[:, 0]
+                z.mul_(dc)
     vr = valid.index_select(0, rows) if r < n else valid
     logp[rows] = torch.where(vr, torch.clamp_max(logp_v, 0.0), 0.0)
     lse[rows] = torch.where(vr, lse_v, 0.0)
@@ -417,7 +433,7 @@ def keep_forward(
     if need_entropy:
         ent[rows] = torch.where(vr, ent_v, 0.0)
         mu = torch.where(valid, lse - ent, 0.0)
-    return logp, ent, lse, mu, extras, Kept(rows, logsm, dcap, kept_ent)
+    return logp, ent, lse, mu, extras, Kept(rows, logsm, None if probs else dcap, kept_ent, probs, dcap_y)
 
 
 def keep_backward(
@@ -436,12 +452,14 @@ def keep_backward(
     dh: torch.Tensor | None = None,
     dw: torch.Tensor | None = None,
     db: torch.Tensor | None = None,
+    fresh: bool = False,
 ) -> None:
     """Add the gradients of the kept rows into the accumulators ``dh`` (N, D), ``dw`` (V, D), ``db`` (V,) (compute
     dtype; None: not wanted), from the kept log-softmax: 2 GEMMs a chunk, no logits recomputed.
 
     grad_logp, grad_entropy: (N,) per-token upstream gradients or None (indexed like the flattened tokens);
-    labels: the (N,) labels with ``ignore_index`` at ignored tokens, which get no gradient."""
+    labels: the (N,) labels with ``ignore_index`` at ignored tokens, which get no gradient. ``fresh`` (the P~ form
+    only, every valid token kept): ``dw`` and, with every token valid, ``dh`` are uninitialised and written."""
     k = kept.logsm.shape[0]
     if k == 0 or (dh is None and dw is None and db is None) or (grad_logp is None and grad_entropy is None):
         return
@@ -461,6 +479,9 @@ def keep_backward(
     work2 = torch.empty_like(work) if e is not None else None
     # all tokens valid: the kept rows are 0..k-1, slices instead of gathers
     contiguous = kept.rows.numel() == hidden.shape[0]
+    if kept.probs:
+        _keep_backward_probs(kept, hidden, w, y, g, contiguous, dh, dw, db, fresh)
+        return
     dh_v = (dh[:k] if contiguous else torch.empty((k, hidden.shape[1]), dtype=acc, device=dev)) if dh is not None \
         else None
     for s in range(0, k, chunk):
@@ -489,3 +510,39 @@ def keep_backward(
             db.add_(dz.sum(0))
     if dh is not None and not contiguous:
         dh.index_add_(0, rows, dh_v)
+
+
+def _keep_backward_probs(kept: Kept, hidden, w, y, g, contiguous: bool, dh, dw, db, fresh: bool = False) -> None:
+    """The P~ form of :func:`keep_backward` (``g`` already times logit_scale / temperature, 0 at ignored rows): one
+    GEMM for dh and one for dW over all kept rows, O(K D) work besides. ``fresh``: ``dh`` (when every token is
+    kept) and ``dw`` hold no values yet and are written, not added to (no zero fill)."""
+    k = kept.logsm.shape[0]
+    acc = kept.logsm.dtype
+    rows = kept.rows[:k]
+    pt = kept.logsm
+    a = g * kept.dcap_y if kept.dcap_y is not None else g  # s g c'_y: the label's coefficient
+    h = (hidden[:k] if contiguous else hidden.index_select(0, rows)).to(acc)
+    if dh is not None:
+        # dh = a W_y - g (P~ W)
+        if contiguous and fresh:
+            m = torch.mm(pt, w, out=dh[:k])
+        else:
+            m = torch.mm(pt, w)
+        m.mul_(-g[:, None]).add_(w.index_select(0, y) * a[:, None])
+        if not (contiguous and fresh):
+            if contiguous:
+                dh[:k] += m
+            else:
+                dh.index_add_(0, rows, m)
+    if dw is not None or db is not None:
+        gh = h * g[:, None]
+        if dw is not None:
+            if fresh:
+                torch.mm(pt.T, gh.neg_(), out=dw)
+                gh.neg_()
+            else:
+                dw.addmm_(pt.T, gh, alpha=-1.0)
+            dw.index_add_(0, y, h * a[:, None])
+        if db is not None:
+            db.addmv_(pt.T, g, alpha=-1.0)
+            db.index_add_(0, y, a)
