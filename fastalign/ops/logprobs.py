@@ -124,7 +124,7 @@ def prepare_head(
 logger = logging.getLogger("fastalign")
 # the torch backend's chunk of token rows: [chunk, V] compute-dtype logits of about this many bytes, so the
 # log-softmax and dz passes over a chunk run in the core's L2 / the shared L3 right after its GEMM wrote it
-CHUNK_BYTES = 4 * 2**20
+CHUNK_BYTES = 16 * 2**20
 MIN_CHUNK_ROWS = 16
 _last = threading.local()
 

@@ -284,10 +284,9 @@ def linear_logprobs_backward(
 # chunk's logits come from one GEMM written into a buffer (torch.mm / addmm with out=), and the log-softmax is
 # taken in place in that buffer (one fused pass), L = z - lse. Of the rows the budget keeps (rows [0, kept) of the
 # valid rows), the buffer is then turned in place into what the backward reads:
-# - without an entropy gradient, P~ = p * c' (c' = 1 - tanh^2 the softcap's derivative, 1 without a softcap) and
-#   c'_y at the label: dz = s g (c'_y 1[j = y] - P~) with s = logit_scale / temperature is never formed;
-#   dh = s g (c'_y W_y - P~ W), dW = scatter_y(s g c'_y h) - P~^T (s g h), db = scatter_y(s g c'_y) - P~^T (s g):
-#   one GEMM each over all kept rows, no pass over [kept, V] in the backward;
+# - without an entropy gradient, P~ = c' (p - 1[j = y]) (c' = 1 - tanh^2 the softcap's derivative, 1 without a
+#   softcap), so that dz = -s g P~ with s = logit_scale / temperature is never formed: dh = -s g (P~ W),
+#   dW = P~^T (-s g h), db = P~^T (-s g): one GEMM each over all kept rows, no pass over [kept, V] in the backward;
 # - with an entropy gradient, L itself (and c'): p = exp(L), and the entropy's dz term is written with
 #   (L + H) = (z - mu), finite where p underflows; dz is formed chunk by chunk in a [chunk, V] buffer.
 # The other rows are scored in a reused [chunk, V] buffer.
@@ -297,16 +296,14 @@ class Kept(NamedTuple):
     """What the keep path holds of the valid rows' softmax for the backward.
 
     rows: (R,) int64 indices (into the N flattened tokens) of the valid tokens, in order; the first ``logsm.shape[0]``
-    of them are kept. logsm: (K, V), P~ = p c' when ``probs``, else the log-softmax L. dcap: (K, V) the softcap's
-    derivative c' = 1 - tanh^2 (L form with a softcap only) or None; dcap_y: (K,) c' at the label (P~ form with a
-    softcap) or None; entropy: (K,) or None (L form)."""
+    of them are kept. logsm: (K, V), P~ = c' (p - 1[j = y]) when ``probs``, else the log-softmax L. dcap: (K, V) the
+    softcap's derivative c' = 1 - tanh^2 (L form with a softcap only) or None; entropy: (K,) or None (L form)."""
 
     rows: torch.Tensor
     logsm: torch.Tensor
     dcap: torch.Tensor | None
     entropy: torch.Tensor | None
     probs: bool = False
-    dcap_y: torch.Tensor | None = None
 
 
 def _buffer(shape, dtype, device) -> torch.Tensor:
@@ -381,7 +378,6 @@ def keep_forward(
     probs = not need_entropy  # the P~ form (see above): the backward needs no pass over [kept, V]
     # c' of every kept row (L form), or of one chunk at a time (P~ form: only c' at the label is kept)
     dcap = _buffer((k if not probs else min(chunk, k), v), acc, dev) if (softcap is not None and k) else None
-    dcap_y = _buffer(k, acc, dev) if (probs and dcap is not None) else None
     kept_ent = _buffer(k, acc, dev) if need_entropy else None
     work = _buffer((min(chunk, r - k), v), acc, dev) if r > k else None
     prob = _buffer((min(chunk, r), v), acc, dev) if need_entropy and r else None
@@ -419,10 +415,10 @@ def keep_forward(
             ent_v[s:e] = h_c
             if s < k:
                 kept_ent[s:e] = h_c
-        elif s < k:  # P~ = exp(L) c', in place
+        elif s < k:  # P~ = c' (exp(L) - 1[j = y]), in place
             z.exp_()
+            z.scatter_add_(1, y, torch.full((c, 1), -1.0, dtype=acc, device=dev))
             if dc is not None:
-                dcap_y[s:e] = dc.gather(1, y)[:, 0]
                 z.mul_(dc)
     vr = valid.index_select(0, rows) if r < n else valid
     logp[rows] = torch.where(vr, torch.clamp_max(logp_v, 0.0), 0.0)
@@ -433,7 +429,7 @@ def keep_forward(
     if need_entropy:
         ent[rows] = torch.where(vr, ent_v, 0.0)
         mu = torch.where(valid, lse - ent, 0.0)
-    return logp, ent, lse, mu, extras, Kept(rows, logsm, None if probs else dcap, kept_ent, probs, dcap_y)
+    return logp, ent, lse, mu, extras, Kept(rows, logsm, None if probs else dcap, kept_ent, probs)
 
 
 def keep_backward(
@@ -520,29 +516,21 @@ def _keep_backward_probs(kept: Kept, hidden, w, y, g, contiguous: bool, dh, dw, 
     acc = kept.logsm.dtype
     rows = kept.rows[:k]
     pt = kept.logsm
-    a = g * kept.dcap_y if kept.dcap_y is not None else g  # s g c'_y: the label's coefficient
-    h = (hidden[:k] if contiguous else hidden.index_select(0, rows)).to(acc)
-    if dh is not None:
-        # dh = a W_y - g (P~ W)
+    gn = g.neg()  # dz = -s g P~
+    if dh is not None:  # dh = -s g (P~ W)
         if contiguous and fresh:
-            m = torch.mm(pt, w, out=dh[:k])
+            torch.mm(pt, w, out=dh[:k]).mul_(gn[:, None])
+        elif contiguous:
+            dh[:k].addcmul_(torch.mm(pt, w), gn[:, None])
         else:
-            m = torch.mm(pt, w)
-        m.mul_(-g[:, None]).add_(w.index_select(0, y) * a[:, None])
-        if not (contiguous and fresh):
-            if contiguous:
-                dh[:k] += m
-            else:
-                dh.index_add_(0, rows, m)
+            dh.index_add_(0, rows, torch.mm(pt, w).mul_(gn[:, None]))
     if dw is not None or db is not None:
-        gh = h * g[:, None]
-        if dw is not None:
+        if dw is not None:  # dW = P~^T (-s g h)
+            h = (hidden[:k] if contiguous else hidden.index_select(0, rows)).to(acc)
+            gh = h * gn[:, None]
             if fresh:
-                torch.mm(pt.T, gh.neg_(), out=dw)
-                gh.neg_()
+                torch.mm(pt.T, gh, out=dw)
             else:
-                dw.addmm_(pt.T, gh, alpha=-1.0)
-            dw.index_add_(0, y, h * a[:, None])
+                dw.addmm_(pt.T, gh)
         if db is not None:
-            db.addmv_(pt.T, g, alpha=-1.0)
-            db.index_add_(0, y, a)
+            db.addmv_(pt.T, gn)
