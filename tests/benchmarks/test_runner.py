@@ -226,6 +226,7 @@ def test_custom_shape_flags_replace_the_preset_shapes():
     cases = cli._build_cases(cli._select(args), specs, torch.device("cpu"), compile_peers=False)
     assert {(c.name, c.params.get("N"), c.params.get("D"), c.params.get("V"), c.params["dtype"]) for c in cases
             if c.name.startswith("linear")} == {("linear_logprobs.fwd_bwd", 4096, 1024, 32000, "bfloat16"),
+                                                 ("linear_logprobs.fwd_bwd_frozen", 4096, 1024, 32000, "bfloat16"),
                                                  ("linear_logprobs.fwd", 4096, 1024, 32000, "bfloat16")}
     assert [(c.params["B"], c.params["T"]) for c in cases if c.name == "gae"] == [(8, 100)]
 
