@@ -60,16 +60,22 @@ class _HeadLossFunction(torch.autograd.Function):
             logp, entropy, lse, mu, _, kept = keep_head_forward(head, plan, need_entropy=need_entropy)
         else:
             logp, entropy, lse, mu, _ = head_forward(head, backend, need_entropy=need_entropy)
-        out, stats = loss_fn(logp, entropy, *extras)
-        stats_out.update({k: v.detach() for k, v in stats.items()})  # autograd outputs must be tensors
         need_head = tuple(ctx.needs_input_grad[:3])
         ctx.unit = None
-        if kept is not None and kept.logsm.shape[0] and out.numel() == 1 and any(need_head):
-            # the gradient of a scalar loss is grad_output times its gradient for grad_output = 1: form it now
+        eager = kept is not None and kept.logsm.shape[0] > 0 and any(need_head)
+        if eager:  # the loss once, with a graph over its O(N) inputs, in case its output is a scalar
             with torch.enable_grad():
                 logp_l = logp.detach().requires_grad_()
                 ent_l = entropy.detach().requires_grad_() if entropy is not None else None
-                out_l, _ = loss_fn(logp_l, ent_l, *[e.detach() if e is not None else None for e in extras])
+                out_l, stats = loss_fn(logp_l, ent_l, *[e.detach() if e is not None else None for e in extras])
+            out = out_l.detach()
+            eager = out.numel() == 1
+        else:
+            out, stats = loss_fn(logp, entropy, *extras)
+        stats_out.update({k: v.detach() for k, v in stats.items()})  # autograd outputs must be tensors
+        if eager:
+            # the gradient of a scalar loss is grad_output times its gradient for grad_output = 1: form it now
+            with torch.enable_grad():
                 wrt = [t for t in (logp_l, ent_l) if t is not None]
                 grads = torch.autograd.grad(out_l, wrt, allow_unused=True) if out_l.requires_grad else [None] * 2
             g1 = grads[0]
@@ -109,6 +115,12 @@ class _HeadLossFunction(torch.autograd.Function):
         hidden, weight, bias, lse, mu, logp, entropy, *extras = ctx.saved_tensors
         need_head = ctx.needs_input_grad[:3]
         extra_needs = ctx.needs_input_grad[9:]
+        if ctx.unit is not None and not any(extra_needs) and ctx.kept.logsm.shape[0] == ctx.kept.rows.numel():
+            # every scored token done in the forward and no other input wants a gradient: scale, nothing else
+            head = ctx.head._replace(hidden=hidden, weight=weight, bias=bias)
+            scale = grad_out.reshape(()).to(compute_dtype(hidden))
+            dh, dw, db = rounded(head, *(t * scale if t is not None else None for t in ctx.unit))
+            return (dh, dw, db, None, None, None, None, None, None, *[None] * len(extras))
         with torch.enable_grad():
             logp_l = logp.detach().requires_grad_(any(need_head))
             ent_l = entropy.detach().requires_grad_(any(need_head)) if entropy is not None else None
