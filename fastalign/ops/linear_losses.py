@@ -104,6 +104,7 @@ class _HeadLossFunction(torch.autograd.Function):
             kept = kept._replace(logsm=kept.logsm.new_empty((kept.logsm.shape[0], 0)), dcap=None)
         ctx.kept = kept
         ctx.chunk = plan.chunk_rows if plan is not None else 0
+        ctx.budget = plan.budget_bytes if plan is not None else None
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
         ctx.backend = backend
         ctx.loss_fn = loss_fn
@@ -147,7 +148,7 @@ class _HeadLossFunction(torch.autograd.Function):
                 dh, dw, db = rounded(head, *keep_head_backward(head, ctx.kept, lse, mu, g_logp, g_ent, need_head,
                                                                ctx.chunk))
             else:
-                dh, dw, db = head_backward(head, ctx.backend, lse, mu, g_logp, g_ent, need_head)
+                dh, dw, db = head_backward(head, ctx.backend, lse, mu, g_logp, g_ent, need_head, ctx.budget)
         elif any(need_head):  # the loss does not depend on the head (e.g. an empty batch): zero gradients
             dh = torch.zeros_like(hidden) if need_head[0] else None
             dw = torch.zeros_like(weight) if need_head[1] else None

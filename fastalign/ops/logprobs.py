@@ -236,16 +236,19 @@ def head_forward(head: Head, backend: str, *, need_entropy: bool, stats: tuple[s
     )
 
 
-def head_backward(head: Head, backend: str, lse, mu, grad_logp, grad_entropy, needs=(True, True, True)):
+def head_backward(head: Head, backend: str, lse, mu, grad_logp, grad_entropy, needs=(True, True, True),
+                  memory_budget: int | None = None):
     """Gradients (dh (N, D), dW (V, D), db (V,)) for per-token upstream gradients ``grad_logp`` / ``grad_entropy``
-    ((N,) float or None). Incoming gradients are made contiguous fp32 (fp64 for fp64 inputs) here."""
+    ((N,) float or None). Incoming gradients are made contiguous fp32 (fp64 for fp64 inputs) here.
+    ``memory_budget``: the call's budget in bytes, which sizes the Triton backward's vocabulary chunks."""
     acc = compute_dtype(head.hidden)
     grad_logp = grad_logp.to(acc).contiguous() if grad_logp is not None else None
     grad_entropy = grad_entropy.to(acc).contiguous() if grad_entropy is not None else None
+    extra = {"memory_budget": memory_budget} if (backend == "triton" and memory_budget is not None) else {}
     return _implementation(backend).linear_logprobs_backward(
         head.hidden, head.weight, head.labels, head.bias, lse, mu, grad_logp, grad_entropy,
         temperature=head.temperature, softcap=head.softcap, ignore_index=head.ignore_index, needs=needs,
-        logit_scale=head.logit_scale,
+        logit_scale=head.logit_scale, **extra,
     )
 
 
@@ -332,6 +335,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             logp, entropy, lse, mu, extras = head_forward(head, backend, need_entropy=return_entropy, stats=stats)
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
         ctx.backend = backend
+        ctx.budget = plan.budget_bytes if plan is not None else None
         ctx.save_for_backward(hidden, weight, bias, lse, mu)
         values = [extras[name] for name in stats]
         ctx.mark_non_differentiable(*values)
@@ -346,7 +350,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             dh, dw, db = rounded(head, *keep_head_backward(head, ctx.kept, lse, mu, grad_logp, grad_entropy, needs,
                                                            ctx.chunk))
         else:
-            dh, dw, db = head_backward(head, ctx.backend, lse, mu, grad_logp, grad_entropy, needs)
+            dh, dw, db = head_backward(head, ctx.backend, lse, mu, grad_logp, grad_entropy, needs, ctx.budget)
         return dh, dw, db, None, None, None, None, None
 
 

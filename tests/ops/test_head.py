@@ -430,3 +430,19 @@ def test_plan_is_logged_and_serialisable(caplog):
     assert isinstance(plan, fa.HeadPlan)
     assert json.loads(json.dumps(plan.as_dict()))["path"] == "recompute"
     assert any("linear_logprobs: recompute path" in r.getMessage() for r in caplog.records)
+
+
+def test_triton_backward_chunks_follow_the_calls_budget(monkeypatch, device):
+    """The Triton backend keeps nothing, but the call's budget sizes its backward's vocabulary chunks."""
+    from fastalign.kernels import logprobs as lp_kernels
+
+    seen = []
+    real = lp_kernels._chunk_columns
+    monkeypatch.setattr(lp_kernels, "_chunk_columns",
+                        lambda *args: seen.append(args[-1]) or real(*args))
+    hidden, weight, _, labels, up, _ = make_inputs(11, 16, 97, torch.float32, seed=12)
+    h = hidden.to(device).requires_grad_()
+    out = fa.linear_logprobs(h, weight.to(device), labels.to(device), backend="triton", memory_budget="3MiB")
+    (out.logprobs * up.to(device)).sum().backward()
+    assert seen == [3 * 2**20]
+    assert fa.last_head_plan().budget_bytes == 3 * 2**20
