@@ -19,8 +19,9 @@ from fastalign.benchmarks.runner import Case, CaseTimeout, Impl, Prepared, run_c
 
 ROOT = Path(__file__).resolve().parents[2]
 STATUSES = {"ok", "missing", "error", "timeout", "skipped"}
-CASES = {"linear_logprobs.fwd_bwd", "linear_logprobs.fwd", "dpo_loss.fused_from_hidden",
-         "grpo_loss.fused_from_hidden", "gae", "ppo_policy_loss.fwd_bwd", "value_loss.fwd_bwd", "kl_penalty.fwd_bwd",
+CASES = {"linear_logprobs.fwd_bwd", "linear_logprobs.fwd_bwd_frozen", "linear_logprobs.fwd",
+         "dpo_loss.fused_from_hidden", "grpo_loss.fused_from_hidden", "gae", "ppo_policy_loss.fwd_bwd",
+         "value_loss.fwd_bwd", "kl_penalty.fwd_bwd",
          "dpo_step", "grpo_step", "trl_dpo_step", "trl_grpo_step", "hf_sft_step"}
 
 
