@@ -333,6 +333,9 @@ def _scaled_logits(out, h, w, b, temperature, softcap, logit_scale, dcap=None):
     return out
 
 
+_LOG_TINY = -69.0  # log p below this (p < 1e-30): rescored from the logits, not taken from p
+
+
 def keep_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -403,6 +406,24 @@ def keep_forward(
         if "is_top1" in stats:
             stat_v["is_top1"][s:e] = top.indices == y[:, 0]
         zy = z.gather(1, y)[:, 0] if top is None else None
+        if s < k and probs and compact and "log_sum_sq_probs" not in stats:
+            # p itself, in place (one fused pass, as the log-softmax would be), and log p_y: no exp pass for P~.
+            # log p_y is exact to an ulp where p_y is normal; the rare rows where it is not are rescored exactly
+            # (their logits rebuilt: a GEMM over those rows only; the count reads the host, hence CPU only)
+            zy = z.gather(1, y)[:, 0] if zy is None else zy
+            torch._softmax(z, -1, False, out=z)
+            ly = torch.log(z.gather(1, y)[:, 0])
+            tiny = (ly < _LOG_TINY).nonzero()[:, 0]
+            if tiny.numel():
+                zt = _scaled_logits(torch.empty((tiny.numel(), v), dtype=acc, device=dev),
+                                    hv[s:e].index_select(0, tiny).to(acc), w, b, temperature, softcap, logit_scale)
+                ly[tiny] = zt.gather(1, y[tiny])[:, 0] - torch.logsumexp(zt, -1)
+            logp_v[s:e] = ly
+            lse_v[s:e] = zy - ly
+            z.scatter_add_(1, y, torch.full((c, 1), -1.0, dtype=acc, device=dev))  # P~ = c' (p - 1[j = y])
+            if dc is not None:
+                z.mul_(dc)
+            continue
         torch._log_softmax(z, -1, False, out=z)  # L = z - lse, in place: one fused pass
         ly = z.gather(1, y)[:, 0]
         logp_v[s:e] = ly

@@ -446,3 +446,24 @@ def test_triton_backward_chunks_follow_the_calls_budget(monkeypatch, device):
     (out.logprobs * up.to(device)).sum().backward()
     assert seen == [3 * 2**20]
     assert fa.last_head_plan().budget_bytes == 3 * 2**20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_keep_path_labels_of_vanishing_probability(dtype):
+    """Kept tokens take log p_y from p itself; where p_y is below 1e-30 (or underflows to 0) their logits are
+    rebuilt and scored exactly: -200-ish log-probs, finite, as the float64 truth."""
+    hidden, weight, _, labels, up, _ = make_inputs(29, 16, 211, dtype, seed=13, logit_std=40.0, ignore_frac=0.0)
+    with torch.no_grad():
+        z = hidden.double() @ weight.double().T
+    labels[::2] = z.argmin(-1)[::2]  # the least likely token: log p in the hundreds below 0
+    truth = run(linear_logprobs_naive, hidden.double(), weight.double(), None, labels, up, up)
+    same = run(plain_torch, hidden, weight, None, labels, up, up)
+    mine = run(fastalign_fn("torch", "1GiB"), hidden, weight, None, labels, up, up)
+    assert fa.last_head_plan().path == "keep"
+    assert truth["logp"][::2].max() < -100
+    for key in ("logp", "dh", "dw"):
+        assert torch.isfinite(mine[key]).all(), key
+        if dtype == torch.float64:
+            torch.testing.assert_close(mine[key], truth[key], rtol=1e-9, atol=1e-9)
+        else:
+            assert_close_3way(mine[key], same[key], truth[key], dtype, name=key)
