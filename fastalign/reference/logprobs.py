@@ -406,7 +406,7 @@ def keep_forward(
         if "is_top1" in stats:
             stat_v["is_top1"][s:e] = top.indices == y[:, 0]
         zy = z.gather(1, y)[:, 0] if top is None else None
-        if s < k and probs and compact and "log_sum_sq_probs" not in stats:
+        if s < k and probs and compact:
             # p itself, in place (one fused pass, as the log-softmax would be), and log p_y: no exp pass for P~.
             # log p_y is exact to an ulp where p_y is normal; the rare rows where it is not are rescored exactly
             # (their logits rebuilt: a GEMM over those rows only; the count reads the host, hence CPU only)
@@ -420,6 +420,8 @@ def keep_forward(
                 ly[tiny] = zt.gather(1, y[tiny])[:, 0] - torch.logsumexp(zt, -1)
             logp_v[s:e] = ly
             lse_v[s:e] = zy - ly
+            if "log_sum_sq_probs" in stats:  # log sum p^2: the sum is at least max p^2 >= 1 / V^2, no underflow
+                stat_v["log_sum_sq_probs"][s:e] = torch.einsum("ij,ij->i", z, z).log_()
             z.scatter_add_(1, y, torch.full((c, 1), -1.0, dtype=acc, device=dev))  # P~ = c' (p - 1[j = y])
             if dc is not None:
                 z.mul_(dc)
