@@ -43,7 +43,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", type=int, help="time steps / tokens per sequence T for gae / ppo / dpo / grpo")
     p.add_argument("--pairs", type=int, help="dpo: preference pairs")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="dtype of hidden states and weights")
-    p.add_argument("--mode", choices=("fwd_bwd", "fwd", "both"), default=None, help="linear_logprobs modes")
+    p.add_argument("--mode", choices=("fwd_bwd", "fwd_bwd_frozen", "fwd", "both", "all"), default=None,
+                   help="linear_logprobs modes (both: fwd_bwd and fwd; all: also fwd_bwd_frozen, a frozen weight)")
     p.add_argument("--no-sweep", action="store_true", help="skip the N/V sweep of linear_logprobs")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per implementation")
     p.add_argument("--impl-timeout", type=float, default=None,
@@ -120,7 +121,7 @@ def _specs(args, preset: dict, dtype) -> dict:
     if args.t or args.pairs:
         s["dpo"] = [dict(s["dpo"][0], t=args.t or s["dpo"][0]["t"], pairs=args.pairs or s["dpo"][0]["pairs"])]
     if args.mode:
-        modes = ("fwd_bwd", "fwd") if args.mode == "both" else (args.mode,)
+        modes = {"both": ("fwd_bwd", "fwd"), "all": ("fwd_bwd", "fwd_bwd_frozen", "fwd")}.get(args.mode, (args.mode,))
         for x in s["logprobs"]:
             x["modes"] = modes
     if args.no_sweep:

@@ -10,6 +10,9 @@ against old log-probs, clipped surrogate (eps 0.2 both sides), k3 KL to referenc
 token-mean over the batch (TRL's ``loss_type="bnpo"``, fastalign's ``agg="token-mean"``), with its backward.
 Old and reference log-probs are the current ones plus small noise, so ratios sit near 1 and some are clipped.
 
+fastalign's rows carry the head's plan of the step (keep / recompute, chunk rows, budget, GEMM-equivalents:
+``fastalign.last_head_plan()``) in their ``extra``.
+
 Truth: fastalign's reference losses (:func:`benchmarks.preference.dpo_truth_loss`,
 :func:`benchmarks.rl.grpo_truth_loss`) on fp64 (CPU) / fp32 (GPU) log-probs, with autograd on the per-token
 log-probs feeding :func:`benchmarks.logprobs.truth_logprobs` for the hidden/weight gradients. The plain PyTorch and
@@ -23,7 +26,7 @@ import torch
 import fastalign as fa
 
 from . import peers
-from .logprobs import IGNORE, LOGIT_STD, truth_logprobs
+from .logprobs import IGNORE, LOGIT_STD, head_plan_extra, truth_logprobs
 from .preference import DPO_BETA, dpo_truth_loss, sigmoid_dpo_loss
 from .rl import CLIP, GRPO_BETA, grpo_bnpo_loss, grpo_truth_loss
 from .runner import Case, Impl, Prepared
@@ -68,8 +71,9 @@ def dpo_truth(x: dict) -> dict:
     return _truth_seq_grad(lambda logp, m: dpo_truth_loss(logp.sum(-1), ref), x)
 
 
-def _loss_step(x: dict, loss_fn):
-    """Prepared step: fresh leaves, loss_fn(h, w) -> scalar loss; backward; outputs for the check."""
+def _loss_step(x: dict, loss_fn, *, report_plan: bool = False):
+    """Prepared step: fresh leaves, loss_fn(h, w) -> scalar loss; backward; outputs for the check.
+    ``report_plan``: fastalign's head plan of the step into the row's extra (one warm-up call)."""
     h = x["hidden"].detach().clone().requires_grad_()
     w = x["weight"].detach().clone().requires_grad_()
 
@@ -78,7 +82,8 @@ def _loss_step(x: dict, loss_fn):
         loss.backward()
         return {"loss": loss.detach().float().reshape(()), "grad_hidden": h.grad, "grad_weight": w.grad}
 
-    return Prepared(step, grad_to_none=[h, w])
+    extra = head_plan_extra(step) if report_plan else {}
+    return Prepared(step, grad_to_none=[h, w], extra=extra)
 
 
 def _naive_token_logp(h, w, labels):
@@ -110,7 +115,8 @@ def dpo_impls(device) -> list[Impl]:
 
     def fused(x):
         rc, rr = fa_ref(x).chunk(2)
-        return _loss_step(x, lambda h, w: fa.linear_dpo_loss(h, w, x["labels"], rc, rr, beta=DPO_BETA)[0])
+        return _loss_step(x, lambda h, w: fa.linear_dpo_loss(h, w, x["labels"], rc, rr, beta=DPO_BETA)[0],
+                          report_plan=True)
 
     def unfused(x):
         rc, rr = fa_ref(x).chunk(2)
@@ -119,7 +125,7 @@ def dpo_impls(device) -> list[Impl]:
             pc, pr = fa.linear_logprobs(h, w, x["labels"]).logprobs.sum(-1).chunk(2)
             return fa.dpo_loss(pc, pr, rc, rr, beta=DPO_BETA)[0]
 
-        return _loss_step(x, loss)
+        return _loss_step(x, loss, report_plan=True)
 
     impls.append(Impl("fastalign linear_dpo_loss (fused)", "fastalign", fused))
     impls.append(Impl("fastalign linear_logprobs + dpo_loss", "fastalign", unfused))
@@ -208,7 +214,7 @@ def grpo_impls(device) -> list[Impl]:
         a = adv_bt(x)
         return _loss_step(x, lambda h, w: fa.linear_policy_loss(
             h, w, x["labels"], x["old_logprobs"], a, x["mask"], ref_logprobs=x["ref_logprobs"], kl_coef=GRPO_BETA,
-            kl_kind="k3", clip_low=CLIP, clip_high=CLIP, agg="token-mean")[0])
+            kl_kind="k3", clip_low=CLIP, clip_high=CLIP, agg="token-mean")[0], report_plan=True)
 
     def unfused(x):
         a = adv_bt(x)
@@ -221,7 +227,7 @@ def grpo_impls(device) -> list[Impl]:
             kl = fa.kl_penalty(logp, x["ref_logprobs"], kind="k3")
             return pg + GRPO_BETA * (kl * m).sum() / m.sum().clamp(min=1.0)
 
-        return _loss_step(x, loss)
+        return _loss_step(x, loss, report_plan=True)
 
     impls.append(Impl("fastalign linear_policy_loss (fused)", "fastalign", fused))
     impls.append(Impl("fastalign linear_logprobs + ppo_policy_loss + kl_penalty", "fastalign", unfused))

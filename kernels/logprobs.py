@@ -419,7 +419,7 @@ _MIN_SPLITS = 8
 # head's memory budget (kernels/_common.head_memory_budget), bounded: each gemm-mode chunk re-reads and re-writes
 # the fp32 [N, D] dh accumulator once, so fewer, larger chunks save N * D * 8 bytes each (0.94 GB at the target
 # shape), but past _MAX_CHUNK_BYTES (5 chunks there) that is under 1% of the backward.
-_FALLBACK_BUDGET = 2**30  # before a budget function exists
+_FALLBACK_BUDGET = 2**30  # where kernels/_common has no head_memory_budget
 _MAX_CHUNK_BYTES = 2 * 2**30
 _MIN_CHUNK_COLS = 2048
 BWD_MODES = ("gemm", "atomic")
@@ -453,11 +453,14 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return dict(UPCAST=upcast, DOT_PRECISION=precision)
 
 
-def _chunk_columns(n: int, v: int, bytes_per_column_row: int, block_v: int, device: torch.device) -> int:
-    """Vocabulary columns of one backward chunk: the memory budget over the chunk's bytes per column
-    (``bytes_per_column_row`` times ``n`` rows), clamped to [_MIN_CHUNK_COLS, V] and a multiple of ``block_v``."""
-    budget = getattr(_common, "head_memory_budget", None)
-    budget = budget(device) if budget is not None else _FALLBACK_BUDGET
+def _chunk_columns(n: int, v: int, bytes_per_column_row: int, block_v: int, device: torch.device,
+                   budget: int | None = None) -> int:
+    """Vocabulary columns of one backward chunk: the memory budget (the call's, else
+    :func:`fastalign.kernels._common.head_memory_budget`) over the chunk's bytes per column (``bytes_per_column_row``
+    times ``n`` rows), clamped to [_MIN_CHUNK_COLS, V] and a multiple of ``block_v``."""
+    if budget is None:
+        budget_fn = getattr(_common, "head_memory_budget", None)
+        budget = budget_fn(device) if budget_fn is not None else _FALLBACK_BUDGET
     per_column = max(1, n * bytes_per_column_row)
     cols = min(budget, _MAX_CHUNK_BYTES) // per_column
     cols = max(_MIN_CHUNK_COLS, cols) // block_v * block_v
@@ -653,8 +656,10 @@ def linear_logprobs_backward(
     ignore_index: int,
     needs: tuple[bool, bool, bool] = (True, True, True),
     logit_scale: float = 1.0,
+    memory_budget: int | None = None,
 ):
-    """The Triton twin of :func:`fastalign.reference.logprobs.linear_logprobs_backward`.
+    """The Triton twin of :func:`fastalign.reference.logprobs.linear_logprobs_backward`; ``memory_budget``: bytes
+    for the backward's workspace (None: :func:`fastalign.kernels._common.head_memory_budget`).
 
     Args:
         lse, mu: (N,) fp32 from :func:`linear_logprobs_forward`; grad_logp, grad_entropy: (N,) fp32 contiguous or
@@ -683,7 +688,7 @@ def linear_logprobs_backward(
     flags = dict(**_dot_flags(hidden.dtype), **cfg)
     if mode == "gemm":
         # one [N, chunk] buffer reused for every vocab chunk; ignored rows are never written, so they stay 0
-        chunk = _chunk_columns(n, v, hidden.element_size(), block_v, hidden.device)
+        chunk = _chunk_columns(n, v, hidden.element_size(), block_v, hidden.device, memory_budget)
         dz = torch.zeros((n, min(chunk, v)), dtype=hidden.dtype, device=hidden.device)
         for v_start in range(0, v, chunk):
             v_chunk = min(chunk, v - v_start)
@@ -706,7 +711,7 @@ def linear_logprobs_backward(
     else:
         # fp32 weights accumulate straight into the output; others through a bounded fp32 chunk
         fp32_weight = weight.dtype == torch.float32
-        chunk = v if fp32_weight else _chunk_columns(d, v, 4, block_v, hidden.device)
+        chunk = v if fp32_weight else _chunk_columns(d, v, 4, block_v, hidden.device, memory_budget)
         for v_start in range(0, v, chunk):
             v_chunk = min(chunk, v - v_start)
             dw = None

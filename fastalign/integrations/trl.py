@@ -29,7 +29,16 @@ import torch
 
 from fastalign._backend import BACKENDS
 from fastalign.integrations._common import autocast_dtype, cast
-from fastalign.ops.logprobs import head_backward, head_forward, prepare_head, resolve_head_backend
+from fastalign.ops.logprobs import (
+    head_backward,
+    head_forward,
+    keep_head_backward,
+    keep_head_forward,
+    plan_head,
+    prepare_head,
+    resolve_head_backend,
+    rounded,
+)
 
 OP = "fastalign.integrations.trl"
 SUPPORTED_TRL = (1, 16)
@@ -64,8 +73,10 @@ class TRLFusedHead(torch.autograd.Function):
     """A drop-in for TRL 1.16's ``ChunkedLogProbFunction``: same arguments, same outputs and dtypes.
 
     Returns (log_probs (N,) fp32, entropy (N,) fp32 or None, log_sum_sq_probs (N,) fp32 or None,
-    mean_logits (N,) fp32 or None, is_top1 (N,) bool or None); the last three are not differentiable. The forward
-    saves the inputs and 8 bytes a token (lse, and mu with entropy); the backward recomputes the logits tile by tile.
+    mean_logits (N,) fp32 or None, is_top1 (N,) bool or None); the last three are not differentiable. It runs as
+    :func:`fastalign.linear_logprobs` does: on the torch backend the tokens the head's memory budget holds keep their
+    softmax for the backward (``fastalign.last_head_plan()``), the others save 8 bytes a token (lse, and mu with
+    entropy) and the backward recomputes their logits tile by tile.
     """
 
     @staticmethod
@@ -83,8 +94,16 @@ class TRLFusedHead(torch.autograd.Function):
             )
             backend = resolve_head_backend(_State.backend, head, op=OP)
             stats = tuple(name for name in ("mean_logits", "is_top1", "log_sum_sq_probs") if name in outputs)
-            logp, entropy, lse, mu, extras = head_forward(head, backend, need_entropy="entropy" in outputs,
-                                                          stats=stats)
+            need_entropy = "entropy" in outputs
+            ctx.kept = None
+            if backend == "torch":  # the same memory-budgeted path as fastalign.linear_logprobs (HeadPlan)
+                plan = plan_head(head, backend, op=OP, needs=tuple(ctx.needs_input_grad[:3]),
+                                 need_entropy=need_entropy)
+                logp, entropy, lse, mu, extras, kept = keep_head_forward(head, plan, need_entropy=need_entropy,
+                                                                         stats=stats)
+                ctx.kept, ctx.chunk = (kept, plan.chunk_rows) if kept.logsm.shape[0] else (None, 0)
+            else:
+                logp, entropy, lse, mu, extras = head_forward(head, backend, need_entropy=need_entropy, stats=stats)
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
         ctx.backend, ctx.dtype = backend, dtype
         # the parameters themselves, not their casts: ZeRO-3 frees and re-gathers them, and a cast would hold a
@@ -105,7 +124,11 @@ class TRLFusedHead(torch.autograd.Function):
         with maybe_gather_lm_head_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
             head = ctx.head._replace(hidden=cast(hidden, ctx.dtype), weight=cast(weight, ctx.dtype),
                                      bias=cast(bias, ctx.dtype))
-            dh, dw, db = head_backward(head, ctx.backend, lse, mu, grad_logp, grad_entropy, needs)
+            if ctx.kept is not None:
+                dh, dw, db = rounded(head, *keep_head_backward(head, ctx.kept, lse, mu, grad_logp, grad_entropy,
+                                                               needs, ctx.chunk))
+            else:
+                dh, dw, db = head_backward(head, ctx.backend, lse, mu, grad_logp, grad_entropy, needs)
         return (cast(dh, hidden.dtype), cast(dw, weight.dtype), cast(db, bias.dtype if bias is not None else None),
                 None, None, None, None, None, None)
 

@@ -21,9 +21,20 @@ from typing import Callable, Sequence
 import torch
 
 from fastalign.ops._checks import agg_mode, check_none, number, ppo_clips
-from fastalign.ops.logprobs import head_backward, head_forward, prepare_head, resolve_head_backend
+from fastalign.ops.logprobs import (
+    head_backward,
+    head_forward,
+    keep_head_backward,
+    keep_head_forward,
+    plan_head,
+    prepare_head,
+    resolve_head_backend,
+    rounded,
+)
 from fastalign.ops.preference import check_dpo_options, check_lengths
 from fastalign.reference import linear_losses as ref
+from fastalign.reference import logprobs as ref_lp
+from fastalign.reference._common import compute_dtype
 from fastalign.reference import preference as ref_pref
 from fastalign.reference import rl as ref_rl
 
@@ -31,17 +42,69 @@ from fastalign.reference import rl as ref_rl
 class _HeadLossFunction(torch.autograd.Function):
     """loss = loss_fn(logp (N,), entropy (N,) or None, *extras) where logp/entropy come from the LM head.
 
-    forward: head_forward once, loss_fn without a graph; saves hidden, weight, bias, lse, mu, logp, entropy.
+    forward: the head's forward once, loss_fn without a graph. On the torch backend with tokens kept
+    (:class:`fastalign.ops.logprobs.HeadPlan`) and a scalar loss, the per-token gradients of the loss for a unit
+    upstream gradient are known here: dz is formed from the kept log-softmax and d hidden, d weight (fp32, summed
+    over chunks) follow at once, 3 GEMM-equivalents in all (2 for a frozen head), and backward only scales them by
+    ``grad_output``. A non-scalar output (per-sequence log-probs) keeps the log-softmax for the backward instead.
     backward: re-runs loss_fn (O(N) element-wise) under autograd on detached copies of logp/entropy/extras to get
-    the per-token upstream gradients for ``grad_output``, then head_backward once.
+    the per-token upstream gradients for ``grad_output`` (and the extras' gradients), then the tokens not done yet
+    go through the head's backward (the recompute pass for tokens not kept).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head, backend, need_entropy, loss_fn, stats_out: dict, *extras):
+    def forward(ctx, hidden, weight, bias, head, backend, need_entropy, loss_fn, stats_out: dict, plan, *extras):
         head = head._replace(hidden=hidden, weight=weight, bias=bias)
-        logp, entropy, lse, mu, _ = head_forward(head, backend, need_entropy=need_entropy)
-        out, stats = loss_fn(logp, entropy, *extras)
+        kept = None
+        if backend == "torch":
+            logp, entropy, lse, mu, _, kept = keep_head_forward(head, plan, need_entropy=need_entropy)
+        else:
+            logp, entropy, lse, mu, _ = head_forward(head, backend, need_entropy=need_entropy)
+        need_head = tuple(ctx.needs_input_grad[:3])
+        ctx.unit = None
+        eager = kept is not None and kept.logsm.shape[0] > 0 and any(need_head)
+        if eager:  # the loss once, with a graph over its O(N) inputs, in case its output is a scalar
+            with torch.enable_grad():
+                logp_l = logp.detach().requires_grad_()
+                ent_l = entropy.detach().requires_grad_() if entropy is not None else None
+                out_l, stats = loss_fn(logp_l, ent_l, *[e.detach() if e is not None else None for e in extras])
+            out = out_l.detach()
+            eager = out.numel() == 1
+        else:
+            out, stats = loss_fn(logp, entropy, *extras)
         stats_out.update({k: v.detach() for k, v in stats.items()})  # autograd outputs must be tensors
+        if eager:
+            # the gradient of a scalar loss is grad_output times its gradient for grad_output = 1: form it now
+            with torch.enable_grad():
+                wrt = [t for t in (logp_l, ent_l) if t is not None]
+                grads = torch.autograd.grad(out_l, wrt, allow_unused=True) if out_l.requires_grad else [None] * 2
+            g1 = grads[0]
+            e1 = grads[1] if ent_l is not None else None
+            acc = compute_dtype(hidden)
+            n, d = hidden.shape
+            v = weight.shape[0]
+            # every scored token kept in the P~ form: the GEMMs write the gradients, no zero fill first
+            fresh = kept.probs and g1 is not None and kept.logsm.shape[0] == kept.rows.numel()
+            alloc = torch.empty if fresh else torch.zeros
+            unit = ((alloc if kept.rows.numel() == n else torch.zeros)((n, d), dtype=acc, device=hidden.device)
+                    if need_head[0] else None,
+                    alloc((v, d), dtype=acc, device=hidden.device) if need_head[1] else None,
+                    torch.zeros(v, dtype=acc, device=hidden.device) if (need_head[2] and bias is not None) else None)
+            if g1 is not None or e1 is not None:
+                ref_lp.keep_backward(
+                    kept, hidden, weight, head.labels, g1.to(acc) if g1 is not None else None,
+                    e1.to(acc) if e1 is not None else None, temperature=head.temperature, softcap=head.softcap,
+                    logit_scale=head.logit_scale, ignore_index=head.ignore_index, chunk=plan.chunk_rows, dh=unit[0],
+                    dw=unit[1], db=unit[2], fresh=fresh,
+                )
+            else:
+                unit = tuple(t.zero_() if t is not None else None for t in unit)
+            ctx.unit = unit
+            # the softmax is spent: only the token indices stay, for the tokens left to recompute
+            kept = kept._replace(logsm=kept.logsm.new_empty((kept.logsm.shape[0], 0)), dcap=None)
+        ctx.kept = kept
+        ctx.chunk = plan.chunk_rows if plan is not None else 0
+        ctx.budget = plan.budget_bytes if plan is not None else None
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
         ctx.backend = backend
         ctx.loss_fn = loss_fn
@@ -52,7 +115,13 @@ class _HeadLossFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, lse, mu, logp, entropy, *extras = ctx.saved_tensors
         need_head = ctx.needs_input_grad[:3]
-        extra_needs = ctx.needs_input_grad[8:]
+        extra_needs = ctx.needs_input_grad[9:]
+        if ctx.unit is not None and not any(extra_needs) and ctx.kept.logsm.shape[0] == ctx.kept.rows.numel():
+            # every scored token done in the forward and no other input wants a gradient: scale, nothing else
+            head = ctx.head._replace(hidden=hidden, weight=weight, bias=bias)
+            scale = grad_out.reshape(()).to(compute_dtype(hidden))
+            dh, dw, db = rounded(head, *(t * scale if t is not None else None for t in ctx.unit))
+            return (dh, dw, db, None, None, None, None, None, None, *[None] * len(extras))
         with torch.enable_grad():
             logp_l = logp.detach().requires_grad_(any(need_head))
             ent_l = entropy.detach().requires_grad_(any(need_head)) if entropy is not None else None
@@ -67,28 +136,42 @@ class _HeadLossFunction(torch.autograd.Function):
         g_ent = next(grads) if ent_l is not None and ent_l.requires_grad else None
         g_extras = [next(grads) if (e is not None and e.requires_grad) else None for e in extras_l]
         dh = dw = db = None
-        if any(need_head) and (g_logp is not None or g_ent is not None):
-            head = ctx.head._replace(hidden=hidden, weight=weight, bias=bias)
-            dh, dw, db = head_backward(head, ctx.backend, lse, mu, g_logp, g_ent, need_head)
+        head = ctx.head._replace(hidden=hidden, weight=weight, bias=bias)
+        if ctx.unit is not None:  # done in the forward for a unit upstream gradient: scale; recompute the rest
+            scale = grad_out.reshape(()).to(compute_dtype(hidden))
+            # out of place: a second backward (retain_graph, gradcheck) scales the same unit gradients again
+            into = tuple(t * scale if t is not None else None for t in ctx.unit)
+            dh, dw, db = rounded(head, *keep_head_backward(head, ctx.kept, lse, mu, g_logp, g_ent, need_head,
+                                                           ctx.chunk, into=into, rest_only=True))
+        elif any(need_head) and (g_logp is not None or g_ent is not None):
+            if ctx.kept is not None:
+                dh, dw, db = rounded(head, *keep_head_backward(head, ctx.kept, lse, mu, g_logp, g_ent, need_head,
+                                                               ctx.chunk))
+            else:
+                dh, dw, db = head_backward(head, ctx.backend, lse, mu, g_logp, g_ent, need_head, ctx.budget)
         elif any(need_head):  # the loss does not depend on the head (e.g. an empty batch): zero gradients
             dh = torch.zeros_like(hidden) if need_head[0] else None
             dw = torch.zeros_like(weight) if need_head[1] else None
             db = torch.zeros_like(bias) if (need_head[2] and bias is not None) else None
-        return (dh, dw, db, None, None, None, None, None, *g_extras)
+        return (dh, dw, db, None, None, None, None, None, None, *g_extras)
 
 
-def _head_loss(head, backend, need_entropy: bool, loss_fn: Callable, extras: tuple):
+def _head_loss(head, backend, need_entropy: bool, loss_fn: Callable, extras: tuple, *, op: str, memory_budget):
     """Run ``loss_fn`` on the head's log-probs with the fused backward when any gradient is needed."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (head.hidden, head.weight, head.bias, *extras)
-    )
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and t is not None and t.requires_grad for t in (head.hidden, head.weight, head.bias))
+    needs_grad = any(needs) or (grad_on and any(t is not None and t.requires_grad for t in extras))
+    plan = plan_head(head, backend, op=op, needs=needs, need_entropy=need_entropy, memory_budget=memory_budget)
     if not needs_grad:  # forward only: nothing is saved
-        logp, entropy, _, _, _ = head_forward(head, backend, need_entropy=need_entropy)
+        if backend == "torch":
+            logp, entropy, _, _, _, _ = keep_head_forward(head, plan, need_entropy=need_entropy)
+        else:
+            logp, entropy, _, _, _ = head_forward(head, backend, need_entropy=need_entropy)
         out, stats = loss_fn(logp, entropy, *extras)
         return out, {k: v.detach() for k, v in stats.items()}
     stats: dict = {}
     out = _HeadLossFunction.apply(
-        head.hidden, head.weight, head.bias, head, backend, need_entropy, loss_fn, stats, *extras
+        head.hidden, head.weight, head.bias, head, backend, need_entropy, loss_fn, stats, plan, *extras
     )
     return out, stats
 
@@ -115,6 +198,7 @@ def linear_sequence_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     ignore_index: int = -100,
+    memory_budget: int | str | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-sequence sum (or mean) of response-token log-probs, straight from hidden states.
@@ -130,7 +214,7 @@ def linear_sequence_logprobs(
     Args:
         hidden: (B, T, D) bf16/fp16/fp32 (fp64 on the torch backend). weight: (V, D) same dtype.
         labels: (B, T) int target ids; ``ignore_index`` marks prompt and padding positions.
-        bias, temperature, softcap, ignore_index, backend: as in :func:`fastalign.linear_logprobs`.
+        bias, temperature, softcap, ignore_index, memory_budget, backend: as in :func:`fastalign.linear_logprobs`.
         average: mean over the response tokens instead of the sum (0 for a sequence with none).
     Returns:
         (B,) fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight, bias.
@@ -146,7 +230,7 @@ def linear_sequence_logprobs(
     def loss_fn(logp, entropy):
         return ref_pref.sequence_logprobs(logp.view(head.shape), valid, average=average), {}
 
-    out, _ = _head_loss(head, backend, False, loss_fn, ())
+    out, _ = _head_loss(head, backend, False, loss_fn, (), op=op, memory_budget=memory_budget)
     return out
 
 
@@ -168,6 +252,7 @@ def linear_dpo_loss(
     temperature: float = 1.0,
     softcap: float | None = None,
     ignore_index: int = -100,
+    memory_budget: int | str | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family loss straight from the policy's last hidden states; chosen and rejected in one batch.
@@ -199,7 +284,7 @@ def linear_dpo_loss(
         length_normalize: divide log-ratios by the response lengths. None (default): for ``sigmoid_norm``,
             ``ipo`` (as TRL) and ``simpo`` (as the SimPO paper), not otherwise; True: every type (with
             ``sigmoid``: TRL's ``sigmoid_norm``); False: none.
-        temperature, softcap, ignore_index, backend: as in :func:`fastalign.linear_logprobs`.
+        temperature, softcap, ignore_index, memory_budget, backend: as in :func:`fastalign.linear_logprobs`.
     Returns:
         loss: () fp32; stats: detached () tensors as :func:`fastalign.dpo_loss` (``logps/*`` are sums).
 
@@ -255,7 +340,7 @@ def linear_dpo_loss(
             discopop_tau=opts.discopop_tau, length_normalize=length_normalize,
         )
 
-    return _head_loss(head, backend, False, loss_fn, extras)
+    return _head_loss(head, backend, False, loss_fn, extras, op=op, memory_budget=memory_budget)
 
 
 def linear_policy_loss(
@@ -280,6 +365,7 @@ def linear_policy_loss(
     temperature: float = 1.0,
     softcap: float | None = None,
     ignore_index: int = -100,
+    memory_budget: int | str | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO / GRPO actor loss straight from hidden states: log-probs, entropy, clipped surrogate, KL, aggregation.
@@ -310,7 +396,7 @@ def linear_policy_loss(
         entropy_coef: entropy bonus weight (the loss subtracts entropy_coef * aggregated entropy).
         clip_low, clip_high, dual_clip, agg, norm_len: as in :func:`fastalign.ppo_policy_loss`.
         return_entropy: compute the entropy (and its stat) even when ``entropy_coef == 0``.
-        temperature, softcap, ignore_index, backend: as in :func:`fastalign.linear_logprobs`.
+        temperature, softcap, ignore_index, memory_budget, backend: as in :func:`fastalign.linear_logprobs`.
     Returns:
         loss: () fp32; stats: detached () tensors: those of ``ppo_policy_loss`` plus ``pg_loss``, ``kl`` (mean
         per-token KL, when ``ref_logprobs`` is given) and ``entropy`` (mean, when computed).
@@ -369,4 +455,4 @@ def linear_policy_loss(
             dual_clip=dual_clip, agg=agg, norm_len=norm_len,
         )
 
-    return _head_loss(head, backend, need_entropy, loss_fn, extras)
+    return _head_loss(head, backend, need_entropy, loss_fn, extras, op=op, memory_budget=memory_budget)

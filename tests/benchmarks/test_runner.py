@@ -19,8 +19,9 @@ from fastalign.benchmarks.runner import Case, CaseTimeout, Impl, Prepared, run_c
 
 ROOT = Path(__file__).resolve().parents[2]
 STATUSES = {"ok", "missing", "error", "timeout", "skipped"}
-CASES = {"linear_logprobs.fwd_bwd", "linear_logprobs.fwd", "dpo_loss.fused_from_hidden",
-         "grpo_loss.fused_from_hidden", "gae", "ppo_policy_loss.fwd_bwd", "value_loss.fwd_bwd", "kl_penalty.fwd_bwd",
+CASES = {"linear_logprobs.fwd_bwd", "linear_logprobs.fwd_bwd_frozen", "linear_logprobs.fwd",
+         "dpo_loss.fused_from_hidden", "grpo_loss.fused_from_hidden", "gae", "ppo_policy_loss.fwd_bwd",
+         "value_loss.fwd_bwd", "kl_penalty.fwd_bwd",
          "dpo_step", "grpo_step", "trl_dpo_step", "trl_grpo_step", "hf_sft_step"}
 
 
@@ -233,6 +234,7 @@ def test_custom_shape_flags_replace_the_preset_shapes():
     cases = cli._build_cases(cli._select(args), specs, torch.device("cpu"), compile_peers=False)
     assert {(c.name, c.params.get("N"), c.params.get("D"), c.params.get("V"), c.params["dtype"]) for c in cases
             if c.name.startswith("linear")} == {("linear_logprobs.fwd_bwd", 4096, 1024, 32000, "bfloat16"),
+                                                 ("linear_logprobs.fwd_bwd_frozen", 4096, 1024, 32000, "bfloat16"),
                                                  ("linear_logprobs.fwd", 4096, 1024, 32000, "bfloat16")}
     assert [(c.params["B"], c.params["T"]) for c in cases if c.name == "gae"] == [(8, 100)]
 
