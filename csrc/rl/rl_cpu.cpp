@@ -520,6 +520,64 @@ __attribute__((noinline)) void kl_chunk(const scalar_t* __restrict__ lp, const s
   }
 }
 
+// One row of the aggregated KL penalty: the masked k of d = ref - logp (KIND as kl_chunk) summed into out[0], the
+// valid count into out[1] (kKLRowStats), and, with g, the unscaled derivative dk/dlogp (0 at masked tokens). Masked
+// tokens are selected to d = 0 first, so whatever they hold never reaches a sum or the gradient.
+constexpr int kKLRowStats = 2;
+
+template <int KIND, bool HAS_MASK, typename scalar_t, typename M, typename acc_t>
+__attribute__((noinline)) void kl_row(const scalar_t* __restrict__ lp, const scalar_t* __restrict__ rf,
+                                      const M* __restrict__ mask, acc_t* __restrict__ g, int64_t T, double* out) {
+  double tot[kKLRowStats] = {0, 0};
+  Lanes<acc_t, kKLRowStats> acc;
+  auto reset = [&] { for (int k = 0; k < kKLRowStats; ++k) acc.zero(k); };
+  auto flush = [&] {
+    for (int k = 0; k < kKLRowStats; ++k) tot[k] += acc.sum(k);
+    reset();
+  };
+  // (k, dk/dlogp, valid) of token t; by value: stores in the loop cannot alias the captured pointers
+  auto token = [=](int64_t t, acc_t& k, acc_t& c, acc_t& valid) {
+    const bool is_valid = !HAS_MASK || mask[t] != M(0);
+    const acc_t d_in = static_cast<acc_t>(rf[t]) - static_cast<acc_t>(lp[t]);
+    const acc_t d = is_valid ? d_in : acc_t(0);
+    valid = is_valid ? acc_t(1) : acc_t(0);
+    if (KIND == 0) {
+      k = -d;
+      c = valid;
+    } else if (KIND == 1) {
+      k = acc_t(0.5) * d * d;
+      c = -d;
+    } else {
+      k = k3_of(d);
+      c = -(d + k);
+    }
+  };
+  reset();
+  int64_t t0 = 0, blocks = 0;
+  acc_t scratch[kLanes];  // where the derivative goes when it is not wanted: the store stays unconditional
+  for (; t0 + kLanes <= T; t0 += kLanes) {
+    acc_t* __restrict__ gb = g != nullptr ? g + t0 : scratch;
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      acc_t k, c, valid;
+      token(t0 + j, k, c, valid);
+      gb[j] = c;
+      acc.v[0][j] += k;
+      acc.v[1][j] += valid;
+    }
+    if (++blocks == kFlush) { flush(); blocks = 0; }
+  }
+  for (int64_t j = 0; t0 + j < T; ++j) {
+    acc_t k, c, valid;
+    token(t0 + j, k, c, valid);
+    if (g != nullptr) g[t0 + j] = c;
+    acc.v[0][j] += k;
+    acc.v[1][j] += valid;
+  }
+  flush();
+  for (int k = 0; k < kKLRowStats; ++k) out[k] = tot[k];
+}
+
 // f(mask pointer): the loss masks may be bool, fp32 or int64 (nonzero = valid), read in place
 template <typename F>
 void with_mask(const c10::optional<at::Tensor>& mask, F&& f) {
@@ -732,4 +790,50 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd_cpu(const at::Tensor& logprobs
     });
   });
   return {kl, coef};
+}
+
+
+// The KL penalty aggregated like the losses: one pass over each row (kl_row), then aggregate / write_row_scale as
+// the value loss. The backward is ppo_policy_loss_bwd's product (in torch, in place, on CPU).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_loss_fwd_cpu(const at::Tensor& logprobs,
+                                                               const at::Tensor& ref_logprobs,
+                                                               const c10::optional<at::Tensor>& mask, int64_t kind,
+                                                               int64_t agg, double norm_len, bool need_grad) {
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  const auto out_type = logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logprobs.options().dtype(out_type);
+  at::Tensor grad = need_grad ? new_output({B, T}, opts) : at::empty({0}, opts);
+  at::Tensor row_scale = new_output({B}, opts);
+  at::Tensor loss = at::empty({}, opts);
+  std::vector<double> rows(static_cast<size_t>(B) * kKLRowStats);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "kl_loss_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* lp = logprobs.data_ptr<scalar_t>();
+    const scalar_t* rf = ref_logprobs.data_ptr<scalar_t>();
+    acc_t* g = need_grad ? grad.data_ptr<acc_t>() : nullptr;
+    with_mask(mask, [&](auto mask_ptr) {
+    over_rows(B, T, [&](int64_t b) {
+      const int64_t o = b * T;
+      const auto* m = mask_ptr != nullptr ? mask_ptr + o : nullptr;
+      acc_t* gb = g != nullptr ? g + o : nullptr;
+      double* out = rows.data() + b * kKLRowStats;
+      if (m != nullptr) {
+        kind == 0 ? kl_row<0, true>(lp + o, rf + o, m, gb, T, out)
+        : kind == 1 ? kl_row<1, true>(lp + o, rf + o, m, gb, T, out)
+                    : kl_row<2, true>(lp + o, rf + o, m, gb, T, out);
+      } else {
+        kind == 0 ? kl_row<0, false>(lp + o, rf + o, m, gb, T, out)
+        : kind == 1 ? kl_row<1, false>(lp + o, rf + o, m, gb, T, out)
+                    : kl_row<2, false>(lp + o, rf + o, m, gb, T, out);
+      }
+    });
+    });
+    double tot[kKLRowStats] = {0, 0};
+    for (int64_t b = 0; b < B; ++b) {
+      for (int k = 0; k < kKLRowStats; ++k) tot[k] += rows[b * kKLRowStats + k];
+    }
+    loss.fill_(aggregate(rows.data(), kKLRowStats, B, agg, norm_len, tot[0], tot[1]));
+    write_row_scale(row_scale.data_ptr<acc_t>(), rows.data(), kKLRowStats, B, agg, norm_len, tot[1]);
+  });
+  return {loss, grad, row_scale};
 }
