@@ -775,9 +775,13 @@ def _kl_aggregated(logprobs, ref_logprobs, *, kind, mask, agg, norm_len, backend
     dtype = compute_dtype(logprobs, ref_logprobs)
     name = _resolve(op, backend, (logprobs, ref_logprobs, mask), supports=_CPU_EXT_OPS, dtype=dtype)
     needs_grad = torch.is_grad_enabled() and (logprobs.requires_grad or ref_logprobs.requires_grad)
-    if name == "triton":  # the per-token kernel, then the shared aggregation (autograd through it)
+    if name == "triton":  # the per-token kernel, then the shared aggregation (autograd through both)
+        if mask is None:
+            valid = torch.ones_like(logprobs, dtype=torch.bool)
+        else:  # masked inputs to 0 first: garbage there would give NaN gradients (0 * NaN) in the kernel's backward
+            valid = mask != 0
+            logprobs, ref_logprobs = torch.where(valid, logprobs, 0), torch.where(valid, ref_logprobs, 0)
         per_token = kl_penalty(logprobs, ref_logprobs, kind=kind, backend="triton")
-        valid = torch.ones_like(per_token, dtype=torch.bool) if mask is None else mask != 0
         return ref.aggregate(per_token, valid, agg, norm_len)
     if needs_grad:
         return _KLLossFunction.apply(logprobs, ref_logprobs, mask, kind, name, _AGG_INDEX[agg], norm)
