@@ -242,9 +242,15 @@ class _Select:
 
     def __init__(self, valid: torch.Tensor, dtype: torch.dtype):
         self.int, self.dtype = _INT_OF[dtype], dtype
-        valid_int = valid.to(self.int)  # 0 / 1
-        self.penalty = (valid_int - 1).bitwise_and_(_INF_BITS[dtype]).view(dtype)
-        self.bits = valid_int.neg_()  # all ones where valid
+        self.bits = valid.to(self.int).neg_()  # all ones where valid
+        self._penalty = None
+
+    @property
+    def penalty(self) -> torch.Tensor:  # made on first use: a (B, T) pass that not every loss needs
+        if self._penalty is None:
+            # ~bits = ~(-v) = v - 1: 0 where valid, all ones where not
+            self._penalty = self.bits.bitwise_not().bitwise_and_(_INF_BITS[self.dtype]).view(self.dtype)
+        return self._penalty
 
     def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         bits = x.view(self.int)
@@ -708,23 +714,26 @@ def _torch_kl_loss_forward(logprobs, ref_logprobs, mask, kind: str, agg: int, no
     d = ref_logprobs.to(dtype) - logprobs.to(dtype)
     if sel is not None:
         d = sel(d, inplace=True)
+    # each new (B, T) buffer costs its page faults on CPU: reused in place where the op allows
     grad = None
-    if kind == "k1":
-        k = torch.neg(d)
+    if kind == "k1":  # k = -d: its sums are those of d, negated
+        total, rows = -d.sum(), lambda: -d.sum(-1)
         if need_grad:
             grad = torch.ones_like(d) if valid is None else valid.to(dtype)
-    elif kind == "k2":
-        k = 0.5 * d * d
-        grad = torch.neg(d, out=d) if need_grad else None
     else:
-        e = torch.expm1(d)
-        k = e - d
-        grad = torch.neg(e, out=e) if need_grad else None
+        if kind == "k2":
+            k = 0.5 * d * d
+            grad = d.neg_() if need_grad else None
+        else:
+            e = torch.expm1(d)
+            k = torch.sub(e, d, out=d)
+            grad = e.neg_() if need_grad else None
+        total, rows = k.sum(), lambda: k.sum(-1)
     n = torch.tensor(batch * length, device=logprobs.device) if valid is None else valid.sum()
     row_n = None
     if agg == 2:
         row_n = torch.full((batch,), length, device=logprobs.device) if valid is None else valid.sum(-1)
-    loss, w = _aggregate(k.sum(), lambda: k.sum(-1), n, row_n, batch, agg, norm_len)
+    loss, w = _aggregate(total, rows, n, row_n, batch, agg, norm_len)
     return loss.to(dtype), grad, w.to(dtype)
 
 
