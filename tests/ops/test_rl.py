@@ -492,6 +492,15 @@ def test_kl_penalty_aggregated_only_logprobs_grad_and_refused_second_backward():
         loss.backward()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_penalty_aggregated_only_ref_logprobs_grad(backend):
+    logp, ref_lp = randn(3, 10, seed=77), randn(3, 10, seed=78)
+    mask = random_mask(3, 10, seed=79)
+    y = ref_lp.clone().requires_grad_()
+    fa.kl_penalty(logp, y, kind="k2", mask=mask, agg="seq-mean-token-sum", backend=backend).backward()
+    torch.testing.assert_close(y.grad, (ref_lp - logp) * mask / 3)
+
+
 def _kl_agg_errors():
     x = torch.zeros(2, 3)
     return [

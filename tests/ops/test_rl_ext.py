@@ -294,6 +294,14 @@ def test_cpp_kl_penalty_aggregated_all_masked(ext, agg):
     check_kl_loss_all_masked("cpp", agg)
 
 
+def test_cpp_kl_penalty_aggregated_only_ref_logprobs_grad(ext):
+    logp, ref_lp = randn(3, 10, seed=97), randn(3, 10, seed=98)
+    mask = random_mask(3, 10, seed=99)
+    y = ref_lp.clone().requires_grad_()
+    fa.kl_penalty(logp, y, kind="k2", mask=mask, agg="seq-mean-token-sum", backend="cpp").backward()
+    torch.testing.assert_close(y.grad, (ref_lp - logp) * mask / 3)
+
+
 def test_cpp_kl_penalty_aggregated_auto_uses_cpp_and_refuses_a_second_backward(ext, monkeypatch):
     monkeypatch.delenv("FASTALIGN_BACKEND", raising=False)
     logp, ref_lp = randn(4, 9, seed=95), randn(4, 9, seed=96)
