@@ -154,6 +154,21 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd(const at::Tensor& logprobs, co
   return kl_penalty_fwd_cpu(logprobs, ref_logprobs, kind, need_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_loss_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                                                            const c10::optional<at::Tensor>& mask, int64_t kind,
+                                                            int64_t agg, double norm_len, bool need_grad) {
+  CHECK_FLOAT(logprobs);
+  TORCH_CHECK(logprobs.dim() == 2, "logprobs must have shape (B, T), got ", logprobs.sizes());
+  CHECK_CONTIGUOUS(logprobs);
+  cpu_only(logprobs, "kl_loss_fwd");
+  check_grid(ref_logprobs, "ref_logprobs", logprobs);
+  check_loss_mask(mask, logprobs);
+  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0, 1 or 2 (k1, k2, k3), got ", kind);
+  TORCH_CHECK(agg >= kTokenMean && agg <= kSeqMeanTokenSumNorm, "agg must be an index in [0, 3], got ", agg);
+  TORCH_CHECK(norm_len > 0, "norm_len must be > 0, got ", norm_len);
+  return kl_loss_fwd_cpu(logprobs, ref_logprobs, mask, kind, agg, norm_len, need_grad);
+}
+
 bool with_cuda() {
 #ifdef FASTALIGN_WITH_CUDA
   return true;
@@ -180,5 +195,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("agg"), py::arg("norm_len"), py::arg("need_grad"));
   m.def("kl_penalty_fwd", &kl_penalty_fwd, "KL estimator k1/k2/k3 (CPU) -> (kl, d kl / d logprobs)",
         py::arg("logprobs"), py::arg("ref_logprobs"), py::arg("kind"), py::arg("need_grad"));
+  m.def("kl_loss_fwd", &kl_loss_fwd,
+        "KL estimator k1/k2/k3 aggregated like the losses (CPU) -> (loss, unscaled grad, row scale); backward: "
+        "ppo_policy_loss_bwd", py::arg("logprobs"), py::arg("ref_logprobs"), py::arg("mask"), py::arg("kind"),
+        py::arg("agg"), py::arg("norm_len"), py::arg("need_grad"));
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
 }

@@ -13,6 +13,10 @@
 // kl_penalty_fwd(logprobs (...), ref_logprobs (...), kind 0/1/2 = k1/k2/k3, need_grad)
 //   -> (kl (...), d kl / d logprobs (...) or empty); fp32 (fp64 for fp64 inputs). The backward is one product
 //   with the upstream gradient, in torch (fastalign/ops/rl.py).
+// kl_loss_fwd(logprobs (B, T), ref_logprobs (B, T), mask, kind, agg, norm_len, need_grad)
+//   -> (loss (), grad (B, T) unscaled d k_t / d logprobs_t (0 where masked) or empty, row_scale (B,)): the KL
+//   penalty aggregated like the losses, in one pass; backward: ppo_policy_loss_bwd (the gradient in ref_logprobs
+//   is its negative).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -31,6 +35,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_fwd_cpu(
     const c10::optional<at::Tensor>& mask, double clip, int64_t agg, double norm_len, bool need_grad);
 std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
                                                       int64_t kind, bool need_grad);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_loss_fwd_cpu(const at::Tensor& logprobs,
+                                                               const at::Tensor& ref_logprobs,
+                                                               const c10::optional<at::Tensor>& mask, int64_t kind,
+                                                               int64_t agg, double norm_len, bool need_grad);
 
 #ifdef FASTALIGN_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,

@@ -147,7 +147,7 @@ inline void policy_block8(const float* lr_p, const float* a_p, const float* vali
 
 // k3 = e^d - 1 - d. fp32: the Taylor series to degree 12 for |d| <= 1 (the direct form cancels in fp32 there;
 // truncation < 1e-9 relative), the direct form outside. fp64: expm1(d) - d, as the reference.
-inline float k3_of(float d) {
+inline float k3_series(float d) {
   float q = 1.0f / 479001600;
   q = q * d + 1.0f / 39916800;
   q = q * d + 1.0f / 3628800;
@@ -159,7 +159,10 @@ inline float k3_of(float d) {
   q = q * d + 1.0f / 24;
   q = q * d + 1.0f / 6;
   q = q * d + 0.5f;
-  const float series = q * d * d;
+  return q * d * d;
+}
+inline float k3_of(float d) {
+  const float series = k3_series(d);
   const float direct = (vexp(d) - 1.0f) - d;
   return std::abs(d) <= 1.0f ? series : direct;
 }
@@ -520,6 +523,157 @@ __attribute__((noinline)) void kl_chunk(const scalar_t* __restrict__ lp, const s
   }
 }
 
+// The fp32 KL row with a bool / fp32 mask or none, 8 tokens a step in GCC vector extensions (the auto-vectorizer
+// left some of these instantiations scalar, bool masks and k1 among them); same operations as kl_row's token. k3
+// takes the series alone on a step whose |d| are all <= 1, both forms and the select otherwise. Adds the row's loss
+// sum and valid count to tot[0], tot[1]; returns the tokens done (the caller finishes the row).
+// whether every lane of a comparison result is true (one movemask with AVX)
+inline bool v8all(v8i m) {
+#ifdef __AVX__
+  return __builtin_ia32_movmskps256(reinterpret_cast<__attribute__((vector_size(32))) float&>(m)) == 0xff;
+#else
+  int all = 1;
+  for (int j = 0; j < 8; ++j) all &= m[j] != 0;
+  return all != 0;
+#endif
+}
+
+template <int KIND, typename M>
+__attribute__((noinline)) int64_t kl_row_f32(const float* __restrict__ lp, const float* __restrict__ rf,
+                                             const M* __restrict__ mask, float* __restrict__ g, int64_t T,
+                                             double* tot) {
+  const v8f zero = v8bc(0.0f), one = v8bc(1.0f);
+  v8f s_k = zero, s_n = zero;
+  auto flush = [&] {
+    for (int j = 0; j < 8; ++j) {
+      tot[0] += s_k[j];
+      tot[1] += s_n[j];
+    }
+    s_k = s_n = zero;
+  };
+  int64_t t = 0, steps = 0;
+  for (; t + 8 <= T; t += 8) {
+    const v8i is_valid = mask == nullptr ? (zero == zero) : v8valid(mask, t);
+    const v8f d = v8sel(is_valid, v8load(rf + t) - v8load(lp + t), zero);
+    const v8f valid = v8sel(is_valid, one, zero);
+    v8f k, c;
+    if constexpr (KIND == 0) {
+      k = -d;
+      c = valid;
+    } else if constexpr (KIND == 1) {
+      k = 0.5f * d * d;
+      c = -d;
+    } else {
+      v8f q = v8bc(1.0f / 479001600);
+      q = q * d + 1.0f / 39916800;
+      q = q * d + 1.0f / 3628800;
+      q = q * d + 1.0f / 362880;
+      q = q * d + 1.0f / 40320;
+      q = q * d + 1.0f / 5040;
+      q = q * d + 1.0f / 720;
+      q = q * d + 1.0f / 120;
+      q = q * d + 1.0f / 24;
+      q = q * d + 1.0f / 6;
+      q = q * d + 0.5f;
+      k = q * d * d;
+      const v8i small = v8sel(d < zero, -d, d) <= one;  // false for NaN
+      if (!v8all(small)) k = v8sel(small, k, (v8exp(d) - 1.0f) - d);
+      c = -(d + k);
+    }
+    if (g != nullptr) v8store(g + t, c);
+    s_k += k;
+    s_n += valid;
+    if (++steps == kFlush8) { flush(); steps = 0; }
+  }
+  flush();
+  return t;
+}
+
+// One row of the aggregated KL penalty: the masked k of d = ref - logp (KIND as kl_chunk) summed into out[0], the
+// valid count into out[1] (kKLRowStats), and, with g, the unscaled derivative dk/dlogp (0 at masked tokens). Masked
+// tokens are selected to d = 0 first, so whatever they hold never reaches a sum or the gradient.
+constexpr int kKLRowStats = 2;
+
+template <int KIND, bool HAS_MASK, typename scalar_t, typename M, typename acc_t>
+__attribute__((noinline)) void kl_row(const scalar_t* __restrict__ lp, const scalar_t* __restrict__ rf,
+                                      const M* __restrict__ mask, acc_t* __restrict__ g, int64_t T, double* out) {
+  double tot[kKLRowStats] = {0, 0};
+  Lanes<acc_t, kKLRowStats> acc;
+  auto reset = [&] { for (int k = 0; k < kKLRowStats; ++k) acc.zero(k); };
+  auto flush = [&] {
+    for (int k = 0; k < kKLRowStats; ++k) tot[k] += acc.sum(k);
+    reset();
+  };
+  // fp32 k3 computes both the series and the direct form and selects; a block whose |d| are all <= 1 (the usual
+  // case: policy and reference log-probs close) takes the series alone, the same value at half the work
+  constexpr bool kSplitK3 = KIND == 2 && std::is_same_v<acc_t, float>;
+  // (k, dk/dlogp, valid) of token t; by value: stores in the loop cannot alias the captured pointers
+  struct Token { acc_t k, c, valid; };
+  auto token = [=](auto series_only, int64_t t) {
+    const bool is_valid = !HAS_MASK || mask[t] != M(0);
+    const acc_t d_in = static_cast<acc_t>(rf[t]) - static_cast<acc_t>(lp[t]);
+    const acc_t d = is_valid ? d_in : acc_t(0);
+    const acc_t valid = is_valid ? acc_t(1) : acc_t(0);
+    if constexpr (KIND == 0) {
+      return Token{-d, valid, valid};
+    } else if constexpr (KIND == 1) {
+      return Token{acc_t(0.5) * d * d, -d, valid};
+    } else {
+      acc_t k;
+      if constexpr (kSplitK3 && decltype(series_only)::value) {
+        k = k3_series(d);
+      } else {
+        k = k3_of(d);
+      }
+      return Token{k, -(d + k), valid};
+    }
+  };
+  auto block = [&](auto series_only, acc_t* __restrict__ gb, int64_t t0) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const Token x = token(series_only, t0 + j);
+      gb[j] = x.c;
+      acc.v[0][j] += x.k;
+      acc.v[1][j] += x.valid;
+    }
+  };
+  reset();
+  int64_t t0 = 0, blocks = 0;
+  if constexpr (std::is_same_v<scalar_t, float> && (std::is_same_v<M, bool> || std::is_same_v<M, float>)) {
+    t0 = kl_row_f32<KIND>(lp, rf, HAS_MASK ? mask : static_cast<const M*>(nullptr), g, T, tot);
+  }
+  acc_t scratch[kLanes];  // where the derivative goes when it is not wanted: the store stays unconditional
+  for (; t0 + kLanes <= T; t0 += kLanes) {
+    acc_t* __restrict__ gb = g != nullptr ? g + t0 : scratch;
+    bool all_small = false;
+    if constexpr (kSplitK3) {
+      // tokens with |d| > 1 or NaN d, masked ones included (not reading the mask is cheaper; garbage there only
+      // sends the block down the full path, which selects it away)
+      acc_t n_big = 0;
+#pragma omp simd reduction(+ : n_big)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const acc_t d = static_cast<acc_t>(rf[t0 + j]) - static_cast<acc_t>(lp[t0 + j]);
+        n_big += std::abs(d) <= acc_t(1) ? acc_t(0) : acc_t(1);
+      }
+      all_small = n_big == 0;
+    }
+    if (all_small) {
+      block(std::true_type{}, gb, t0);
+    } else {
+      block(std::false_type{}, gb, t0);
+    }
+    if (++blocks == kFlush) { flush(); blocks = 0; }
+  }
+  for (int64_t j = 0; t0 + j < T; ++j) {
+    const Token x = token(std::false_type{}, t0 + j);
+    if (g != nullptr) g[t0 + j] = x.c;
+    acc.v[0][j] += x.k;
+    acc.v[1][j] += x.valid;
+  }
+  flush();
+  for (int k = 0; k < kKLRowStats; ++k) out[k] = tot[k];
+}
+
 // f(mask pointer): the loss masks may be bool, fp32 or int64 (nonzero = valid), read in place
 template <typename F>
 void with_mask(const c10::optional<at::Tensor>& mask, F&& f) {
@@ -732,4 +886,50 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd_cpu(const at::Tensor& logprobs
     });
   });
   return {kl, coef};
+}
+
+
+// The KL penalty aggregated like the losses: one pass over each row (kl_row), then aggregate / write_row_scale as
+// the value loss. The backward is ppo_policy_loss_bwd's product (in torch, in place, on CPU).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_loss_fwd_cpu(const at::Tensor& logprobs,
+                                                               const at::Tensor& ref_logprobs,
+                                                               const c10::optional<at::Tensor>& mask, int64_t kind,
+                                                               int64_t agg, double norm_len, bool need_grad) {
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  const auto out_type = logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logprobs.options().dtype(out_type);
+  at::Tensor grad = need_grad ? new_output({B, T}, opts) : at::empty({0}, opts);
+  at::Tensor row_scale = new_output({B}, opts);
+  at::Tensor loss = at::empty({}, opts);
+  std::vector<double> rows(static_cast<size_t>(B) * kKLRowStats);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "kl_loss_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* lp = logprobs.data_ptr<scalar_t>();
+    const scalar_t* rf = ref_logprobs.data_ptr<scalar_t>();
+    acc_t* g = need_grad ? grad.data_ptr<acc_t>() : nullptr;
+    with_mask(mask, [&](auto mask_ptr) {
+    over_rows(B, T, [&](int64_t b) {
+      const int64_t o = b * T;
+      const auto* m = mask_ptr != nullptr ? mask_ptr + o : nullptr;
+      acc_t* gb = g != nullptr ? g + o : nullptr;
+      double* out = rows.data() + b * kKLRowStats;
+      if (m != nullptr) {
+        kind == 0 ? kl_row<0, true>(lp + o, rf + o, m, gb, T, out)
+        : kind == 1 ? kl_row<1, true>(lp + o, rf + o, m, gb, T, out)
+                    : kl_row<2, true>(lp + o, rf + o, m, gb, T, out);
+      } else {
+        kind == 0 ? kl_row<0, false>(lp + o, rf + o, m, gb, T, out)
+        : kind == 1 ? kl_row<1, false>(lp + o, rf + o, m, gb, T, out)
+                    : kl_row<2, false>(lp + o, rf + o, m, gb, T, out);
+      }
+    });
+    });
+    double tot[kKLRowStats] = {0, 0};
+    for (int64_t b = 0; b < B; ++b) {
+      for (int k = 0; k < kKLRowStats; ++k) tot[k] += rows[b * kKLRowStats + k];
+    }
+    loss.fill_(aggregate(rows.data(), kKLRowStats, B, agg, norm_len, tot[0], tot[1]));
+    write_row_scale(row_scale.data_ptr<acc_t>(), rows.data(), kKLRowStats, B, agg, norm_len, tot[1]);
+  });
+  return {loss, grad, row_scale};
 }

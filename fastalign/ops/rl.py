@@ -242,9 +242,15 @@ class _Select:
 
     def __init__(self, valid: torch.Tensor, dtype: torch.dtype):
         self.int, self.dtype = _INT_OF[dtype], dtype
-        valid_int = valid.to(self.int)  # 0 / 1
-        self.penalty = (valid_int - 1).bitwise_and_(_INF_BITS[dtype]).view(dtype)
-        self.bits = valid_int.neg_()  # all ones where valid
+        self.bits = valid.to(self.int).neg_()  # all ones where valid
+        self._penalty = None
+
+    @property
+    def penalty(self) -> torch.Tensor:  # made on first use: a (B, T) pass that not every loss needs
+        if self._penalty is None:
+            # ~bits = ~(-v) = v - 1: 0 where valid, all ones where not
+            self._penalty = self.bits.bitwise_not().bitwise_and_(_INF_BITS[self.dtype]).view(self.dtype)
+        return self._penalty
 
     def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         bits = x.view(self.int)
@@ -641,20 +647,43 @@ def _torch_kl_backward(kind: str, saved, grad_out, need_logp: bool, need_ref: bo
 
 
 def kl_penalty(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str = "k3", backend: str = "auto"
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    kind: str = "k3",
+    mask: torch.Tensor | None = None,
+    agg: str | None = None,
+    norm_len: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimators from samples of pi, with gradients to both inputs.
+    """Per-token KL(pi || ref) estimators from samples of pi, with gradients to both inputs; with ``agg``, the
+    masked aggregate of them as one fused loss.
 
     Equal to, with ``d = ref_logprobs - logprobs``: ``-d`` (k1), ``d ** 2 / 2`` (k2),
-    ``torch.expm1(d) - d`` (k3, TRL GRPO's per_token_kl; verl "low_var_kl" without its clamp).
+    ``torch.expm1(d) - d`` (k3, TRL GRPO's per_token_kl; verl "low_var_kl" without its clamp). With ``agg``::
+
+        loss = (kl * mask).sum() / mask.sum().clamp(min=1)                    # agg="token-mean"
+
+    computed like :func:`ppo_policy_loss` (the same modes; the (B, T) KL is not materialized: on CPU one pass
+    computes the loss and the per-token derivative, which the backward scales in place by the row weight).
 
     Args:
-        logprobs, ref_logprobs: (...) fp16/bf16/fp32 (fp64 on torch / cpp), same shape and device.
+        logprobs, ref_logprobs: (...) fp16/bf16/fp32 (fp64 on torch / cpp), same shape and device; (B, T) with
+            ``agg``.
         kind: "k1" | "k2" | "k3". backend: "auto" | "torch" | "triton" | "cpp" (CPU tensors).
+        mask: (B, T) bool or 0/1, nonzero = valid token, None = all valid; only with ``agg``.
+        agg: None (the per-token KL) or an aggregation mode of :func:`ppo_policy_loss`; norm_len: as there.
     Returns:
-        (...) fp32 (fp64 for fp64 inputs on torch / cpp).
+        (...) fp32 (fp64 for fp64 inputs on torch / cpp); with ``agg``, the () loss (0 with 0 gradients for an
+        all-masked batch).
     """
     op = "kl_penalty"
+    if agg is not None:
+        return _kl_aggregated(logprobs, ref_logprobs, kind=kind, mask=mask, agg=agg, norm_len=norm_len,
+                              backend=backend)
+    if mask is not None or norm_len is not None:
+        raise ValueError(f"{op}: {'mask' if mask is not None else 'norm_len'} is only used with agg (the per-token "
+                         "KL has no aggregation); pass agg='token-mean' (or another mode) for the masked loss")
     float_tensor(op, "logprobs", logprobs)
     float_tensor(op, "ref_logprobs", ref_logprobs)
     if ref_logprobs.shape != logprobs.shape:
@@ -671,3 +700,100 @@ def kl_penalty(
     if not (torch.is_grad_enabled() and (logprobs.requires_grad or ref_logprobs.requires_grad)):
         logprobs, ref_logprobs = logprobs.detach(), ref_logprobs.detach()
     return _KLFunction.apply(logprobs, ref_logprobs, kind, name)
+
+
+# ---------------------------------------------------------------------------------------- aggregated KL penalty
+
+def _torch_kl_loss_forward(logprobs, ref_logprobs, mask, kind: str, agg: int, norm_len: float, need_grad: bool):
+    """(loss, unscaled dk/dlogp or None, row weights) of the aggregated KL in the closed form: d = ref - logp set to
+    +0.0 at masked tokens (so k and its derivative are 0 there, k1's derivative is the validity)."""
+    dtype = compute_dtype(logprobs, ref_logprobs)
+    batch, length = logprobs.shape
+    valid = _valid_of(mask)
+    sel = None if valid is None else _Select(valid, dtype)
+    d = ref_logprobs.to(dtype) - logprobs.to(dtype)
+    if sel is not None:
+        d = sel(d, inplace=True)
+    # each new (B, T) buffer costs its page faults on CPU: reused in place where the op allows
+    grad = None
+    if kind == "k1":  # k = -d: its sums are those of d, negated
+        total, rows = -d.sum(), lambda: -d.sum(-1)
+        if need_grad:
+            grad = torch.ones_like(d) if valid is None else valid.to(dtype)
+    else:
+        if kind == "k2":
+            k = 0.5 * d * d
+            grad = d.neg_() if need_grad else None
+        else:
+            e = torch.expm1(d)
+            k = torch.sub(e, d, out=d)
+            grad = e.neg_() if need_grad else None
+        total, rows = k.sum(), lambda: k.sum(-1)
+    n = torch.tensor(batch * length, device=logprobs.device) if valid is None else valid.sum()
+    row_n = None
+    if agg == 2:
+        row_n = torch.full((batch,), length, device=logprobs.device) if valid is None else valid.sum(-1)
+    loss, w = _aggregate(total, rows, n, row_n, batch, agg, norm_len)
+    return loss.to(dtype), grad, w.to(dtype)
+
+
+def _kl_loss_forward(backend, logprobs, ref_logprobs, mask, kind, agg, norm_len, need_grad):
+    if backend == "torch":
+        return _torch_kl_loss_forward(logprobs, ref_logprobs, mask, kind, agg, norm_len, need_grad)
+    common = torch.promote_types(logprobs.dtype, ref_logprobs.dtype)
+    loss, grad, scale = _extension().kl_loss_fwd(
+        logprobs.to(common).contiguous(), ref_logprobs.to(common).contiguous(), _loss_mask(mask, logprobs.device),
+        _KL_INDEX[kind], agg, norm_len, need_grad)
+    return loss, (grad if need_grad else None), scale
+
+
+class _KLLossFunction(torch.autograd.Function):
+    """The aggregated KL (torch / cpp): the loss and the unscaled per-token derivative in one pass; the backward
+    scales that derivative in place by w_b * upstream (the gradient in ref_logprobs is its negative)."""
+
+    @staticmethod
+    def forward(ctx, logprobs, ref_logprobs, mask, kind: str, backend: str, agg: int, norm_len: float):
+        loss, grad, scale = _kl_loss_forward(backend, logprobs, ref_logprobs, mask, kind, agg, norm_len, True)
+        ctx.backend, ctx.consumed = backend, False
+        ctx.dtypes = (logprobs.dtype, ref_logprobs.dtype)
+        ctx.save_for_backward(grad, scale)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.consumed:  # checked before unpacking: autograd's own version check would raise less clearly
+            raise RuntimeError(
+                f"kl_penalty: a second backward through the same graph (retain_graph=True) is not supported on the "
+                f"{ctx.backend!r} backend: the first backward scaled the saved derivative in place into the gradient. "
+                "Compute the penalty again for another backward.")
+        grad, scale = ctx.saved_tensors
+        ctx.consumed = _scales_in_place(ctx.backend, grad)
+        need_logp, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = _loss_backward(ctx.backend, grad, scale, grad_loss, grad.dtype)
+        return (g.to(ctx.dtypes[0]) if need_logp else None,
+                torch.neg(g).to(ctx.dtypes[1]) if need_ref else None, None, None, None, None, None)
+
+
+def _kl_aggregated(logprobs, ref_logprobs, *, kind, mask, agg, norm_len, backend):
+    op = "kl_penalty"
+    _, length = _check_grid(op, mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    norm = agg_mode(op, agg, norm_len, length)
+    if kind not in ref.KL_KINDS:
+        raise ValueError(f"{op}: kind must be one of {ref.KL_KINDS}, got {kind!r}")
+    dtype = compute_dtype(logprobs, ref_logprobs)
+    name = _resolve(op, backend, (logprobs, ref_logprobs, mask), supports=_CPU_EXT_OPS, dtype=dtype)
+    needs_grad = torch.is_grad_enabled() and (logprobs.requires_grad or ref_logprobs.requires_grad)
+    if name == "triton":  # the per-token kernel, then the shared aggregation (autograd through both)
+        if mask is None:
+            valid = torch.ones_like(logprobs, dtype=torch.bool)
+        else:  # masked inputs to 0 first: garbage there would give NaN gradients (0 * NaN) in the kernel's backward
+            valid = mask != 0
+            logprobs, ref_logprobs = torch.where(valid, logprobs, 0), torch.where(valid, ref_logprobs, 0)
+        per_token = kl_penalty(logprobs, ref_logprobs, kind=kind, backend="triton")
+        return ref.aggregate(per_token, valid, agg, norm_len)
+    if needs_grad:
+        return _KLLossFunction.apply(logprobs, ref_logprobs, mask, kind, name, _AGG_INDEX[agg], norm)
+    loss, _, _ = _kl_loss_forward(name, logprobs.detach(), ref_logprobs.detach(), mask, kind, _AGG_INDEX[agg], norm,
+                                  False)
+    return loss

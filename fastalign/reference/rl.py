@@ -277,7 +277,15 @@ def value_loss(
     return loss, stats
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str = "k3") -> torch.Tensor:
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    kind: str = "k3",
+    mask: torch.Tensor | None = None,
+    agg: str | None = None,
+    norm_len: int | None = None,
+) -> torch.Tensor:
     """Per-token KL estimators of KL(pi || ref) from samples of pi (Schulman, "Approximating KL divergence"):
     verl ``kl_penalty`` ("kl"/"k1", "mse"/"k2", "low_var_kl"/"k3" without verl's clamp to [-10, 10]); TRL
     GRPOTrainer's per_token_kl is k3.
@@ -286,11 +294,17 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str 
 
         k1 = -d            k2 = d^2 / 2            k3 = exp(d) - d - 1
 
+    With ``agg`` (one of AGG_MODES), the per-token KL aggregated over ``mask`` by :func:`aggregate`.
+
     Args:
-        logprobs, ref_logprobs: (...) float, same shape.
+        logprobs, ref_logprobs: (...) float, same shape ((B, T) with ``agg``).
+        mask: (B, T) nonzero = valid, None = all valid (with ``agg``).
     Returns:
-        (...) fp32 (fp64 for fp64 inputs).
+        (...) fp32 (fp64 for fp64 inputs); with ``agg`` the () loss.
     """
+    if agg is not None:
+        per_token = kl_penalty(logprobs, ref_logprobs, kind=kind)
+        return aggregate(per_token, _valid(mask, per_token), agg, norm_len)
     dtype = compute_dtype(logprobs, ref_logprobs)
     d = ref_logprobs.to(dtype) - logprobs.to(dtype)
     if kind == "k1":

@@ -8,6 +8,7 @@ from fastalign.kernels import rl as kernels
 from fastalign.reference import rl as ref
 from helpers.accuracy import assert_close_3way
 from helpers.inputs import policy_case, randn, random_mask, stable_seed
+from helpers.rl import check_kl_loss, check_kl_loss_all_masked
 
 BACKENDS = ["torch", "triton"]
 # odd B and T, T = 1, and T above one interpreter tile (GAE tiles 64 steps, the losses 256)
@@ -450,3 +451,77 @@ def test_gpu_reverse_scan_and_losses_at_scale(device):
                                                                         dual_clip=3.0, agg=agg), logp.double(), 1.0)
         torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------- aggregated KL penalty
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ref.KL_KINDS)
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+@pytest.mark.parametrize("mask_kind", ["bool", "float", None])
+def test_kl_penalty_aggregated_matches_reference(backend, kind, agg, mask_kind):
+    check_kl_loss(backend, kind, agg, mask_kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ref.KL_KINDS)
+def test_kl_penalty_aggregated_strided_bf16_long_rows(backend, kind):
+    check_kl_loss(backend, kind, "seq-mean-token-mean", "bool", torch.bfloat16, shape=(4, 300), strided=True)
+    check_kl_loss(backend, kind, "seq-mean-token-sum-norm", "float", shape=(3, 1), norm_len=7)
+
+
+@pytest.mark.parametrize("kind", ref.KL_KINDS)
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+def test_torch_kl_penalty_aggregated_fp64(kind, agg):
+    check_kl_loss("torch", kind, agg, "int64", torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+def test_kl_penalty_aggregated_all_masked(backend, agg):
+    check_kl_loss_all_masked(backend, agg)
+
+
+def test_kl_penalty_aggregated_only_logprobs_grad_and_refused_second_backward():
+    logp, ref_lp = randn(4, 9, seed=75), randn(4, 9, seed=76)
+    x = logp.clone().requires_grad_()
+    loss = fa.kl_penalty(x, ref_lp, kind="k3", agg="token-mean", backend="torch")
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, -torch.expm1(ref_lp - logp) / logp.numel())
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_penalty_aggregated_only_ref_logprobs_grad(backend):
+    logp, ref_lp = randn(3, 10, seed=77), randn(3, 10, seed=78)
+    mask = random_mask(3, 10, seed=79)
+    y = ref_lp.clone().requires_grad_()
+    fa.kl_penalty(logp, y, kind="k2", mask=mask, agg="seq-mean-token-sum", backend=backend).backward()
+    torch.testing.assert_close(y.grad, (ref_lp - logp) * mask / 3)
+
+
+def _kl_agg_errors():
+    x = torch.zeros(2, 3)
+    return [
+        (lambda: fa.kl_penalty(x, x, agg="mean"), ValueError, "kl_penalty: agg must be one of"),
+        (lambda: fa.kl_penalty(x, x, mask=torch.ones(3, 2), agg="token-mean"), ValueError,
+         "kl_penalty: mask must have shape"),
+        (lambda: fa.kl_penalty(x, x, mask=torch.ones(2, 3)), ValueError, "kl_penalty: mask is only used with agg"),
+        (lambda: fa.kl_penalty(x, x, norm_len=4), ValueError, "kl_penalty: norm_len is only used with agg"),
+        (lambda: fa.kl_penalty(x, x, agg="seq-mean-token-sum-norm", norm_len=0), ValueError, "norm_len must be"),
+        (lambda: fa.kl_penalty(torch.zeros(6), torch.zeros(6), agg="token-mean"), ValueError,
+         r"logprobs must have shape \(B, T\)"),
+        (lambda: fa.kl_penalty(x, x, mask=torch.ones(2, 3, dtype=torch.complex64), agg="token-mean"), TypeError,
+         "mask must be"),
+        (lambda: fa.kl_penalty(x, x, kind="k4", agg="token-mean"), ValueError, "kind must be one of"),
+        (lambda: fa.kl_penalty(x, x, agg="token-mean", backend="cuda"), ValueError, "not implemented for this op"),
+        (lambda: fa.kl_penalty(x.double(), x, agg="token-mean", backend="triton"), TypeError, "fp64"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_kl_agg_errors())))
+def test_kl_penalty_aggregated_bad_inputs_raise_naming_the_argument(case):
+    fn, exc, match = _kl_agg_errors()[case]
+    with pytest.raises(exc, match=match):
+        fn()

@@ -22,6 +22,7 @@ from fastalign.ops import rl as ops
 from fastalign.reference import rl as ref
 from helpers.accuracy import assert_close_3way
 from helpers.inputs import policy_case, randn, random_mask, stable_seed
+from helpers.rl import check_kl_loss, check_kl_loss_all_masked
 
 
 def _toolchain() -> str | None:
@@ -272,6 +273,48 @@ def test_cpp_kl_penalty_strided_inputs_one_grad_and_expanded_upstream(ext):
     assert fa.kl_penalty(torch.zeros(0, 3), torch.zeros(0, 3), backend="cpp").shape == (0, 3)
 
 
+@pytest.mark.parametrize("kind", ref.KL_KINDS)
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "int64", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpp_kl_penalty_aggregated_matches_reference(ext, kind, agg, mask_kind, dtype):
+    # T = 37 ends on a ragged block (16-token lanes); T = 300 flushes the lanes mid-row
+    check_kl_loss("cpp", kind, agg, mask_kind, dtype)
+
+
+@pytest.mark.parametrize("kind", ref.KL_KINDS)
+@pytest.mark.parametrize("shape", [(1, 1), (17, 300), (3, 2100)])
+def test_cpp_kl_penalty_aggregated_strided_and_long_rows(ext, kind, shape):
+    check_kl_loss("cpp", kind, "seq-mean-token-mean", "float", shape=shape, strided=shape[1] > 1)
+    check_kl_loss("cpp", kind, "seq-mean-token-sum-norm", "bool", shape=shape, norm_len=5)
+
+
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+def test_cpp_kl_penalty_aggregated_all_masked(ext, agg):
+    check_kl_loss_all_masked("cpp", agg)
+
+
+def test_cpp_kl_penalty_aggregated_only_ref_logprobs_grad(ext):
+    logp, ref_lp = randn(3, 10, seed=97), randn(3, 10, seed=98)
+    mask = random_mask(3, 10, seed=99)
+    y = ref_lp.clone().requires_grad_()
+    fa.kl_penalty(logp, y, kind="k2", mask=mask, agg="seq-mean-token-sum", backend="cpp").backward()
+    torch.testing.assert_close(y.grad, (ref_lp - logp) * mask / 3)
+
+
+def test_cpp_kl_penalty_aggregated_auto_uses_cpp_and_refuses_a_second_backward(ext, monkeypatch):
+    monkeypatch.delenv("FASTALIGN_BACKEND", raising=False)
+    logp, ref_lp = randn(4, 9, seed=95), randn(4, 9, seed=96)
+    x = logp.clone().requires_grad_()
+    loss = fa.kl_penalty(x, ref_lp, kind="k2", agg="token-mean")
+    torch.testing.assert_close(loss, fa.kl_penalty(logp, ref_lp, kind="k2", agg="token-mean", backend="cpp"),
+                               rtol=0, atol=0)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, (logp - ref_lp) / logp.numel())
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("agg", ref.AGG_MODES)
 def test_cpp_value_loss_all_masked_is_zero_and_finite(ext, agg):
     values = randn(4, 9, seed=95).requires_grad_()
@@ -348,6 +391,14 @@ def test_extension_guards_name_the_argument(ext):
         (lambda: ext.kl_penalty_fwd(x, x.double(), 2, True), "ref_logprobs dtype"),
         (lambda: ext.kl_penalty_fwd(x, torch.zeros(3, 2), 2, True), "ref_logprobs must have shape"),
         (lambda: ext.kl_penalty_fwd(x, x, 3, True), "kind must be 0, 1 or 2"),
+        (lambda: ext.kl_loss_fwd(x, x.double(), None, 2, 0, 3.0, True), "ref_logprobs dtype"),
+        (lambda: ext.kl_loss_fwd(x, torch.zeros(3, 2).t(), None, 2, 0, 3.0, True), "ref_logprobs must be contiguous"),
+        (lambda: ext.kl_loss_fwd(torch.zeros(6), torch.zeros(6), None, 2, 0, 3.0, True), "logprobs must have shape"),
+        (lambda: ext.kl_loss_fwd(x, x, mask.double(), 2, 0, 3.0, True), "mask must be a bool, fp32 or int64"),
+        (lambda: ext.kl_loss_fwd(x, x, torch.ones(3, 2, dtype=torch.bool), 2, 0, 3.0, True), "mask must have shape"),
+        (lambda: ext.kl_loss_fwd(x, x, mask, 3, 0, 3.0, True), "kind must be 0, 1 or 2"),
+        (lambda: ext.kl_loss_fwd(x, x, mask, 2, 4, 3.0, True), "agg must be"),
+        (lambda: ext.kl_loss_fwd(x, x, mask, 2, 3, 0.0, True), "norm_len must be > 0"),
     ]
     for fn, match in cases:
         with pytest.raises(RuntimeError, match=match):
