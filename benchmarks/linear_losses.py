@@ -83,6 +83,7 @@ def _loss_step(x: dict, loss_fn, *, report_plan: bool = False):
         return {"loss": loss.detach().float().reshape(()), "grad_hidden": h.grad, "grad_weight": w.grad}
 
     extra = head_plan_extra(step) if report_plan else {}
+    h.grad = w.grad = None  # the plan's call leaves no gradients behind for the first timed call
     return Prepared(step, grad_to_none=[h, w], extra=extra)
 
 
@@ -295,7 +296,7 @@ def gemm_floor(x: dict, valid: torch.Tensor, timer: str, *, with_ref: bool) -> d
     t = measure_time(run, h.device, budget_s=1.0, timer=timer)
     n = 4 if with_ref else 3
     what = " (reference logits + policy logits, dh, dW)" if with_ref else " (logits, dh, dW)"
-    return {"ms": t.min_ms, "median_ms": t.median_ms,
+    return {"ms": t.min_ms, "median_ms": t.median_ms, "step": run,
             "what": f"{n} GEMMs over the {h.shape[0]} scored tokens{what}, fastest of {t.reps} calls in this run"}
 
 

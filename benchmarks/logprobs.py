@@ -108,6 +108,7 @@ def _wrap(fn, with_grad: bool, *, frozen: bool = False, report_plan: bool = Fals
                 return out
 
             extra = head_plan_extra(step) if report_plan else {}
+            h.grad = w.grad = None  # the plan's call leaves no gradients behind for the first timed call
             return Prepared(step, grad_to_none=[h, w], extra=extra)
         h, w = inputs["hidden"], inputs["weight"]
 
@@ -170,8 +171,11 @@ def gemm_floor(inputs: dict, with_grad: bool, timer: str, *, frozen: bool = Fals
     dev = h.device
     logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=dev)
     if not with_grad:
-        t = measure_time(lambda: torch.mm(h, w.T, out=logits), dev, budget_s=1.0, timer=timer)
-        return {"ms": t.min_ms, "median_ms": t.median_ms,
+        def one():
+            torch.mm(h, w.T, out=logits)
+
+        t = measure_time(one, dev, budget_s=1.0, timer=timer)
+        return {"ms": t.min_ms, "median_ms": t.median_ms, "step": one,
                 "what": f"1 GEMM (N x D) @ (D x V), fastest of {t.reps} calls in this run"}
     dz = torch.randn_like(logits)
     dh = torch.empty_like(h)
@@ -183,7 +187,7 @@ def gemm_floor(inputs: dict, with_grad: bool, timer: str, *, frozen: bool = Fals
             torch.mm(dz, w, out=dh)
 
         t = measure_time(two, dev, budget_s=1.0, timer=timer)
-        return {"ms": t.min_ms, "median_ms": t.median_ms,
+        return {"ms": t.min_ms, "median_ms": t.median_ms, "step": two,
                 "what": f"2 GEMMs (logits, dh), fastest of {t.reps} calls in this run; the floor for a frozen "
                         "weight if logits were free to keep"}
 
@@ -193,7 +197,7 @@ def gemm_floor(inputs: dict, with_grad: bool, timer: str, *, frozen: bool = Fals
         torch.mm(dz.T, h, out=dw)
 
     t = measure_time(three, dev, budget_s=1.0, timer=timer)
-    return {"ms": t.min_ms, "median_ms": t.median_ms,
+    return {"ms": t.min_ms, "median_ms": t.median_ms, "step": three,
             "what": f"3 GEMMs (logits, dh, dW), fastest of {t.reps} calls in this run; the floor if logits were "
                     "free to keep"}
 

@@ -184,10 +184,12 @@ def run_case(case: Case, *, budget_s: float, impl_timeout_s: float | None, timer
                 truth = case.truth(inputs)
         except Exception as exc:  # noqa: BLE001
             out["notes"].append(f"truth failed, agreement not checked: {error_text(exc)}")
+    floor_step = None
     if case.floor is not None:
         try:
             with time_limit(impl_timeout_s):
                 out["floor"] = case.floor(inputs, timer)
+            floor_step = out["floor"].pop("step", None)
         except Exception as exc:  # noqa: BLE001
             out["floor"] = {"ms": None, "what": f"floor failed: {error_text(exc)}"}
     # the same-dtype baseline first: its error against the truth sets the others' tolerance
@@ -204,8 +206,15 @@ def run_case(case: Case, *, budget_s: float, impl_timeout_s: float | None, timer
             live.append(lv)
     live.sort(key=lambda lv: case.impls.index(lv.impl))  # from here on, declaration order
     interleaved = not (case.device.type == "cuda" and timer == "do_bench")
+    floor_lv = None
+    if interleaved and floor_step is not None:
+        # the floor takes part in the rounds (last in each), so that "x the floor" is a paired ratio too
+        floor_lv = _Live(Impl("GEMM floor", "floor"), Row("GEMM floor", "ok", ""),
+                         Prepared(lambda: (floor_step(), None)[1]), timeout_s=impl_timeout_s)
     if interleaved:
-        out["rounds"] = _interleave(case, live, budget_s, max_rounds, min_rounds)
+        out["rounds"] = _interleave(case, live + ([floor_lv] if floor_lv else []), budget_s, max_rounds, min_rounds)
+        if floor_lv is not None:
+            _floor_rounds(out["floor"], floor_lv, live)
     else:
         for lv in live:
             _timed(lv, lambda lv=lv: _block_time(case, lv, budget_s, timer))
@@ -233,6 +242,22 @@ def run_case(case: Case, *, budget_s: float, impl_timeout_s: float | None, timer
     del inputs
     gc.collect()
     return out
+
+
+def _floor_rounds(floor: dict, floor_lv: _Live, live: list[_Live]) -> None:
+    """Record the floor's per-round times and, for every fastalign row, the median over rounds of its time / the
+    floor's time in the same round (``floor["paired"]``: {impl: {median, p20, p80, rounds}})."""
+    if floor_lv.row.status != "ok" or not floor_lv.samples:
+        floor["note"] = f"not interleaved: {floor_lv.row.status}: {floor_lv.row.detail}"
+        return
+    floor["round_ms"] = floor_lv.rounds
+    floor["rounds_median_ms"] = statistics.median(floor_lv.samples)
+    floor["paired"] = {}
+    for lv in live:
+        if lv.impl.family == "fastalign" and lv.rounds:
+            pr = paired_ratios(lv.rounds, floor_lv.rounds)
+            if pr is not None:
+                floor["paired"][lv.impl.name] = pr
 
 
 def paired_table(rows: list[dict]) -> list[dict]:
