@@ -6,6 +6,7 @@ being imported, and Triton must not be imported before ``TRITON_INTERPRET`` is d
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -85,7 +86,20 @@ def parse_bytes(value, *, name: str = HEAD_BUDGET_ENV) -> int:
     return int(number * _UNITS[unit])
 
 
+# MemAvailable, re-read at most this often: the file read costs about as much as a small op, on every call
+RAM_READ_INTERVAL_S = 1.0
+_ram_reading: list = [float("-inf"), 0]  # [monotonic time of the reading, bytes]
+
+
 def _available_ram() -> int:
+    now = time.monotonic()
+    if now - _ram_reading[0] < RAM_READ_INTERVAL_S:
+        return _ram_reading[1]
+    _ram_reading[:] = [now, _read_available_ram()]
+    return _ram_reading[1]
+
+
+def _read_available_ram() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
