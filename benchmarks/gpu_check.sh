@@ -17,7 +17,8 @@
 #   5. `python -m benchmarks --preset gpu --out $OUT/bench` with a run deadline and a per-implementation timeout
 # Afterwards, here: copy $OUT/bench/results.json to benchmarks/results/gpu-<card>.json and $OUT/configs/<card>.json
 # to kernels/configs/ (the launchers read it there), and regenerate with
-#   python -m benchmarks report benchmarks/results/*.json --out BENCHMARKS.md --readme README.md
+#   python -m benchmarks report benchmarks/results/*.json benchmarks/results/generation/cpu.json --out BENCHMARKS.md \
+#       --readme README.md
 # Device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -810,8 +810,8 @@ bash benchmarks/gpu_check.sh       # on the GPU machine, with .whl/ carried; res
 ```
 
 [BENCHMARKS.md](BENCHMARKS.md) (per-case tables, targets, plots) and the table below are generated from the runs
-kept in `benchmarks/results/`: `python -m benchmarks report benchmarks/results/*.json --out BENCHMARKS.md --readme
-README.md`. Headline:
+kept in `benchmarks/results/`: `python -m benchmarks report benchmarks/results/*.json
+benchmarks/results/generation/cpu.json --out BENCHMARKS.md --readme README.md`. Headline:
 """
 
 
