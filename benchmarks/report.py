@@ -361,12 +361,30 @@ def case_target(case: dict) -> tuple[str, str]:
     ev = f"{fa['impl']} vs " + "; ".join(parts)
     if causes:
         ev += ". Gap: " + "; ".join(causes)
+        wrapped = _wrapped_trainer_cause(case, fa, peers)
+        if wrapped:
+            ev += f". Cause: {wrapped}"
     if trades:
         ev += ". " + "; ".join(trades)
     plan = head_plan(fa)
     if plan:
         ev += f". Head plan: {plan}"
     return ("gap" if gap else "met"), ev
+
+
+def _wrapped_trainer_cause(case: dict, fa: dict, peers: list[dict]) -> str:
+    """Where the fastalign row is another trainer's own step with fastalign's head swapped in (the integration
+    cases, e.g. ``trl_dpo_step``): how that trainer's default step compares with plain PyTorch in the same run, since
+    fastalign replaces only the head inside it. '' when the case has no such pair of rows."""
+    trainer = next((p for p in peers if _fam(p) == "trl"), None)
+    plain = next((p for p in peers if _fam(p) == "naive"), None)
+    if trainer is None or plain is None or not (plain.get("time") or {}).get("median_ms"):
+        return ""
+    own = trainer["time"]["median_ms"] / plain["time"]["median_ms"]
+    gain, how = ratio(case, fa, trainer)
+    return (f"the row is {trainer['impl'].split(' (')[0].replace(' default', '')}'s own step with fastalign's head; "
+            f"its default step takes {own:.2f}x plain PyTorch's time here (medians) and fastalign's head makes it "
+            f"{_ratio_text(gain, how)} faster: the rest is the trainer's step outside the head")
 
 
 def _floor_ms(case: dict) -> float | None:
@@ -406,9 +424,13 @@ def issue11_targets(run: dict) -> list[tuple[str, str, str]]:
                 x = fa["time"]["median_ms"] / floor
                 how = f"medians; floor {_ms(floor)} ms"
             plan = head_plan(fa)
+            d = (c.get("params") or {}).get("D")
+            cause = (f". Cause: the floor is the GEMMs alone; an exact head also makes one pass over the [tokens, V] "
+                     f"logits (the in-place softmax / log-softmax), whose cost is a few operations a logit against "
+                     f"the GEMM's 2 D = {2 * d} flops, so its share is largest at small D") if x > limit and d else ""
             out.append((label, "met" if x <= limit else "gap",
                         f"{fa['impl']} {_ms(fa['time']['median_ms'])} ms = {x:.2f}x the floor "
-                        f"({how}; {(c.get('floor') or {}).get('what', '')})"
+                        f"({how}; {(c.get('floor') or {}).get('what', '')}){cause}"
                         + (f". Head plan: {plan}" if plan else "")))
     for name in ("dpo_step", "grpo_step"):
         found = [c for c in cases if c["case"] == name]

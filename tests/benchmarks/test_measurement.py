@@ -215,6 +215,7 @@ def test_floor_and_step_targets_with_and_without_the_frozen_case():
     assert status == "met" and "1.10x the floor" in ev and "path=keep, chunk_rows=256" in ev  # 11 / 10
     status, ev = _status(got, "linear_logprobs.fwd_bwd (N=512 D=128 V=8000 float32) within 1.25x")
     assert status == "gap" and "1.33x the floor" in ev  # 40 / 30
+    assert "Cause: the floor is the GEMMs alone" in ev and "2 D = 256 flops" in ev
     assert _status(got, "linear_logprobs.fwd_bwd_frozen")[0] == "not measured"
     status, ev = _status(got, "e2e dpo_step")
     assert status == "gap" and "Short of 1.1x: TRL DPOTrainer step 1.05x" in ev and "plain PyTorch 1.25x" in ev
@@ -236,6 +237,21 @@ def test_floor_target_uses_the_paired_per_round_ratio_when_the_floor_ran_in_the_
     status, ev = _status(report.issue11_targets(_run([fwd])), "linear_logprobs.fwd (N=512 D=128 V=8000 float32) within")
     # 13 / 10 = 1.3 by medians would be a gap; the paired median 1.15 is within 1.2
     assert status == "met" and "1.15x the floor" in ev and "median of 9 paired per-round ratios" in ev
+
+
+def test_a_gap_in_a_wrapped_trainer_step_names_the_trainers_own_share():
+    fa_row = "TRL + fastalign.integrations.trl"
+    rows = [_row("TRL default (DPOTrainer step)", "trl", 100.0, 200 * MiB), _row(fa_row, "fastalign", 55.0, 70 * MiB),
+            _row("plain PyTorch", "naive", 50.0, 70 * MiB)]
+    case = _case("trl_dpo_step", rows, [_pair(fa_row, "TRL default (DPOTrainer step)", 1.8),
+                                        _pair(fa_row, "plain PyTorch", 0.9)])
+    status, ev = report.case_target(case)
+    assert status == "gap" and "behind plain PyTorch (other / fastalign 0.90x)" in ev
+    # 100 / 50 by medians; the head's gain is the paired ratio against the trainer's default step
+    assert "its default step takes 2.00x plain PyTorch's time here (medians)" in ev and "makes it 1.80x faster" in ev
+    status, ev = report.case_target(_case("trl_dpo_step", rows, [_pair(fa_row, "TRL default (DPOTrainer step)", 1.8),
+                                                                 _pair(fa_row, "plain PyTorch", 1.1)]))
+    assert status == "met" and "Cause" not in ev
 
 
 # ------------------------------------------------------------------------------------- GPU-shape estimates
