@@ -20,6 +20,7 @@ from fastalign.ops import logprobs as ops_lp
 from fastalign.reference import linear_losses as ref_ll
 from fastalign.reference.logprobs import linear_logprobs_naive
 from helpers.accuracy import assert_close_3way
+from helpers.heads import plain_torch
 
 IGNORE = -100
 
@@ -75,19 +76,6 @@ def fastalign_fn(backend, budget):
         return out.logprobs, out.entropy
 
     return fn
-
-
-def plain_torch(h, w, labels, *, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, return_entropy=False):
-    """What a user would write in the inputs' dtype: logits in that dtype, the softmax in fp32."""
-    logits = h @ w.T
-    if bias is not None:
-        logits = logits + bias
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    out = fa.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy)
-    return out.logprobs, out.entropy
 
 
 CASES = [

@@ -12,6 +12,7 @@ import torch
 import fastalign as fa
 from fastalign.reference.logprobs import linear_logits_naive, linear_logprobs_naive, linear_stats_naive
 from helpers.accuracy import ATOL, assert_close_3way
+from helpers.heads import plain_logits, plain_torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -39,31 +40,6 @@ def run(fn, hidden, weight, bias, labels, grads, **kw):
         loss = loss + (entropy.float() * e).sum()
     loss.backward()
     return dict(logp=logp, entropy=entropy, dh=h.grad, dw=w.grad, db=b.grad if b is not None else None)
-
-
-def plain_logits(h, w, *, bias=None, softcap=None, logit_scale=1.0):
-    """What a user would write, in the inputs' dtype: the model's logits in that dtype."""
-    logits = h @ w.T
-    if bias is not None:
-        logits = logits + bias
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
-
-
-def plain_torch(h, w, labels, *, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, return_entropy=False):
-    """What a user would write, in the inputs' dtype: logits in that dtype, softmax in fp32."""
-    logits = h @ w.T
-    if bias is not None:
-        logits = logits + bias
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    out = fa.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy)
-    return out.logprobs, out.entropy
 
 
 def fast(backend):
