@@ -696,6 +696,40 @@ void over_rows(int64_t B, int64_t T, F&& row) {
 
 }  // namespace
 
+// The outputs every row-stat loss shares: per-token derivative (B, T) when asked for, per-row weights (B,), the
+// scalar loss, and STRIDE doubles of row statistics per row (column 0 the row's loss sum, column 1 its valid count).
+struct RowLoss {
+  at::Tensor grad, row_scale, loss;
+  std::vector<double> rows;
+  int stride;
+
+  RowLoss(int64_t B, int64_t T, const at::TensorOptions& opts, int stride_, bool need_grad)
+      : grad(need_grad ? new_output({B, T}, opts) : at::empty({0}, opts)),
+        row_scale(new_output({B}, opts)),
+        loss(at::empty({}, opts)),
+        rows(static_cast<size_t>(B) * stride_),
+        stride(stride_) {}
+
+  double* row(int64_t b) { return rows.data() + b * stride; }
+
+  // column sums of the first `n` statistics over the rows (serial: [B]-sized)
+  void totals(double* tot, int n) const {
+    const int64_t B = static_cast<int64_t>(rows.size()) / stride;
+    for (int k = 0; k < n; ++k) tot[k] = 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int k = 0; k < n; ++k) tot[k] += rows[b * stride + k];
+    }
+  }
+
+  // the aggregate into `loss` and the row weights of the backward, from the totals of columns 0 and 1
+  template <typename acc_t>
+  void finish(int64_t agg, double norm_len, const double* tot) {
+    const int64_t B = static_cast<int64_t>(rows.size()) / stride;
+    loss.fill_(aggregate(rows.data(), stride, B, agg, norm_len, tot[0], tot[1]));
+    write_row_scale(row_scale.data_ptr<acc_t>(), rows.data(), stride, B, agg, norm_len, tot[1]);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const c10::optional<at::Tensor>& mask, double gamma, double lam) {
   const int64_t B = rewards.size(0), T = rewards.size(1);
@@ -731,18 +765,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_c
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   const auto out_type = logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = logprobs.options().dtype(out_type);
-  at::Tensor grad = need_grad ? new_output({B, T}, opts) : at::empty({0}, opts);
-  at::Tensor row_scale = new_output({B}, opts);
+  RowLoss out(B, T, opts, kRowStats, need_grad);
   at::Tensor stats = new_output({8}, opts);
-  at::Tensor loss = at::empty({}, opts);
-  std::vector<double> rows(static_cast<size_t>(B) * kRowStats);
   const bool per_row = advantages.dim() == 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "ppo_policy_loss_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* lp = logprobs.data_ptr<scalar_t>();
     const scalar_t* old = old_logprobs.data_ptr<scalar_t>();
     const scalar_t* adv = advantages.data_ptr<scalar_t>();
-    acc_t* g = need_grad ? grad.data_ptr<acc_t>() : nullptr;
+    acc_t* g = need_grad ? out.grad.data_ptr<acc_t>() : nullptr;
     const acc_t lo = acc_t(1) - static_cast<acc_t>(clip_low), hi = acc_t(1) + static_cast<acc_t>(clip_high);
     const acc_t dual = static_cast<acc_t>(dual_clip);
     const bool has_dual = dual_clip > 0;
@@ -751,28 +782,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_c
       const scalar_t* a = adv + (per_row ? b : b * T);
       const auto* m = mask_ptr != nullptr ? mask_ptr + b * T : nullptr;
       acc_t* gb = g != nullptr ? g + b * T : nullptr;
-      double* out = rows.data() + b * kRowStats;
+      double* r = out.row(b);
       // the four variants of the row loop (a missing mask is a null pointer), each branch-free inside
       if (per_row) {
-        has_dual ? policy_row<true, true>(lp + b * T, old + b * T, a, m, gb, T, lo, hi, dual, out)
-                 : policy_row<true, false>(lp + b * T, old + b * T, a, m, gb, T, lo, hi, dual, out);
+        has_dual ? policy_row<true, true>(lp + b * T, old + b * T, a, m, gb, T, lo, hi, dual, r)
+                 : policy_row<true, false>(lp + b * T, old + b * T, a, m, gb, T, lo, hi, dual, r);
       } else {
-        has_dual ? policy_row<false, true>(lp + b * T, old + b * T, a, m, gb, T, lo, hi, dual, out)
-                 : policy_row<false, false>(lp + b * T, old + b * T, a, m, gb, T, lo, hi, dual, out);
+        has_dual ? policy_row<false, true>(lp + b * T, old + b * T, a, m, gb, T, lo, hi, dual, r)
+                 : policy_row<false, false>(lp + b * T, old + b * T, a, m, gb, T, lo, hi, dual, r);
       }
     });
     });
-    // finalize: [B]-sized, serial
-    double tot[kRowStats] = {0, 0, 0, 0, 0, 0, 0, std::numeric_limits<double>::infinity(),
-                             -std::numeric_limits<double>::infinity()};
+    // finalize: [B]-sized, serial; columns 7 and 8 are the ratio's min and max
+    double tot[kRowStats];
+    out.totals(tot, 7);
+    tot[7] = std::numeric_limits<double>::infinity();
+    tot[8] = -std::numeric_limits<double>::infinity();
     for (int64_t b = 0; b < B; ++b) {
-      const double* r = rows.data() + b * kRowStats;
-      for (int k = 0; k < 7; ++k) tot[k] += r[k];
-      tot[7] = std::min(tot[7], r[7]);
-      tot[8] = std::max(tot[8], r[8]);
+      tot[7] = std::min(tot[7], out.row(b)[7]);
+      tot[8] = std::max(tot[8], out.row(b)[8]);
     }
     const double inv_n = 1.0 / std::max(tot[1], 1.0);
-    loss.fill_(aggregate(rows.data(), kRowStats, B, agg, norm_len, tot[0], tot[1]));
+    out.finish<acc_t>(agg, norm_len, tot);
     acc_t* s = stats.data_ptr<acc_t>();
     s[0] = static_cast<acc_t>((tot[2] + tot[3]) * inv_n);
     s[1] = static_cast<acc_t>(tot[2] * inv_n);
@@ -782,9 +813,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_c
     s[5] = static_cast<acc_t>(tot[6] * inv_n);
     s[6] = static_cast<acc_t>(tot[1] > 0 ? tot[7] : 0.0);
     s[7] = static_cast<acc_t>(tot[1] > 0 ? tot[8] : 0.0);
-    write_row_scale(row_scale.data_ptr<acc_t>(), rows.data(), kRowStats, B, agg, norm_len, tot[1]);
   });
-  return {loss, stats, grad, row_scale};
+  return {out.loss, stats, out.grad, out.row_scale};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_fwd_cpu(
@@ -793,45 +823,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_fwd_cpu(
   const int64_t B = values.size(0), T = values.size(1);
   const auto out_type = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = values.options().dtype(out_type);
-  at::Tensor grad = need_grad ? new_output({B, T}, opts) : at::empty({0}, opts);
-  at::Tensor row_scale = new_output({B}, opts);
+  RowLoss out(B, T, opts, kValueRowStats, need_grad);
   at::Tensor stats = new_output({2}, opts);
-  at::Tensor loss = at::empty({}, opts);
-  std::vector<double> rows(static_cast<size_t>(B) * kValueRowStats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "value_loss_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* v = values.data_ptr<scalar_t>();
     const scalar_t* old = old_values.data_ptr<scalar_t>();
     const scalar_t* ret = returns.data_ptr<scalar_t>();
-    acc_t* g = need_grad ? grad.data_ptr<acc_t>() : nullptr;
+    acc_t* g = need_grad ? out.grad.data_ptr<acc_t>() : nullptr;
     const acc_t c = static_cast<acc_t>(clip);
     with_mask(mask, [&](auto mask_ptr) {
     over_rows(B, T, [&](int64_t b) {
       const int64_t o = b * T;
       const auto* m = mask_ptr != nullptr ? mask_ptr + o : nullptr;
       acc_t* gb = g != nullptr ? g + o : nullptr;
-      double* out = rows.data() + b * kValueRowStats;
+      double* r = out.row(b);
       if (m != nullptr) {
-        clip > 0 ? value_row<true, true>(v + o, old + o, ret + o, m, gb, T, c, out)
-                 : value_row<true, false>(v + o, old + o, ret + o, m, gb, T, c, out);
+        clip > 0 ? value_row<true, true>(v + o, old + o, ret + o, m, gb, T, c, r)
+                 : value_row<true, false>(v + o, old + o, ret + o, m, gb, T, c, r);
       } else {
-        clip > 0 ? value_row<false, true>(v + o, old + o, ret + o, m, gb, T, c, out)
-                 : value_row<false, false>(v + o, old + o, ret + o, m, gb, T, c, out);
+        clip > 0 ? value_row<false, true>(v + o, old + o, ret + o, m, gb, T, c, r)
+                 : value_row<false, false>(v + o, old + o, ret + o, m, gb, T, c, r);
       }
     });
     });
-    double tot[kValueRowStats] = {0, 0, 0, 0};
-    for (int64_t b = 0; b < B; ++b) {
-      for (int k = 0; k < kValueRowStats; ++k) tot[k] += rows[b * kValueRowStats + k];
-    }
+    double tot[kValueRowStats];
+    out.totals(tot, kValueRowStats);
     const double inv_n = 1.0 / std::max(tot[1], 1.0);
-    loss.fill_(aggregate(rows.data(), kValueRowStats, B, agg, norm_len, tot[0], tot[1]));
+    out.finish<acc_t>(agg, norm_len, tot);
     acc_t* s = stats.data_ptr<acc_t>();
     s[0] = static_cast<acc_t>(tot[2] * inv_n);
     s[1] = static_cast<acc_t>(tot[3] * inv_n);
-    write_row_scale(row_scale.data_ptr<acc_t>(), rows.data(), kValueRowStats, B, agg, norm_len, tot[1]);
   });
-  return {loss, stats, grad, row_scale};
+  return {out.loss, stats, out.grad, out.row_scale};
 }
 
 at::Tensor ppo_policy_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& row_scale, const at::Tensor& upstream) {
@@ -898,38 +922,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_loss_fwd_cpu(const at::Tensor&
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   const auto out_type = logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = logprobs.options().dtype(out_type);
-  at::Tensor grad = need_grad ? new_output({B, T}, opts) : at::empty({0}, opts);
-  at::Tensor row_scale = new_output({B}, opts);
-  at::Tensor loss = at::empty({}, opts);
-  std::vector<double> rows(static_cast<size_t>(B) * kKLRowStats);
+  RowLoss out(B, T, opts, kKLRowStats, need_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "kl_loss_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* lp = logprobs.data_ptr<scalar_t>();
     const scalar_t* rf = ref_logprobs.data_ptr<scalar_t>();
-    acc_t* g = need_grad ? grad.data_ptr<acc_t>() : nullptr;
+    acc_t* g = need_grad ? out.grad.data_ptr<acc_t>() : nullptr;
     with_mask(mask, [&](auto mask_ptr) {
     over_rows(B, T, [&](int64_t b) {
       const int64_t o = b * T;
       const auto* m = mask_ptr != nullptr ? mask_ptr + o : nullptr;
       acc_t* gb = g != nullptr ? g + o : nullptr;
-      double* out = rows.data() + b * kKLRowStats;
+      double* r = out.row(b);
       if (m != nullptr) {
-        kind == 0 ? kl_row<0, true>(lp + o, rf + o, m, gb, T, out)
-        : kind == 1 ? kl_row<1, true>(lp + o, rf + o, m, gb, T, out)
-                    : kl_row<2, true>(lp + o, rf + o, m, gb, T, out);
+        kind == 0 ? kl_row<0, true>(lp + o, rf + o, m, gb, T, r)
+        : kind == 1 ? kl_row<1, true>(lp + o, rf + o, m, gb, T, r)
+                    : kl_row<2, true>(lp + o, rf + o, m, gb, T, r);
       } else {
-        kind == 0 ? kl_row<0, false>(lp + o, rf + o, m, gb, T, out)
-        : kind == 1 ? kl_row<1, false>(lp + o, rf + o, m, gb, T, out)
-                    : kl_row<2, false>(lp + o, rf + o, m, gb, T, out);
+        kind == 0 ? kl_row<0, false>(lp + o, rf + o, m, gb, T, r)
+        : kind == 1 ? kl_row<1, false>(lp + o, rf + o, m, gb, T, r)
+                    : kl_row<2, false>(lp + o, rf + o, m, gb, T, r);
       }
     });
     });
-    double tot[kKLRowStats] = {0, 0};
-    for (int64_t b = 0; b < B; ++b) {
-      for (int k = 0; k < kKLRowStats; ++k) tot[k] += rows[b * kKLRowStats + k];
-    }
-    loss.fill_(aggregate(rows.data(), kKLRowStats, B, agg, norm_len, tot[0], tot[1]));
-    write_row_scale(row_scale.data_ptr<acc_t>(), rows.data(), kKLRowStats, B, agg, norm_len, tot[1]);
+    double tot[kKLRowStats];
+    out.totals(tot, kKLRowStats);
+    out.finish<acc_t>(agg, norm_len, tot);
   });
-  return {loss, grad, row_scale};
+  return {out.loss, out.grad, out.row_scale};
 }
